@@ -1,0 +1,57 @@
+"""A small name -> object registry, one instance per axis (allocation, criterion, pattern, method, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from .errors import UnknownOptionError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to the objects of one axis.
+
+    Entries are added at import time by the axis package and read-only afterwards.
+
+    Args:
+        axis: what the entries are (``"allocation"``), used in error messages.
+    """
+
+    def __init__(self, axis: str) -> None:
+        self.axis = axis
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator that registers its target under ``name``."""
+
+        def add(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.axis} {name!r} is registered twice")
+            self._entries[name] = obj
+            return obj
+
+        return add
+
+    def get(self, name: str) -> T:
+        """Returns the entry called ``name``.
+
+        Raises:
+            UnknownOptionError: no entry has that name; the message lists the known names.
+        """
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            raise UnknownOptionError(
+                f"unknown {self.axis} {name!r}; choose one of: {', '.join(self.names())}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
