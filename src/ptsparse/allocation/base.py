@@ -1,0 +1,97 @@
+"""The allocation axis: how sparse each layer is, so that the global target is met exactly.
+
+Contract: an allocation maps the layers, the global target and (for data- or score-driven allocations)
+the criterion's scores to a sparsity per layer, honouring each layer's cap. :func:`exact_counts` then
+turns those ratios into integer prune counts whose sum is exactly ``round(target * total)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .._registry import Registry
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LayerBudget:
+    """What an allocation knows of one layer.
+
+    Attributes:
+        name: qualified module name.
+        shape: weight shape (``(out, in / groups, *kernel)`` for convolutions).
+        cap: the largest sparsity this layer may get (0 keeps it dense).
+        unit: weights pruned together (1, or a whole output channel for the channel pattern).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    cap: float = 1.0
+    unit: int = 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def max_prune(self) -> int:
+        """Most weights this layer may lose: whole units within its cap."""
+        return int(self.cap * self.numel + 1e-9) // self.unit * self.unit
+
+
+class Allocation(Protocol):
+    """Returns ``{layer name: sparsity}`` meeting ``sparsity`` over the layers, each within its cap."""
+
+    def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
+                 scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]: ...
+
+
+ALLOCATIONS: Registry[type] = Registry("allocation")
+
+
+def target_count(layers: Sequence[LayerBudget], sparsity: float) -> int:
+    """Weights to prune in all: ``round(sparsity * total)``.
+
+    Raises:
+        ConfigError: the caps do not leave room for that many.
+    """
+    total = sum(layer.numel for layer in layers)
+    wanted = round(sparsity * total)
+    room = sum(layer.max_prune for layer in layers)
+    if wanted > room:
+        raise ConfigError(
+            f"sparsity {sparsity} is infeasible: the layer caps allow at most {room / total:.6f} "
+            f"({room} of {total} weights)"
+        )
+    return wanted
+
+
+def exact_counts(layers: Sequence[LayerBudget], ratios: Mapping[str, float], wanted: int) -> dict[str, int]:
+    """Integer prune counts near ``ratio * numel`` per layer that sum to ``wanted`` exactly.
+
+    Each layer starts from its ideal count rounded down to whole units; the weights still to place go
+    one unit at a time to the layers with the largest rounding remainders (largest-remainder method),
+    never past a cap. With units of one weight every layer ends within one weight of its ideal; with
+    channel units the total is exact up to the smallest unit that still fits.
+    """
+    ideal = {l.name: min(max(ratios[l.name], 0.0), 1.0) * l.numel for l in layers}
+    counts = {l.name: min(int(ideal[l.name] + 1e-9) // l.unit * l.unit, l.max_prune) for l in layers}
+    by_name = {l.name: l for l in layers}
+    placed = sum(counts.values())
+    while placed > wanted:  # float error can overshoot by a unit: take back where the remainder is smallest
+        name = min((n for n in counts if counts[n] > 0), key=lambda n: ideal[n] - counts[n])
+        counts[name] -= by_name[name].unit
+        placed -= by_name[name].unit
+    while placed < wanted:
+        room = [n for n, l in by_name.items() if counts[n] + l.unit <= l.max_prune and l.unit <= wanted - placed]
+        if not room:
+            break
+        name = max(room, key=lambda n: (ideal[n] - counts[n]) / by_name[n].unit)
+        counts[name] += by_name[name].unit
+        placed += by_name[name].unit
+    return counts

@@ -1,0 +1,21 @@
+"""Magnitude criterion: the score of a weight is its absolute value (``baselines.md`` §5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data import Calibration
+from ..targets import Target
+from .base import CRITERIA
+
+
+@CRITERIA.register("magnitude")
+class Magnitude:
+    """``|w|``; data-free."""
+
+    requires_data = False
+
+    def scores(self, model: nn.Module, targets: list[Target],
+               calibration: Calibration | None = None) -> dict[str, torch.Tensor]:
+        return {target.name: target.weight.detach().abs() for target in targets}

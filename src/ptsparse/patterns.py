@@ -1,0 +1,150 @@
+"""Patterns turn a score per weight and a prune count into a boolean mask (``True`` = kept).
+
+* ``unstructured``: prune the lowest-scoring weights anywhere in the layer.
+* ``N:M`` (e.g. ``2:4``): in every group of M consecutive weights along the input dimension keep the N
+  highest. For convolutions the groups run along the input channels at a fixed kernel position, the
+  layout sparse tensor cores expect (``baselines.md`` §6).
+* ``channel``: prune whole output channels, scored by the sum of their weights' scores.
+
+Ties are broken by position (the earlier weight is pruned first), so masks are deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices of the ``count`` lowest scores, earlier positions first among equals."""
+    order = torch.sort(scores.flatten().float(), stable=True).indices
+    return order[:count]
+
+
+@dataclass(frozen=True)
+class Unstructured:
+    """Any weight may be pruned on its own."""
+
+    name: str = "unstructured"
+
+    def unit_size(self, shape: torch.Size) -> int:
+        return 1
+
+    def mask(self, scores: torch.Tensor, prune: int) -> torch.Tensor:
+        keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+        keep[_lowest(scores, prune)] = False
+        return keep.view(scores.shape)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Whole output channels (rows of a Linear weight, filters of a convolution) are pruned."""
+
+    name: str = "channel"
+
+    def unit_size(self, shape: torch.Size) -> int:
+        return shape.numel() // shape[0]
+
+    def channel_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.flatten(1).float().sum(1)
+
+    def mask(self, scores: torch.Tensor, prune: int) -> torch.Tensor:
+        per_channel = self.channel_scores(scores)
+        channels = prune // self.unit_size(scores.shape)
+        keep = torch.ones(len(per_channel), dtype=torch.bool, device=scores.device)
+        keep[_lowest(per_channel, channels)] = False
+        return keep.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores).clone()
+
+
+@dataclass(frozen=True)
+class NM:
+    """N of every M consecutive weights along the input dimension are kept.
+
+    Args:
+        n: weights kept per group.
+        m: group size.
+        fallback: for a layer whose inputs per group are not a multiple of M, ``"skip"`` leaves it dense
+            (with a warning) and ``"pad"`` pads the last group with virtual zeros that rank lowest, so a
+            partial group of ``r`` real weights keeps ``min(n, r)``. A layer with fewer than M inputs per
+            group (a depthwise conv, a 1- or 3-channel stem with M = 4) is never eligible.
+    """
+
+    n: int
+    m: int
+    fallback: str = "skip"
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def unit_size(self, shape: torch.Size) -> int:
+        return 1
+
+    def eligible(self, shape: torch.Size) -> bool:
+        inputs = shape[1]
+        if inputs < self.m:
+            return False
+        return inputs % self.m == 0 or self.fallback == "pad"
+
+    def prune_count(self, shape: torch.Size) -> int:
+        """Weights this pattern prunes in a layer of ``shape`` (0 when the layer is not eligible)."""
+        if not self.eligible(shape):
+            return 0
+        inputs, positions = shape[1], shape.numel() // shape[1]
+        full, rest = divmod(inputs, self.m)
+        return positions * (full * (self.m - self.n) + max(0, rest - self.n))
+
+    def mask(self, scores: torch.Tensor, prune: int | None = None) -> torch.Tensor:
+        shape = scores.shape
+        if not self.eligible(shape):
+            return torch.ones(shape, dtype=torch.bool, device=scores.device)
+        # (out, in, *kernel) -> (out, *kernel, in): groups run along the input channels.
+        moved = scores.float().movedim(1, -1)
+        inputs = shape[1]
+        padded = -(-inputs // self.m) * self.m
+        if padded != inputs:
+            fill = torch.full((*moved.shape[:-1], padded - inputs), float("-inf"), device=scores.device)
+            moved = torch.cat([moved, fill], dim=-1)
+        groups = moved.reshape(-1, self.m)
+        order = torch.sort(groups, dim=1, stable=True, descending=True).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(1, order[:, : self.n], True)
+        # Dropping the virtual columns leaves a partial group of r real weights keeping min(n, r).
+        keep = keep.reshape(*moved.shape)[..., :inputs]
+        expected = self.prune_count(shape)
+        if prune is not None and prune != expected:
+            raise ValueError(f"N:M prunes {expected} weights of this layer, not {prune}")
+        return keep.movedim(-1, 1).contiguous()
+
+
+_NM_SYNTAX = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pattern(spec: str, nm_fallback: str = "skip") -> Unstructured | Channel | NM:
+    """Parses ``"unstructured"``, ``"channel"`` or ``"N:M"`` (0 < N < M).
+
+    Raises:
+        ConfigError: the text is none of these, or N >= M.
+    """
+    if not isinstance(spec, str):
+        raise ConfigError(f"pattern must be a string, got {spec!r}")
+    if spec == "unstructured":
+        return Unstructured()
+    if spec == "channel":
+        return Channel()
+    match = _NM_SYNTAX.match(spec)
+    if match:
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise ConfigError(f"pattern {spec!r}: N:M needs 0 < N < M, got N={n}, M={m}")
+        if nm_fallback not in ("skip", "pad"):
+            raise ConfigError(f"nm_fallback {nm_fallback!r} is not allowed; choose 'skip' or 'pad'")
+        return NM(n, m, nm_fallback)
+    raise ConfigError(f"unknown pattern {spec!r}; choose 'unstructured', 'channel' or 'N:M' such as '2:4'")
