@@ -1,0 +1,58 @@
+"""ptsparse: post-training sparsity for PyTorch models.
+
+Give it a trained dense model and a small calibration set; get back a sparse model at an exact target
+sparsity (unstructured, N:M or whole channels) with a per-layer report.
+
+Example:
+    >>> import ptsparse
+    >>> result = ptsparse.sparsify(model, calib_images, sparsity=0.9, method="magnitude")
+    >>> ptsparse.sparsity_of(result.model)
+    0.9
+    >>> ptsparse.save(result, "runs/resnet-90")
+    >>> sparse = ptsparse.load("runs/resnet-90")
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoint import load_into, load_state
+from .config import SparsityConfig, resolve_config
+from .errors import PtsparseError
+from .models import load_checkpoint
+from .sparsify import SparsifyResult, sparsify, sparsity_of
+
+__version__ = "0.1.0"
+
+
+def save(result: SparsifyResult, directory: str | os.PathLike) -> Path:
+    """Writes a result's sparse weights, resolved config and report into ``directory``."""
+    return result.save(directory)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Loads a sparse model written by :func:`save` (or any ptsparse safetensors checkpoint).
+
+    Args:
+        path: an output directory or a ``.safetensors`` file.
+        model: a module of the same architecture to load into (a copy is returned; ``model`` is not
+            modified). Not needed when the checkpoint names a registered architecture.
+
+    Raises:
+        CheckpointError: the file is missing or corrupt, or does not fit the model.
+    """
+    if model is None:
+        return load_checkpoint(path)[0]
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    state, _ = load_state(path)
+    return load_into(copy.deepcopy(model), state, source=f"checkpoint {path}").eval()
+
+
+__all__ = ["PtsparseError", "SparsifyResult", "SparsityConfig", "load", "resolve_config", "save",
+           "sparsify", "sparsity_of", "__version__"]

@@ -1,0 +1,200 @@
+"""One configuration for a run, validated on construction, with a YAML/JSON round-trip.
+
+Precedence, lowest first: field defaults < the method's preset < a config file < explicit overrides
+(CLI flags or ``sparsify(**overrides)``). :func:`resolve_config` applies it. The resolved config is
+written beside every output; loading it back reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Everything that decides a ptsparse run. Field names are the keys of config files and overrides."""
+
+    # what and how much
+    method: str = field(default="magnitude", metadata=_help("method preset (see `ptsparse list methods`)"))
+    sparsity: float = field(default=0.5, metadata=_help("global fraction of zero weights, in [0, 1)"))
+    pattern: str = field(default="unstructured", metadata=_help("unstructured, channel, or N:M such as 2:4"))
+    nm_fallback: str = field(default="skip", metadata=_help(
+        "N:M layers whose inputs are not a multiple of M: skip (stay dense) or pad"))
+    # the axes
+    allocation: str = field(default="erk", metadata=_help("per-layer sparsity: uniform, global, erk"))
+    criterion: str = field(default="magnitude", metadata=_help("score per weight (see `ptsparse list criteria`)"))
+    erk_power: float = field(default=1.0, metadata=_help("ERK exponent (0 gives uniform)"))
+    global_normalize: str = field(default="none", metadata=_help(
+        "per-layer normalisation of global ranking: none, l1, l2"))
+    max_sparsity: float = field(default=1.0, metadata=_help("largest sparsity any layer may get"))
+    layer_caps: dict = field(default_factory=dict, metadata=_help(
+        "largest sparsity per layer-name glob, e.g. {'fc': 0.5}; 0 keeps a layer dense", cli=False))
+    # which layers
+    layer_types: tuple = field(default=("Linear", "Conv1d", "Conv2d", "Conv3d"), metadata=_help(
+        "module types that are sparsified and counted"))
+    include: tuple = field(default=("*",), metadata=_help("name globs of the layers to sparsify"))
+    exclude: tuple = field(default=(), metadata=_help("name globs of layers left dense and not counted"))
+    # data and run
+    calib_size: int = field(default=1024, metadata=_help("calibration samples drawn from --data"))
+    calib_balanced: bool = field(default=False, metadata=_help("draw the same number of samples per class"))
+    batch_size: int = field(default=64, metadata=_help("calibration batch size"))
+    bn_recalibration: bool = field(default=True, metadata=_help(
+        "re-estimate BatchNorm statistics on the calibration set after masking"))
+    seed: int = field(default=0, metadata=_help("seed of calibration sampling and every random choice"))
+    device: str = field(default="cpu", metadata=_help("cpu or cuda"))
+    progress: bool = field(default=True, metadata=_help("show progress bars", cli=False))
+
+    def __post_init__(self) -> None:
+        for name in ("layer_types", "include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.layer_caps, Mapping):
+            raise ConfigError(f"layer_caps must map layer-name globs to sparsities, got {self.layer_caps!r}")
+        object.__setattr__(self, "layer_caps", dict(self.layer_caps))
+        self._validate()
+
+    def _validate(self) -> None:
+        from .allocation import ALLOCATIONS
+        from .criteria import CRITERIA
+        from .methods import METHODS
+        from .patterns import parse_pattern
+        from .targets import resolve_layer_types
+
+        _number("sparsity", self.sparsity, 0.0, 1.0, "[0, 1)", high_open=True)
+        _number("max_sparsity", self.max_sparsity, 0.0, 1.0, "[0, 1]")
+        for glob, cap in self.layer_caps.items():
+            _number(f"layer_caps[{glob!r}]", cap, 0.0, 1.0, "[0, 1]")
+        METHODS.get(self.method)
+        ALLOCATIONS.get(self.allocation)
+        CRITERIA.get(self.criterion)
+        parse_pattern(self.pattern, self.nm_fallback)
+        resolve_layer_types(self.layer_types)
+        if not isinstance(self.erk_power, (int, float)) or self.erk_power < 0:
+            raise ConfigError(f"erk_power must be a number >= 0, got {self.erk_power!r}")
+        if self.global_normalize not in ("none", "l1", "l2"):
+            raise ConfigError(f"global_normalize {self.global_normalize!r} is not allowed; choose none, l1 or l2")
+        for name in ("calib_size", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not (self.device == "cpu" or str(self.device).startswith("cuda")):
+            raise ConfigError(f"device {self.device!r} is not allowed; choose cpu or cuda[:N]")
+        for name in ("calib_balanced", "bn_recalibration", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    # round trip -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists, dicts) for YAML or JSON."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SparsityConfig:
+        """Builds a config from keys (a file's contents): the method's preset, then these keys."""
+        return resolve_config(None, **dict(data))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the config as YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
+        from .checkpoint import write_text
+
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SparsityConfig:
+        """Reads a YAML or JSON config file (see :func:`read_config_file`)."""
+        return cls.from_dict(read_config_file(path))
+
+
+def _number(name: str, value: Any, low: float, high: float, allowed: str, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+    if not ok or (high_open and value >= high):
+        raise ConfigError(f"{name} {value!r} is not allowed; it must be in {allowed}")
+
+
+FIELD_NAMES = tuple(f.name for f in fields(SparsityConfig))
+
+
+def check_keys(keys: Mapping[str, Any] | set[str], source: str = "config") -> None:
+    """Raises :class:`ConfigError` naming the first key that is not a config field."""
+    for key in keys:
+        if key not in FIELD_NAMES:
+            raise ConfigError(f"unknown {source} key {key!r}; allowed keys: {', '.join(FIELD_NAMES)}")
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The keys of a YAML or JSON config file.
+
+    Raises:
+        ConfigError: the file is missing, unparsable, not a mapping, or has an unknown key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    import yaml
+
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"config file {path} cannot be parsed: {reason}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    check_keys(data, source=f"key in {path.name}:")
+    return data
+
+
+def resolve_config(config: SparsityConfig | Mapping[str, Any] | str | os.PathLike | None = None,
+                   **overrides: Any) -> SparsityConfig:
+    """Applies the precedence: defaults < method preset < ``config`` < ``overrides``.
+
+    Args:
+        config: ``None``, a complete :class:`SparsityConfig` (its fields are used as they are), a
+            mapping of keys, or the path of a YAML/JSON file.
+        overrides: config field names and values.
+
+    Raises:
+        ConfigError: an unknown key or a value that is not allowed.
+    """
+    from .methods import METHODS
+
+    check_keys(overrides, source="override")
+    if isinstance(config, SparsityConfig):
+        return dataclasses.replace(config, **overrides) if overrides else config
+    keys: dict[str, Any] = {}
+    if isinstance(config, (str, os.PathLike)):
+        keys = read_config_file(config)
+    elif isinstance(config, Mapping):
+        check_keys(config)
+        keys = dict(config)
+    elif config is not None:
+        raise ConfigError(f"config must be a SparsityConfig, a mapping or a file path, got {type(config).__name__}")
+    keys.update(overrides)
+    method = keys.pop("method", "magnitude")
+    return METHODS.get(method)(**keys)

@@ -1,0 +1,68 @@
+"""The run report: per-layer sparsity, accuracy, time and memory; as JSON, a text table and a PNG plot."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of the layers followed by the run's summary lines."""
+    rows = [("layer", "params", "target", "achieved")]
+    rows += [(l["name"], str(l["params"]), f"{l['target']:.4f}", f"{l['achieved']:.4f}") for l in report["layers"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    lines += [
+        "",
+        f"method {report['method']}  pattern {report['pattern']}  allocation {report['allocation']}  "
+        f"criterion {report['criterion']}",
+        f"sparsity: target {report['target_sparsity']:.4f}  achieved {report['achieved_sparsity']:.4f}",
+        f"accuracy: dense {pct(report.get('dense_accuracy'))}  sparse {pct(report.get('sparse_accuracy'))}",
+        f"time {report['wall_time_s']:.1f} s  peak RSS {report['peak_rss_mb']:.0f} MiB  seed {report['seed']}  "
+        f"calibration {report['calib_size']} samples (hash {report['calib_hash']})",
+    ]
+    return "\n".join(lines)
+
+
+def plot_layers(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Writes a bar chart of target and achieved sparsity per layer to ``path`` (PNG), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_path
+
+    layers = report["layers"]
+    positions = range(len(layers))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(layers) + 2), 4.5))
+    ax.bar(positions, [l["achieved"] for l in layers], color="tab:blue", label="achieved")
+    ax.scatter(positions, [l["target"] for l in layers], color="tab:red", marker="_", s=120, label="target",
+               zorder=3)
+    ax.axhline(report["achieved_sparsity"], color="grey", linestyle="--", linewidth=1, label="global")
+    ax.set_xticks(list(positions))
+    ax.set_xticklabels([l["name"] for l in layers], rotation=75, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("sparsity")
+    ax.set_title(f"{report['method']} / {report['allocation']} / {report['pattern']}: "
+                 f"global {report['achieved_sparsity']:.3f}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,247 @@
+"""The one flow: targets -> allocation -> criterion -> pattern -> recovery -> result.
+
+``sparsify`` copies the model, finds its targets, scores every weight, allocates per-layer sparsities
+that meet the global target exactly, builds masks by the pattern, attaches them, runs recovery, and
+returns plain modules with the masks baked in, plus a report.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .allocation import ALLOCATIONS, ERK, Global, LayerBudget, exact_counts, target_count
+from .checkpoint import save_state, write_json
+from .config import SparsityConfig, resolve_config
+from .criteria import CRITERIA
+from .data import Calibration, as_calibration
+from .errors import CalibrationError, ConfigError
+from .evaluate import accuracy
+from .masking import attach_masks, bake, masks_of
+from .patterns import NM, Channel, parse_pattern
+from .recovery import recalibrate_batchnorm
+from .report import peak_rss_mb
+from .targets import Target, count_zeros, find_targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SparsifyResult:
+    """What :func:`sparsify` returns.
+
+    Attributes:
+        model: the sparse model: plain modules whose weights hold exact zeros (eval mode).
+        masks: kept-weight masks by layer name.
+        report: per-layer and global facts of the run (see ``report.json``).
+        config: the resolved configuration.
+    """
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    report: dict[str, Any]
+    config: SparsityConfig
+    architecture: str | None = field(default=None, repr=False)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes ``model.safetensors``, ``config.yaml`` and ``report.json`` into ``directory``.
+
+        The files are written into a staging directory first and moved in together, so a failed save
+        leaves no partial output.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            metadata = {"architecture": self.architecture, "config": self.config.to_dict(),
+                        "achieved_sparsity": self.report["achieved_sparsity"]}
+            save_state(self.model.state_dict(), staging / "model.safetensors", metadata)
+            self.config.save(staging / "config.yaml")
+            write_json(staging / "report.json", self.report)
+            directory.mkdir(exist_ok=True)
+            for item in staging.iterdir():
+                os.replace(item, directory / item.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda[:N]``; raises :class:`ConfigError` when CUDA is asked for but absent."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} is not available: no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def probe(model: nn.Module, targets: list[Target], calibration: Calibration, device: torch.device) -> set[str]:
+    """Runs two calibration samples through the model; returns the targets whose output is the model's.
+
+    Raises:
+        CalibrationError: the inputs do not fit the model (wrong shape, dtype or channels).
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [t.module.register_forward_hook(lambda m, i, o, name=t.name: outputs.__setitem__(name, o))
+             for t in targets]
+    was_training = model.training
+    model.eval()
+    sample = calibration.inputs[:2].to(device)
+    try:
+        result = model(sample)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CalibrationError(
+            f"calibration inputs of shape {tuple(calibration.inputs.shape[1:])} (per sample) do not fit the "
+            f"model: {reason}"
+        ) from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return {name for name, out in outputs.items() if out is result}
+
+
+def layer_budgets(targets: list[Target], config: SparsityConfig, unit_of, protected: set[str]) -> list[LayerBudget]:
+    """Caps per layer: ``max_sparsity``, the tightest matching ``layer_caps`` glob, 0 for ``protected``."""
+    budgets = []
+    for target in targets:
+        cap = config.max_sparsity
+        for glob, limit in config.layer_caps.items():
+            if fnmatch.fnmatchcase(target.name, glob):
+                cap = min(cap, limit)
+        if target.name in protected:
+            cap = 0.0
+        budgets.append(LayerBudget(target.name, tuple(target.shape), cap, unit_of(target.shape)))
+    return budgets
+
+
+def make_allocation(config: SparsityConfig):
+    """The configured allocation object, with its settings from the config."""
+    cls = ALLOCATIONS.get(config.allocation)
+    if cls is ERK:
+        return ERK(power=config.erk_power)
+    if cls is Global:
+        return Global(normalize=config.global_normalize)
+    return cls()
+
+
+def plan_counts(targets: list[Target], config: SparsityConfig, scores: dict[str, torch.Tensor],
+                protected: set[str]) -> tuple[dict[str, int], dict[str, float], float]:
+    """Prune counts per layer, the allocated ratios, and the global target they meet.
+
+    For N:M the pattern fixes each layer's count and the target follows from it; otherwise the
+    allocation gives ratios and :func:`exact_counts` rounds them to meet ``round(sparsity * total)``.
+    """
+    pattern = parse_pattern(config.pattern, config.nm_fallback)
+    total = sum(t.numel for t in targets)
+    if isinstance(pattern, NM):
+        counts = {t.name: pattern.prune_count(t.shape) for t in targets}
+        skipped = [t.name for t in targets if counts[t.name] == 0]
+        if skipped:
+            log.warning("%s: %d layer(s) stay dense (inputs per group not a multiple of %d or fewer than %d): %s",
+                        pattern.name, len(skipped), pattern.m, pattern.m, ", ".join(skipped))
+        ratios = {t.name: counts[t.name] / t.numel for t in targets}
+        return counts, ratios, sum(counts.values()) / total
+    budgets = layer_budgets(targets, config, pattern.unit_size, protected)
+    wanted = target_count(budgets, config.sparsity)
+    ratios = make_allocation(config).allocate(budgets, config.sparsity, scores)
+    counts = exact_counts(budgets, ratios, wanted)
+    return counts, ratios, config.sparsity
+
+
+def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str | None = None, *,
+             eval_data: Dataset | None = None, architecture: str | None = None,
+             **overrides: Any) -> SparsifyResult:
+    """Sparsifies a copy of ``model`` to the configured target.
+
+    Args:
+        model: the trained dense model; it is never modified.
+        calib: calibration data: a DataLoader, an iterable of batches (``x`` or ``(x, y, ...)``), a
+            Dataset, a tensor of inputs, or a :class:`~ptsparse.data.Calibration`. Labels are optional.
+        config: a :class:`SparsityConfig`, a mapping of its keys, or a YAML/JSON file; ``None`` uses
+            the method's preset.
+        eval_data: a labelled Dataset; when given, the report holds dense and sparse accuracy on it.
+        architecture: name of a registered architecture, recorded so :func:`ptsparse.load` can rebuild it.
+        overrides: config field names (``sparsity=0.9, method="magnitude", pattern="2:4"``).
+
+    Returns:
+        A :class:`SparsifyResult` with the sparse model (masks baked in), masks, report and config.
+
+    Raises:
+        PtsparseError: bad configuration, empty or ill-fitting calibration data, nothing to prune.
+
+    Example:
+        >>> result = ptsparse.sparsify(model, calib_images, sparsity=0.9)
+        >>> ptsparse.sparsity_of(result.model)
+        0.9
+    """
+    start = time.perf_counter()
+    config = resolve_config(config, **overrides)
+    calibration = as_calibration(calib)
+    device = resolve_device(config.device)
+    student = copy.deepcopy(model).to(device)
+    targets = find_targets(student, config.layer_types, config.include, config.exclude)
+    output_layers = probe(student, targets, calibration, device)
+    pattern = parse_pattern(config.pattern, config.nm_fallback)
+    protected = output_layers if isinstance(pattern, Channel) else set()  # pruning output units drops classes
+
+    dense_accuracy = accuracy(student, eval_data, device=str(device)) if eval_data is not None else None
+    criterion = CRITERIA.get(config.criterion)()
+    scores = criterion.scores(student, targets, calibration if criterion.requires_data else None)
+    counts, ratios, target_sparsity = plan_counts(targets, config, scores, protected)
+    masks = {t.name: pattern.mask(scores[t.name], counts[t.name]) for t in targets}
+    attach_masks(targets, masks)
+
+    if config.bn_recalibration:
+        recalibrate_batchnorm(student, calibration, config.batch_size, device)
+    masks = masks_of(targets)
+    bake(targets)
+    student.eval()
+
+    sparse_accuracy = accuracy(student, eval_data, device=str(device)) if eval_data is not None else None
+    zeros, total = count_zeros(targets)
+    layers = []
+    for target in targets:
+        layer_zeros, layer_total = count_zeros([target])
+        layers.append({"name": target.name, "params": layer_total, "target": ratios[target.name],
+                       "achieved": layer_zeros / layer_total, "shape": list(target.shape)})
+    report = {
+        "method": config.method,
+        "pattern": config.pattern,
+        "allocation": config.allocation if not isinstance(pattern, NM) else "n:m",
+        "criterion": config.criterion,
+        "target_sparsity": target_sparsity,
+        "achieved_sparsity": zeros / total,
+        "counted_params": total,
+        "dense_accuracy": dense_accuracy,
+        "sparse_accuracy": sparse_accuracy,
+        "layers": layers,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "peak_rss_mb": peak_rss_mb(),
+        "seed": config.seed,
+        "calib_size": len(calibration),
+        "calib_hash": calibration.hash,
+        "device": str(device),
+        "torch": torch.__version__,
+        "config": config.to_dict(),
+    }
+    return SparsifyResult(student.cpu(), masks, report, config, architecture)
+
+
+def sparsity_of(model: nn.Module, config: SparsityConfig | dict | str | None = None) -> float:
+    """Fraction of exact zeros over the weights of the layers ``config`` targets (all prunable by default)."""
+    config = resolve_config(config)
+    zeros, total = count_zeros(find_targets(model, config.layer_types, config.include, config.exclude))
+    return zeros / total
