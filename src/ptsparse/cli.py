@@ -95,7 +95,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .errors import CheckpointError
     from .report import format_table, plot_layers
 
-    directory = Path(args.run)
+    directory = Path(args.directory)
     path = directory / "report.json" if directory.is_dir() else directory
     if not path.is_file():
         raise CheckpointError(f"no report at {path}; give a directory written by `ptsparse sparsify --out`")
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip dense and sparse accuracy on the test split")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
-    p.set_defaults(run=cmd_sparsify)
+    p.set_defaults(handler=cmd_sparsify)
 
     p = sub.add_parser("eval", help="accuracy and sparsity of a model")
     p.add_argument("--model", default="reference", help="reference, or a safetensors checkpoint / output directory")
@@ -160,16 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=cmd_eval)
+    p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("report", help="per-layer table and a PNG plot of a sparsify run")
-    p.add_argument("run", help="output directory of `ptsparse sparsify` (or its report.json)")
+    p.add_argument("directory", help="output directory of `ptsparse sparsify` (or its report.json)")
     p.add_argument("--plot", default=None, help="PNG path (default: sparsity.png beside the report)")
-    p.set_defaults(run=cmd_report)
+    p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("list", help="registered options of one axis")
     p.add_argument("axis", choices=("methods", "allocations", "criteria", "patterns", "architectures"))
-    p.set_defaults(run=cmd_list)
+    p.set_defaults(handler=cmd_list)
 
     p = sub.add_parser("train-reference", help="train the reference ResNet-20 on Fashion-MNIST")
     p.add_argument("--out", default="reference_resnet20.safetensors", help="safetensors path (a .json goes beside)")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=cmd_train_reference)
+    p.set_defaults(handler=cmd_train_reference)
     return parser
 
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="ptsparse: %(levelname)s: %(message)s")
     try:
-        return args.run(args)
+        return args.handler(args)
     except PtsparseError as error:
         print(f"ptsparse: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
               file=sys.stderr)
