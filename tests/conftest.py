@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny models and calibration data, and a guard against files written outside tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST = Path(os.environ.get("PTSPARSE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+needs_fashion_mnist = pytest.mark.skipif(
+    not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST files missing (apt-get install dataset-fashion-mnist)",
+)
+
+
+class TinyCNN(nn.Module):
+    """Conv stem, a grouped conv, a depthwise conv, BatchNorm, a residual add and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pointwise = nn.Conv2d(16, 16, 1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.grouped(x))
+        x = x + torch.relu(self.bn2(self.pointwise(self.depthwise(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+@pytest.fixture
+def calib_images() -> torch.Tensor:
+    return torch.randn(48, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_stray_files():
+    """Fails the run if a test leaves new files in the repository (tests must write under tmp_path)."""
+    def listing() -> set[str]:
+        skip = {".venv", ".git", ".pytest_cache", "__pycache__"}
+        found = set()
+        for root, dirs, files in os.walk(REPO):
+            dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
+            found.update(os.path.join(root, f) for f in files if not f.endswith(".pyc"))
+        return found
+
+    before = listing()
+    yield
+    stray = listing() - before
+    assert not stray, f"tests wrote files into the repository: {sorted(stray)[:5]}"

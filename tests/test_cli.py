@@ -1,0 +1,157 @@
+"""The `ptsparse` command line on the bundled reference model and Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ptsparse.cli import main
+from ptsparse.config import SparsityConfig
+from ptsparse.models import load_reference, reference_metadata
+
+from .conftest import needs_fashion_mnist
+
+REPORT_KEYS = {"dense_accuracy", "sparse_accuracy", "target_sparsity", "achieved_sparsity", "layers",
+               "wall_time_s", "peak_rss_mb", "seed", "calib_hash", "method"}
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_reference_weights_load_and_metadata():
+    model = load_reference()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(272_186, rel=0.01)
+    metadata = reference_metadata()
+    assert metadata["test_accuracy"] >= 0.93
+    assert {"recipe", "seed"} <= metadata.keys()
+
+
+@needs_fashion_mnist
+def test_reference_model_reaches_93_percent(capsys):
+    code, out, _ = run_cli(capsys, "eval", "--model", "reference", "-q")
+    assert code == 0
+    assert json.loads(out)["accuracy"] >= 0.93
+
+
+@needs_fashion_mnist
+def test_sparsify_writes_outputs_and_report(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "sparsify", "--model", "reference", "--data", "fashion-mnist",
+                              "--sparsity", "0.9", "--calib-size", "256", "--seed", "0", "--out", str(out), "-q")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= report.keys()
+    assert 0.93 <= report["dense_accuracy"] <= 1 and 0 <= report["sparse_accuracy"] <= 1
+    total = sum(layer["params"] for layer in report["layers"])
+    assert round(report["achieved_sparsity"] * total) == round(0.9 * total)
+    assert all({"name", "target", "achieved", "params"} <= layer.keys() for layer in report["layers"])
+    assert report["calib_size"] == 256 and report["seed"] == 0 and report["method"] == "magnitude"
+    assert "achieved 0.9000" in stdout
+    assert SparsityConfig.load(out / "config.yaml").sparsity == 0.9
+
+    code, stdout, _ = run_cli(capsys, "eval", "--model", str(out), "-q")
+    evaluated = json.loads(stdout)
+    assert evaluated["accuracy"] == pytest.approx(report["sparse_accuracy"], abs=1e-6)
+    assert evaluated["sparsity"] == pytest.approx(report["achieved_sparsity"], abs=1e-9)
+
+    code, stdout, _ = run_cli(capsys, "report", str(out))
+    assert code == 0 and "stages.2.2.conv2" in stdout
+    assert (out / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_fashion_mnist
+def test_config_file_and_flag_precedence(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("sparsity: 0.7\nallocation: uniform\ncalib_size: 128\nseed: 1\n")
+    code, _, _ = run_cli(capsys, "sparsify", "--config", str(config), "--allocation", "global",
+                         "--no-eval", "--out", str(tmp_path / "run"), "-q")
+    assert code == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["target_sparsity"] == 0.7 and report["allocation"] == "global" and report["seed"] == 1
+
+
+@needs_fashion_mnist
+def test_same_seed_same_calibration_hash(capsys, tmp_path):
+    hashes = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        run_cli(capsys, "sparsify", "--calib-size", "64", "--seed", seed, "--no-eval", "--out",
+                str(tmp_path / name), "-q")
+        hashes.append(json.loads((tmp_path / name / "report.json").read_text())["calib_hash"])
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
+def corrupt_checkpoint(tmp_path):
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(b"\x00\x01not a safetensors file" * 10)
+    return str(path)
+
+
+def wrong_checkpoint(tmp_path):
+    from ptsparse.checkpoint import save_state
+
+    path = tmp_path / "wrong.safetensors"
+    save_state({"weight": torch.zeros(3)}, path, {"architecture": "reference_resnet20"})
+    return str(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], "sparsity 1.5"),
+    (["--sparsity", "-0.1"], "sparsity -0.1"),
+    (["--pattern", "4:4"], "'4:4'"),
+    (["--pattern", "diagonal"], "'diagonal'"),
+    (["--method", "nope"], "'nope'"),
+    (["--allocation", "nope"], "'nope'"),
+    (["--include", "no.such.layer"], "'no.such.layer'"),
+    (["--calib-size", "0"], "calib_size"),
+    (["--calib-size", "70000"], "70000"),
+    (["--model", "missing.safetensors"], "missing.safetensors"),
+    (["--model", corrupt_checkpoint], "corrupt"),
+    (["--model", wrong_checkpoint], "does not match"),
+    (["--data", "/no/such/folder"], "/no/such/folder"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+])
+@needs_fashion_mnist
+def test_bad_input_one_line_error_no_output(capsys, tmp_path, args, message):
+    args = [a(tmp_path) if callable(a) else a for a in args]
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "sparsify", "--no-eval", "--calib-size", "64", "--out", str(out), "-q", *args)
+    assert code == 2
+    assert err.startswith("ptsparse: error:") and err.count("\n") == 1 and message in err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_fashion_mnist_names_the_install_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PTSPARSE_FASHION_MNIST_DIR", str(tmp_path))
+    code, _, err = run_cli(capsys, "sparsify", "--out", str(tmp_path / "out"), "-q")
+    assert code == 2
+    assert "apt-get install dataset-fashion-mnist" in err and str(tmp_path) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_of_missing_run(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "nothing"))
+    assert code == 2 and "no report" in err
+
+
+def test_list_axes(capsys):
+    assert run_cli(capsys, "list", "methods")[1].split() == ["magnitude"]
+    assert run_cli(capsys, "list", "allocations")[1].split() == ["erk", "global", "uniform"]
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    env = dict(os.environ, PTSPARSE_FASHION_MNIST_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "ptsparse.cli", "sparsify", "--sparsity", "2"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip() == "ptsparse: error: sparsity 2.0 is not allowed; it must be in [0, 1)"
