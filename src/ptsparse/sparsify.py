@@ -197,7 +197,12 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     pattern = parse_pattern(config.pattern, config.nm_fallback)
     protected = output_layers if isinstance(pattern, Channel) else set()  # pruning output units drops classes
 
-    dense_accuracy = accuracy(student, eval_data, device=str(device)) if eval_data is not None else None
+    def evaluate(network: nn.Module) -> float | None:
+        if eval_data is None:
+            return None
+        return accuracy(network, eval_data, device=str(device), show_progress=config.progress)
+
+    dense_accuracy = evaluate(student)
     criterion = CRITERIA.get(config.criterion)()
     scores = criterion.scores(student, targets, calibration if criterion.requires_data else None)
     counts, ratios, target_sparsity = plan_counts(targets, config, scores, protected)
@@ -210,7 +215,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     bake(targets)
     student.eval()
 
-    sparse_accuracy = accuracy(student, eval_data, device=str(device)) if eval_data is not None else None
+    sparse_accuracy = evaluate(student)
     zeros, total = count_zeros(targets)
     layers = []
     for target in targets:

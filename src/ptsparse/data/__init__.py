@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .calibration import Calibration, as_calibration, digest, sample_calibration, sample_indices
-from .fashion_mnist import FashionMNIST
+from .fashion_mnist import MEAN, STD, FashionMNIST
 from .image_folder import ImageFolder
 from .tensors import TensorSource
 
@@ -24,7 +24,8 @@ def load_source(name: str | os.PathLike, split: str = "train", root: str | os.Pa
             ``val/`` (or ``test/``) sub-folders, else the folder itself is used for both.
         root: directory of the Fashion-MNIST files (overrides the environment variable).
         image_size: crop size for image folders.
-        channels: channels for image folders.
+        channels: channels for image folders. Greyscale folders are normalised with Fashion-MNIST's
+            mean and standard deviation, as the reference model expects; RGB folders are scaled to [0, 1].
 
     Raises:
         DataError: the name is neither known nor an existing directory.
@@ -39,7 +40,8 @@ def load_source(name: str | os.PathLike, split: str = "train", root: str | os.Pa
         if (path / sub).is_dir():
             path = path / sub
             break
-    return ImageFolder(path, crop=image_size, channels=channels)
+    stats = {"mean": (MEAN,), "std": (STD,)} if channels == 1 else {}
+    return ImageFolder(path, crop=image_size, channels=channels, **stats)
 
 
 __all__ = ["Calibration", "FashionMNIST", "ImageFolder", "TensorSource", "as_calibration", "digest",

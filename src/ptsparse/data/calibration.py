@@ -134,8 +134,10 @@ def as_calibration(calib: object) -> Calibration:
     elif isinstance(calib, Dataset) and hasattr(calib, "__len__") and not isinstance(calib, Iterable):
         if len(calib) == 0:
             raise CalibrationError("calibration dataset is empty; give at least one sample")
-        result = sample_calibration(calib, len(calib), seed=0)
-        result.indices = None
+        items = [calib[i] for i in range(len(calib))]
+        inputs = torch.stack([torch.as_tensor(item[0]) for item in items])
+        labels = torch.tensor([int(item[1]) for item in items])
+        result = Calibration(inputs, labels if bool((labels >= 0).all()) else None, digest(inputs))
     elif isinstance(calib, Iterable):
         xs, ys = [], []
         for batch in calib:

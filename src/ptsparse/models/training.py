@@ -75,7 +75,7 @@ def train_reference(recipe: Recipe = Recipe(), data_root: str | None = None, dev
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
         log.info("epoch %d: train loss %.4f", epoch + 1, total / len(train))
     model.eval()
     metadata = {
