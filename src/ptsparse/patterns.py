@@ -124,10 +124,12 @@ class NM:
         return keep.movedim(-1, 1).contiguous()
 
 
+Pattern = Unstructured | Channel | NM
+
 _NM_SYNTAX = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
-def parse_pattern(spec: str, nm_fallback: str = "skip") -> Unstructured | Channel | NM:
+def parse_pattern(spec: str, nm_fallback: str = "skip") -> Pattern:
     """Parses ``"unstructured"``, ``"channel"`` or ``"N:M"`` (0 < N < M).
 
     Raises:

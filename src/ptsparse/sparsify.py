@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .allocation import ALLOCATIONS, ERK, Global, LayerBudget, exact_counts, target_count
+from .allocation import ALLOCATIONS, LayerBudget, exact_counts, target_count
 from .checkpoint import save_state, write_json
 from .config import SparsityConfig, resolve_config
 from .criteria import CRITERIA
@@ -30,7 +30,7 @@ from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .evaluate import accuracy
 from .masking import attach_masks, bake, masks_of
-from .patterns import NM, Channel, parse_pattern
+from .patterns import NM, Channel, Pattern, parse_pattern
 from .recovery import recalibrate_batchnorm
 from .report import peak_rss_mb
 from .targets import Target, count_zeros, find_targets
@@ -127,24 +127,13 @@ def layer_budgets(targets: list[Target], config: SparsityConfig, unit_of, protec
     return budgets
 
 
-def make_allocation(config: SparsityConfig):
-    """The configured allocation object, with its settings from the config."""
-    cls = ALLOCATIONS.get(config.allocation)
-    if cls is ERK:
-        return ERK(power=config.erk_power)
-    if cls is Global:
-        return Global(normalize=config.global_normalize)
-    return cls()
-
-
-def plan_counts(targets: list[Target], config: SparsityConfig, scores: dict[str, torch.Tensor],
+def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern, scores: dict[str, torch.Tensor],
                 protected: set[str]) -> tuple[dict[str, int], dict[str, float], float]:
     """Prune counts per layer, the allocated ratios, and the global target they meet.
 
     For N:M the pattern fixes each layer's count and the target follows from it; otherwise the
     allocation gives ratios and :func:`exact_counts` rounds them to meet ``round(sparsity * total)``.
     """
-    pattern = parse_pattern(config.pattern, config.nm_fallback)
     total = sum(t.numel for t in targets)
     if isinstance(pattern, NM):
         counts = {t.name: pattern.prune_count(t.shape) for t in targets}
@@ -156,7 +145,8 @@ def plan_counts(targets: list[Target], config: SparsityConfig, scores: dict[str,
         return counts, ratios, sum(counts.values()) / total
     budgets = layer_budgets(targets, config, pattern.unit_size, protected)
     wanted = target_count(budgets, config.sparsity)
-    ratios = make_allocation(config).allocate(budgets, config.sparsity, scores)
+    allocation = ALLOCATIONS.get(config.allocation).from_config(config)
+    ratios = allocation.allocate(budgets, config.sparsity, scores)
     counts = exact_counts(budgets, ratios, wanted)
     return counts, ratios, config.sparsity
 
@@ -203,9 +193,9 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         return accuracy(network, eval_data, device=str(device), show_progress=config.progress)
 
     dense_accuracy = evaluate(student)
-    criterion = CRITERIA.get(config.criterion)()
+    criterion = CRITERIA.get(config.criterion).from_config(config)
     scores = criterion.scores(student, targets, calibration if criterion.requires_data else None)
-    counts, ratios, target_sparsity = plan_counts(targets, config, scores, protected)
+    counts, ratios, target_sparsity = plan_counts(targets, config, pattern, scores, protected)
     masks = {t.name: pattern.mask(scores[t.name], counts[t.name]) for t in targets}
     attach_masks(targets, masks)
 

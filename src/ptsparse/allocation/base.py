@@ -45,7 +45,13 @@ class LayerBudget:
 
 
 class Allocation(Protocol):
-    """Returns ``{layer name: sparsity}`` meeting ``sparsity`` over the layers, each within its cap."""
+    """Returns ``{layer name: sparsity}`` meeting ``sparsity`` over the layers, each within its cap.
+
+    ``from_config`` builds the allocation with its settings taken from a :class:`SparsityConfig`.
+    """
+
+    @classmethod
+    def from_config(cls, config) -> Allocation: ...
 
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
                  scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]: ...

@@ -34,6 +34,10 @@ class ERK:
             raise ConfigError(f"erk_power must be >= 0, got {power}")
         self.power = power
 
+    @classmethod
+    def from_config(cls, config) -> ERK:
+        return cls(power=config.erk_power)
+
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
                  scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         raw = erk_scores(layers, self.power)

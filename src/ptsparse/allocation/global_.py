@@ -25,12 +25,14 @@ class Global:
         normalize: ``"none"``, ``"l1"`` or ``"l2"``.
     """
 
-    needs_scores = True
-
     def __init__(self, normalize: str = "none") -> None:
         if normalize not in NORMALIZATIONS:
             raise ConfigError(f"global_normalize {normalize!r} is not allowed; choose from {', '.join(NORMALIZATIONS)}")
         self.normalize = normalize
+
+    @classmethod
+    def from_config(cls, config) -> Global:
+        return cls(normalize=config.global_normalize)
 
     def _normalized(self, score: torch.Tensor) -> torch.Tensor:
         score = score.detach().float().flatten()

@@ -24,6 +24,10 @@ def water_fill(layers: Sequence[LayerBudget], sparsity: float) -> float:
 class Uniform:
     """The same sparsity in every layer; layers capped below it keep their cap and the rest make up."""
 
+    @classmethod
+    def from_config(cls, config) -> Uniform:
+        return cls()
+
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
                  scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         level = water_fill(layers, sparsity)

@@ -21,6 +21,9 @@ class Criterion(Protocol):
 
     requires_data: bool
 
+    @classmethod
+    def from_config(cls, config) -> Criterion: ...
+
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None) -> dict[str, torch.Tensor]: ...
 

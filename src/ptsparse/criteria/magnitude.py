@@ -16,6 +16,10 @@ class Magnitude:
 
     requires_data = False
 
+    @classmethod
+    def from_config(cls, config) -> Magnitude:
+        return cls()
+
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None = None) -> dict[str, torch.Tensor]:
         return {target.name: target.weight.detach().abs() for target in targets}
