@@ -83,6 +83,8 @@ class SparsityConfig:
         METHODS.get(self.method)
         ALLOCATIONS.get(self.allocation)
         CRITERIA.get(self.criterion)
+        if self.nm_fallback not in ("skip", "pad"):
+            raise ConfigError(f"nm_fallback {self.nm_fallback!r} is not allowed; choose 'skip' or 'pad'")
         parse_pattern(self.pattern, self.nm_fallback)
         resolve_layer_types(self.layer_types)
         if not isinstance(self.erk_power, (int, float)) or self.erk_power < 0:

@@ -78,12 +78,13 @@ def target_count(layers: Sequence[LayerBudget], sparsity: float) -> int:
 
 
 def exact_counts(layers: Sequence[LayerBudget], ratios: Mapping[str, float], wanted: int) -> dict[str, int]:
-    """Integer prune counts near ``ratio * numel`` per layer that sum to ``wanted`` exactly.
+    """Integer prune counts near ``ratio * numel`` per layer that sum to ``wanted``.
 
     Each layer starts from its ideal count rounded down to whole units; the weights still to place go
     one unit at a time to the layers with the largest rounding remainders (largest-remainder method),
-    never past a cap. With units of one weight every layer ends within one weight of its ideal; with
-    channel units the total is exact up to the smallest unit that still fits.
+    each rounding up at most once and never past its cap. With units of one weight the total is exact
+    and every layer is within one weight of its ideal. With channel units every layer is within one
+    channel of its ideal and the total falls short by less than one channel.
     """
     ideal = {l.name: min(max(ratios[l.name], 0.0), 1.0) * l.numel for l in layers}
     counts = {l.name: min(int(ideal[l.name] + 1e-9) // l.unit * l.unit, l.max_prune) for l in layers}
@@ -93,11 +94,20 @@ def exact_counts(layers: Sequence[LayerBudget], ratios: Mapping[str, float], wan
         name = min((n for n in counts if counts[n] > 0), key=lambda n: ideal[n] - counts[n])
         counts[name] -= by_name[name].unit
         placed -= by_name[name].unit
-    while placed < wanted:
-        room = [n for n, l in by_name.items() if counts[n] + l.unit <= l.max_prune and l.unit <= wanted - placed]
-        if not room:
-            break
-        name = max(room, key=lambda n: (ideal[n] - counts[n]) / by_name[n].unit)
-        counts[name] += by_name[name].unit
-        placed += by_name[name].unit
+
+    def fill(limit) -> None:
+        nonlocal placed
+        while placed < wanted:
+            room = [n for n, l in by_name.items()
+                    if counts[n] + l.unit <= min(l.max_prune, limit(n)) and l.unit <= wanted - placed]
+            if not room:
+                return
+            name = max(room, key=lambda n: (ideal[n] - counts[n]) / by_name[n].unit)
+            counts[name] += by_name[name].unit
+            placed += by_name[name].unit
+
+    fill(lambda n: math.ceil(ideal[n] / by_name[n].unit - 1e-9) * by_name[n].unit)  # round up once
+    # Caps can leave a gap of single weights (an ideal just under its cap rounds up past it): fill it from
+    # any allocated layer of single-weight units. Channels never move past their rounding.
+    fill(lambda n: by_name[n].numel if ideal[n] > 0 and by_name[n].unit == 1 else 0)
     return counts

@@ -93,22 +93,33 @@ class Calibration:
             yield self.inputs[index], (self.labels[index] if self.labels is not None else None)
 
 
+def _stack_items(source: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs and labels of dataset items ``x``, ``(x,)`` or ``(x, y, ...)``; labels ``None`` if any is missing."""
+    inputs, labels = [], []
+    for index in indices:
+        item = source[index]
+        x, y = _split_batch(item)
+        inputs.append(x)
+        labels.append(None if y is None else int(y))
+    if any(y is None or y < 0 for y in labels):
+        return torch.stack(inputs), None
+    return torch.stack(inputs), torch.tensor(labels)
+
+
 def sample_calibration(source: Dataset, size: int, seed: int, balanced: bool = False) -> Calibration:
     """Draws ``size`` samples from ``source`` by ``seed`` (optionally class-balanced)."""
     labels = getattr(source, "labels", None)
     indices = sample_indices(len(source), size, seed, labels=labels, balanced=balanced)
-    items = [source[i] for i in indices.tolist()]
-    inputs = torch.stack([torch.as_tensor(item[0]) for item in items])
-    targets = torch.tensor([int(item[1]) for item in items])
-    has_labels = bool((targets >= 0).all())
-    return Calibration(inputs, targets if has_labels else None, digest(indices), indices)
+    inputs, targets = _stack_items(source, indices.tolist())
+    return Calibration(inputs, targets, digest(indices), indices)
 
 
-def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | int | None]:
+    """``x`` or ``(x, y, ...)`` -> ``(x, y or None)``; also used for single dataset items."""
     if isinstance(batch, torch.Tensor):
         return batch, None
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        label = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        label = batch[1] if len(batch) > 1 and isinstance(batch[1], (torch.Tensor, int)) else None
         return batch[0], label
     raise CalibrationError(
         f"a calibration batch must be a tensor or a tuple (x, y, ...) of tensors, got {type(batch).__name__}"
@@ -134,10 +145,8 @@ def as_calibration(calib: object) -> Calibration:
     elif isinstance(calib, Dataset) and hasattr(calib, "__len__") and not isinstance(calib, Iterable):
         if len(calib) == 0:
             raise CalibrationError("calibration dataset is empty; give at least one sample")
-        items = [calib[i] for i in range(len(calib))]
-        inputs = torch.stack([torch.as_tensor(item[0]) for item in items])
-        labels = torch.tensor([int(item[1]) for item in items])
-        result = Calibration(inputs, labels if bool((labels >= 0).all()) else None, digest(inputs))
+        inputs, labels = _stack_items(calib, list(range(len(calib))))
+        result = Calibration(inputs, labels, digest(inputs))
     elif isinstance(calib, Iterable):
         xs, ys = [], []
         for batch in calib:
