@@ -155,3 +155,25 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip() == "ptsparse: error: sparsity 2.0 is not allowed; it must be in [0, 1)"
+
+
+def test_sparsify_from_an_image_folder(capsys, tmp_path):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for label in ("bag", "shirt"):
+            folder = tmp_path / "images" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.rand(32, 30, generator=generator) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    code, _, _ = run_cli(capsys, "sparsify", "--data", str(tmp_path / "images"), "--calib-size", "12",
+                         "--sparsity", "0.8", "--out", str(out), "-q")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calib_size"] == 12
+    correct = report["sparse_accuracy"] * 6  # evaluated on the 6 images of val/
+    assert correct == pytest.approx(round(correct), abs=1e-5)
+    assert report["achieved_sparsity"] == pytest.approx(0.8, abs=1e-5)

@@ -1,0 +1,138 @@
+"""Post-training sparsity benchmark on the reference model (Fashion-MNIST, 1024 calibration images, seed 0).
+
+Each run writes one report.json-style file to benchmarks/results/; the table in benchmarks/RESULTS.md and
+the accuracy-vs-sparsity plot are rebuilt from every result file present, so a later change runs only its
+own rows:
+
+    python benchmarks/pts_bench.py                                   # every run below
+    python benchmarks/pts_bench.py --runs magnitude-erk --sparsities 0.9 0.95
+    python benchmarks/pts_bench.py --table-only                      # rebuild RESULTS.md from the files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import ptsparse
+from ptsparse.checkpoint import write_json, write_text
+from ptsparse.data import FashionMNIST, sample_calibration
+from ptsparse.models import load_reference
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+
+# name -> sparsify overrides; a run is a method preset plus its picks on the axes.
+RUNS: dict[str, dict] = {
+    "magnitude-uniform": {"method": "magnitude", "allocation": "uniform"},
+    "magnitude-global": {"method": "magnitude", "allocation": "global"},
+    "magnitude-erk": {"method": "magnitude", "allocation": "erk"},
+}
+# Runs whose sparsity is fixed by their pattern (N:M) run once, at that sparsity.
+FIXED_PATTERN_RUNS: dict[str, dict] = {
+    "magnitude-2:4": {"method": "magnitude", "pattern": "2:4"},
+}
+
+
+def result_path(name: str, sparsity: float | None) -> Path:
+    suffix = "" if sparsity is None else f"-{sparsity:g}"
+    return RESULTS / f"{name.replace(':', '_')}{suffix}.json"
+
+
+def run(name: str, overrides: dict, sparsity: float | None, calib, test) -> dict:
+    extra = {} if sparsity is None else {"sparsity": sparsity}
+    result = ptsparse.sparsify(load_reference(), calib, eval_data=test, progress=False, calib_size=len(calib),
+                               **overrides, **extra)
+    report = dict(result.report, run=name)
+    write_json(result_path(name, sparsity), report)
+    return report
+
+
+def build_table() -> str:
+    reports = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    reports.sort(key=lambda r: (r["run"], r["target_sparsity"]))
+    lines = [
+        "| run | pattern | target | achieved | dense acc | sparse acc | drop | wall time (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        drop = 100 * (r["dense_accuracy"] - r["sparse_accuracy"])
+        lines.append(
+            f"| {r['run']} | {r['pattern']} | {r['target_sparsity']:.4f} | {r['achieved_sparsity']:.4f} | "
+            f"{100 * r['dense_accuracy']:.2f} | {100 * r['sparse_accuracy']:.2f} | {drop:.2f} | "
+            f"{r['wall_time_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines), reports
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ptsparse.checkpoint import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    runs = sorted({r["run"] for r in reports if r["pattern"] == "unstructured"})
+    for name in runs:
+        rows = sorted((r for r in reports if r["run"] == name), key=lambda r: r["target_sparsity"])
+        ax.plot([r["target_sparsity"] for r in rows], [100 * r["sparse_accuracy"] for r in rows], marker="o",
+                label=name)
+    if reports:
+        ax.axhline(100 * reports[0]["dense_accuracy"], color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set_xlabel("sparsity (unstructured)")
+    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
+    ax.set_title("reference ResNet-20, 1024 calibration images, seed 0")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_results() -> None:
+    table, reports = build_table()
+    plot(reports, HERE / "accuracy_vs_sparsity.png")
+    text = (
+        "# Benchmark results\n\n"
+        "Produced by `python benchmarks/pts_bench.py` (one JSON per run in `benchmarks/results/`). Reference "
+        "ResNet-20 on Fashion-MNIST, 1024 calibration images from the training split, seed 0, accuracy on the "
+        "10,000 test images, 2-core CPU. Wall time covers the whole `sparsify` call including both accuracy "
+        "evaluations; peak RSS is the benchmark process's.\n\n"
+        f"{table}\n\n![accuracy vs sparsity](accuracy_vs_sparsity.png)\n"
+    )
+    write_text(HERE / "RESULTS.md", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    every = [*RUNS, *FIXED_PATTERN_RUNS]
+    parser.add_argument("--runs", nargs="+", default=every, choices=every, metavar="RUN",
+                        help=f"runs to do (default all): {', '.join(every)}")
+    parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table-only", action="store_true", help="only rebuild RESULTS.md and the plot")
+    args = parser.parse_args(argv)
+    if not args.table_only:
+        calib = sample_calibration(FashionMNIST("train"), args.calib_size, seed=args.seed)
+        test = FashionMNIST("test")
+        for name in args.runs:
+            if name in FIXED_PATTERN_RUNS:
+                report = run(name, dict(FIXED_PATTERN_RUNS[name], seed=args.seed), None, calib, test)
+                print(f"{name}: {100 * report['sparse_accuracy']:.2f}%", file=sys.stderr)
+                continue
+            for sparsity in args.sparsities:
+                report = run(name, dict(RUNS[name], seed=args.seed), sparsity, calib, test)
+                print(f"{name} @ {sparsity}: {100 * report['sparse_accuracy']:.2f}% "
+                      f"({report['wall_time_s']:.1f} s)", file=sys.stderr)
+    write_results()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
