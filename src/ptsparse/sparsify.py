@@ -22,14 +22,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .allocation import ALLOCATIONS, LayerBudget, exact_counts, target_count
+from .allocation import ALLOCATIONS, Allocation, LayerBudget, exact_counts, target_count
 from .checkpoint import save_state, write_json
 from .config import SparsityConfig, resolve_config
-from .criteria import CRITERIA
+from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .evaluate import accuracy
-from .masking import attach_masks, bake, masks_of
+from .masking import bake, masks_of
 from .patterns import NM, Channel, Pattern, parse_pattern
 from .recovery import recalibrate_batchnorm
 from .report import peak_rss_mb
@@ -86,8 +86,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def probe(model: nn.Module, targets: list[Target], calibration: Calibration, device: torch.device) -> set[str]:
-    """Runs two calibration samples through the model; returns the targets whose output is the model's.
+def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
+          device: torch.device) -> tuple[list[Target], set[str]]:
+    """Runs two calibration samples through the model.
+
+    Returns:
+        The targets in execution order (those never called last, in module order), and the names of
+        the targets whose output is the model's output.
 
     Raises:
         CalibrationError: the inputs do not fit the model (wrong shape, dtype or channels).
@@ -110,7 +115,9 @@ def probe(model: nn.Module, targets: list[Target], calibration: Calibration, dev
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    return {name for name, out in outputs.items() if out is result}
+    order = {name: position for position, name in enumerate(outputs)}
+    ordered = sorted(targets, key=lambda t: order.get(t.name, len(order)))
+    return ordered, {name for name, out in outputs.items() if out is result}
 
 
 def layer_budgets(targets: list[Target], config: SparsityConfig, unit_of, protected: set[str]) -> list[LayerBudget]:
@@ -127,7 +134,8 @@ def layer_budgets(targets: list[Target], config: SparsityConfig, unit_of, protec
     return budgets
 
 
-def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern, scores: dict[str, torch.Tensor],
+def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern, allocation: Allocation,
+                scores: dict[str, torch.Tensor] | None,
                 protected: set[str]) -> tuple[dict[str, int], dict[str, float], float]:
     """Prune counts per layer, the allocated ratios, and the global target they meet.
 
@@ -145,7 +153,6 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
         return counts, ratios, sum(counts.values()) / total
     budgets = layer_budgets(targets, config, pattern.unit_size, protected)
     wanted = target_count(budgets, config.sparsity)
-    allocation = ALLOCATIONS.get(config.allocation).from_config(config)
     ratios = allocation.allocate(budgets, config.sparsity, scores)
     counts = exact_counts(budgets, ratios, wanted)
     return counts, ratios, config.sparsity
@@ -183,7 +190,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     device = resolve_device(config.device)
     student = copy.deepcopy(model).to(device)
     targets = find_targets(student, config.layer_types, config.include, config.exclude)
-    output_layers = probe(student, targets, calibration, device)
+    targets, output_layers = probe(student, targets, calibration, device)
     pattern = parse_pattern(config.pattern, config.nm_fallback)
     protected = output_layers if isinstance(pattern, Channel) else set()  # pruning output units drops classes
 
@@ -194,10 +201,11 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
 
     dense_accuracy = evaluate(student)
     criterion = CRITERIA.get(config.criterion).from_config(config)
-    scores = criterion.scores(student, targets, calibration if criterion.requires_data else None)
-    counts, ratios, target_sparsity = plan_counts(targets, config, pattern, scores, protected)
-    masks = {t.name: pattern.mask(scores[t.name], counts[t.name]) for t in targets}
-    attach_masks(targets, masks)
+    allocation = ALLOCATIONS.get(config.allocation).from_config(config)
+    scores = criterion.scores(student, targets, calibration) if allocation.needs_scores else None
+    counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, protected)
+    prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
+                config.progress)
 
     if config.bn_recalibration:
         recalibrate_batchnorm(student, calibration, config.batch_size, device)

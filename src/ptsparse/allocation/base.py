@@ -47,8 +47,11 @@ class LayerBudget:
 class Allocation(Protocol):
     """Returns ``{layer name: sparsity}`` meeting ``sparsity`` over the layers, each within its cap.
 
-    ``from_config`` builds the allocation with its settings taken from a :class:`SparsityConfig`.
+    ``from_config`` builds the allocation with its settings taken from a :class:`SparsityConfig`;
+    ``needs_scores`` says whether it ranks the criterion's scores (only then are they computed).
     """
+
+    needs_scores: bool
 
     @classmethod
     def from_config(cls, config) -> Allocation: ...

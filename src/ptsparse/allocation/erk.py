@@ -34,6 +34,8 @@ class ERK:
             raise ConfigError(f"erk_power must be >= 0, got {power}")
         self.power = power
 
+    needs_scores = False
+
     @classmethod
     def from_config(cls, config) -> ERK:
         return cls(power=config.erk_power)

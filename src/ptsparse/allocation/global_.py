@@ -30,6 +30,8 @@ class Global:
             raise ConfigError(f"global_normalize {normalize!r} is not allowed; choose from {', '.join(NORMALIZATIONS)}")
         self.normalize = normalize
 
+    needs_scores = True
+
     @classmethod
     def from_config(cls, config) -> Global:
         return cls(normalize=config.global_normalize)

@@ -24,6 +24,8 @@ def water_fill(layers: Sequence[LayerBudget], sparsity: float) -> float:
 class Uniform:
     """The same sparsity in every layer; layers capped below it keep their cap and the rest make up."""
 
+    needs_scores = False
+
     @classmethod
     def from_config(cls, config) -> Uniform:
         return cls()

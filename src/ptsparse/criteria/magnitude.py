@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..data import Calibration
+from ..patterns import Pattern
 from ..targets import Target
 from .base import CRITERIA
 
@@ -15,6 +16,7 @@ class Magnitude:
     """``|w|``; data-free."""
 
     requires_data = False
+    statistics: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config) -> Magnitude:
@@ -23,3 +25,7 @@ class Magnitude:
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None = None) -> dict[str, torch.Tensor]:
         return {target.name: target.weight.detach().abs() for target in targets}
+
+    def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
+                    pattern: Pattern) -> torch.Tensor:
+        return pattern.mask(target.weight.detach().abs(), count)

@@ -1,0 +1,42 @@
+"""Layer-by-layer pruning: the one driver every criterion's masks go through.
+
+Data-free criteria prune every layer independently. A criterion that needs input statistics prunes
+the layers in execution order: for each layer, one pass over the calibration set through the model
+(whose earlier layers are already masked) gathers that layer's statistics by a forward hook, the
+criterion chooses the mask (and may update the weights), and the mask is attached before the next
+layer, so later layers see the pruned model's activations (``baselines.md`` §13.2, sequential).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._progress import progress
+from ..data import Calibration
+from ..masking import attach_masks
+from ..patterns import Pattern
+from ..targets import Target
+from .base import Criterion
+from .statistics import gather_statistics
+
+
+def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int], pattern: Pattern,
+                criterion: Criterion, calibration: Calibration | None, batch_size: int = 64,
+                device: str | torch.device = "cpu", show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """Chooses and attaches a mask for every target; returns the masks by layer name.
+
+    Args:
+        targets: the layers, in execution order (data-driven criteria rely on it).
+        counts: weights to prune per layer.
+    """
+    masks: dict[str, torch.Tensor] = {}
+    for target in progress(targets, show_progress and bool(criterion.statistics), "prune layers"):
+        stats = {}
+        if criterion.statistics:
+            stats = gather_statistics(model, target, calibration, criterion.statistics, batch_size, device)
+        with torch.no_grad():
+            masks[target.name] = criterion.prune_layer(target, stats, counts[target.name], pattern)
+        attach_masks([target], {target.name: masks[target.name]})
+        del stats
+    return masks
