@@ -10,12 +10,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from .config import SparsityConfig, read_config_file, resolve_config
-from .errors import PtsparseError
+from .errors import ConfigError, PtsparseError
 
 log = logging.getLogger("ptsparse")
 
@@ -28,7 +29,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if not f.metadata.get("cli", True):
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default) if f.default is not dataclasses.MISSING else type(f.default_factory())
+        kind = f.metadata.get("type") or (type(f.default) if f.default is not dataclasses.MISSING
+                                           else type(f.default_factory()))
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=f.metadata["help"])
@@ -68,10 +70,15 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     source = load_source(args.data, "train", root=args.data_dir)
     calibration = sample_calibration(source, config.calib_size, config.seed, config.calib_balanced)
     eval_data = None if args.no_eval else load_source(args.data, "test", root=args.data_dir)
-    result = sparsify(model, calibration, config, eval_data=eval_data, architecture=architecture)
+    resume_dir = Path(args.out) / ".resume" if args.out else None
+    if args.resume and resume_dir is None:
+        raise ConfigError("--resume needs --out: the checkpoint of an interrupted run lives in OUT/.resume")
+    result = sparsify(model, calibration, config, eval_data=eval_data, architecture=architecture,
+                      checkpoint_dir=resume_dir, resume=args.resume)
     print(format_table(result.report))
     if args.out:
         result.save(args.out)
+        shutil.rmtree(resume_dir, ignore_errors=True)
         print(f"\nwrote {args.out}/model.safetensors, config.yaml, report.json")
     return 0
 
@@ -150,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML or JSON file with the same keys as the flags")
     p.add_argument("--out", default=None, help="directory for model.safetensors, config.yaml and report.json")
     p.add_argument("--no-eval", action="store_true", help="skip dense and sparse accuracy on the test split")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint in OUT/.resume (same settings)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
     p.set_defaults(handler=cmd_sparsify)

@@ -41,6 +41,30 @@ class SparsityConfig:
     max_sparsity: float = field(default=1.0, metadata=_help("largest sparsity any layer may get"))
     layer_caps: dict = field(default_factory=dict, metadata=_help(
         "largest sparsity per layer-name glob, e.g. {'fc': 0.5}; 0 keeps a layer dense", cli=False))
+    # recovery
+    recovery: str = field(default="none", metadata=_help(
+        "after masking: none, distill (train against the dense teacher) or layerwise (POT reconstruction)"))
+    objective: str = field(default="kd_logits", metadata=_help("distill objective: kd_logits or layer_mse"))
+    dynamics: str = field(default="static", metadata=_help("how masks move during distill: static"))
+    iterations: int | None = field(default=None, metadata=_help(
+        "distill steps; default 100 epochs of the calibration set (1600 for 1024 samples at batch 64)", type=int))
+    optimizer: str = field(default="sgd", metadata=_help("distill optimizer: sgd or adam"))
+    lr: float = field(default=0.01, metadata=_help("distill peak learning rate (batch 64)"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
+    weight_decay: float = field(default=3e-4, metadata=_help("weight decay on weights (never biases, norms, scores)"))
+    warmup_iterations: int | None = field(default=None, metadata=_help(
+        "linear warm-up steps before the cosine decay; default one epoch", type=int))
+    temperature: float = field(default=4.0, metadata=_help("distillation temperature"))
+    teacher_bn: str = field(default="eval", metadata=_help(
+        "dense teacher's BatchNorm mode: eval, or train as FCPTS's and UniPTS's code"))
+    augment: str = field(default="none", metadata=_help("calibration augmentation during distill: none or flip"))
+    checkpoint_every: int = field(default=100, metadata=_help(
+        "distill steps between resumable checkpoints (0: none)"))
+    layer_iterations: int = field(default=2000, metadata=_help("layerwise: Adam steps per layer"))
+    layer_lr: float = field(default=1e-5, metadata=_help("layerwise: learning rate of weights"))
+    layer_bias_lr: float = field(default=1e-4, metadata=_help("layerwise: learning rate of biases"))
+    weight_correction: bool = field(default=True, metadata=_help("layerwise: POT per-channel weight correction"))
+    bias_correction: bool = field(default=True, metadata=_help("layerwise: POT bias correction"))
     # which layers
     layer_types: tuple = field(default=("Linear", "Conv1d", "Conv2d", "Conv3d"), metadata=_help(
         "module types that are sparsified and counted"))
@@ -74,6 +98,7 @@ class SparsityConfig:
         from .criteria import CRITERIA
         from .methods import METHODS
         from .patterns import parse_pattern
+        from .recovery import DYNAMICS, OBJECTIVES, RECOVERIES
         from .targets import resolve_layer_types
 
         _number("sparsity", self.sparsity, 0.0, 1.0, "[0, 1)", high_open=True)
@@ -91,15 +116,29 @@ class SparsityConfig:
             raise ConfigError(f"erk_power must be a number >= 0, got {self.erk_power!r}")
         if self.global_normalize not in ("none", "l1", "l2"):
             raise ConfigError(f"global_normalize {self.global_normalize!r} is not allowed; choose none, l1 or l2")
-        for name in ("calib_size", "batch_size"):
+        for name in ("calib_size", "batch_size", "layer_iterations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("iterations", "warmup_iterations", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "momentum", "weight_decay", "temperature", "layer_lr", "layer_bias_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        OBJECTIVES.get(self.objective)
+        DYNAMICS.get(self.dynamics)
+        for name, allowed in (("recovery", RECOVERIES), ("optimizer", ("sgd", "adam")),
+                              ("teacher_bn", ("eval", "train")), ("augment", ("none", "flip"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not allowed; choose from {', '.join(allowed)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if not (self.device == "cpu" or str(self.device).startswith("cuda")):
             raise ConfigError(f"device {self.device!r} is not allowed; choose cpu or cuda[:N]")
-        for name in ("calib_balanced", "bn_recalibration", "progress"):
+        for name in ("calib_balanced", "bn_recalibration", "progress", "weight_correction", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

@@ -31,7 +31,8 @@ from .errors import CalibrationError, ConfigError
 from .evaluate import accuracy
 from .masking import bake, masks_of
 from .patterns import NM, Channel, Pattern, parse_pattern
-from .recovery import recalibrate_batchnorm
+from .recovery import DYNAMICS, OBJECTIVES, TrainSchedule, distill, recalibrate_batchnorm, reconstruct_layers
+from .recovery.trainer import CHECKPOINT_NAME
 from .report import peak_rss_mb
 from .targets import Target, count_zeros, find_targets
 
@@ -158,8 +159,30 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
     return counts, ratios, config.sparsity
 
 
+def run_recovery(student: nn.Module, teacher: nn.Module, targets: list[Target], calibration: Calibration,
+                 config: SparsityConfig, device: torch.device, checkpoint_dir: str | os.PathLike | None,
+                 resume: bool) -> dict[str, Any]:
+    """Runs the configured recovery on the masked student; returns what the report records of it."""
+    if config.recovery == "layerwise":
+        losses = reconstruct_layers(
+            student, teacher, targets, calibration, iterations=config.layer_iterations, lr_weight=config.layer_lr,
+            lr_bias=config.layer_bias_lr, batch_size=config.batch_size, weight_correction=config.weight_correction,
+            bias_correction=config.bias_correction, seed=config.seed, device=device, show_progress=config.progress)
+        return {"kind": "layerwise", "iterations_per_layer": config.layer_iterations, "layer_losses": losses}
+    schedule = TrainSchedule.from_config(config, len(calibration))
+    history = distill(
+        student, teacher, targets, calibration, schedule, OBJECTIVES.get(config.objective).from_config(config),
+        DYNAMICS.get(config.dynamics).from_config(config), teacher_bn=config.teacher_bn, device=device,
+        checkpoint_dir=checkpoint_dir, resume=resume, run_id={"config": config.to_dict(), "calib": calibration.hash},
+        show_progress=config.progress)
+    return {"kind": "distill", "iterations": schedule.iterations, "warmup_iterations": schedule.warmup_iterations,
+            "objective": config.objective, "dynamics": config.dynamics, "teacher_bn": config.teacher_bn,
+            "history": history}
+
+
 def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str | None = None, *,
              eval_data: Dataset | None = None, architecture: str | None = None,
+             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
              **overrides: Any) -> SparsifyResult:
     """Sparsifies a copy of ``model`` to the configured target.
 
@@ -171,6 +194,9 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
             the method's preset.
         eval_data: a labelled Dataset; when given, the report holds dense and sparse accuracy on it.
         architecture: name of a registered architecture, recorded so :func:`ptsparse.load` can rebuild it.
+        checkpoint_dir: where distillation writes a resumable checkpoint every ``checkpoint_every``
+            steps; the checkpoint is removed once the run has finished.
+        resume: continue an interrupted run from the checkpoint in ``checkpoint_dir``.
         overrides: config field names (``sparsity=0.9, method="magnitude", pattern="2:4"``).
 
     Returns:
@@ -200,6 +226,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         return accuracy(network, eval_data, device=str(device), show_progress=config.progress)
 
     dense_accuracy = evaluate(student)
+    teacher = copy.deepcopy(student).eval() if config.recovery != "none" else None
     criterion = CRITERIA.get(config.criterion).from_config(config)
     allocation = ALLOCATIONS.get(config.allocation).from_config(config)
     scores = criterion.scores(student, targets, calibration) if allocation.needs_scores else None
@@ -207,6 +234,10 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
                 config.progress)
 
+    recovery = {"kind": "none"}
+    if teacher is not None:
+        recovery = run_recovery(student, teacher, targets, calibration, config, device, checkpoint_dir, resume)
+        del teacher
     if config.bn_recalibration:
         recalibrate_batchnorm(student, calibration, config.batch_size, device)
     masks = masks_of(targets)
@@ -238,8 +269,11 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "calib_hash": calibration.hash,
         "device": str(device),
         "torch": torch.__version__,
+        "recovery": recovery,
         "config": config.to_dict(),
     }
+    if checkpoint_dir is not None:
+        (Path(checkpoint_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)
     return SparsifyResult(student.cpu(), masks, report, config, architecture)
 
 

@@ -1,6 +1,6 @@
-"""Method presets (see ``ptsparse list methods``)."""
+"""Method presets (see ``ptsparse list methods``): each picks one option on every axis."""
 
 from .base import METHODS
-from . import magnitude  # noqa: F401  registers the preset
+from . import magnitude, magnitude_kd, pot  # noqa: F401  registers the presets
 
 __all__ = ["METHODS"]

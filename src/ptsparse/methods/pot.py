@@ -1,0 +1,21 @@
+"""POT (Lazarevich et al., ICCVW 2021) as the toolkit configures it (``baselines.md`` §11).
+
+L2-normalised global magnitude allocation, static masks, weight and bias correction, layer-wise
+reconstruction on the dense model's cached inputs (Adam 1e-5 on weights, 1e-4 on biases; 2000 steps
+per layer on CPU instead of the toolkit's 20,000), then BatchNorm re-calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import SparsityConfig
+from .base import METHODS
+
+
+@METHODS.register("pot")
+def pot(**overrides) -> SparsityConfig:
+    base = SparsityConfig(method="pot", allocation="global", global_normalize="l2", criterion="magnitude",
+                          recovery="layerwise", layer_iterations=2000, layer_lr=1e-5, layer_bias_lr=1e-4,
+                          weight_correction=True, bias_correction=True)
+    return dataclasses.replace(base, **overrides)

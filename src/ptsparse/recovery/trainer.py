@@ -1,0 +1,216 @@
+"""The recovery trainer: distil the frozen dense teacher into the masked student on the calibration set.
+
+One loop for every method: an objective (what is minimised), mask dynamics (how masks move), SGD or
+Adam with linear warm-up then cosine decay to 0, weight decay on weights only (never on biases, norms
+or other 1-D parameters such as learned scores), and a checkpoint every N steps from which an
+interrupted run resumes to the same result. Randomness (batch order, flips) is derived from the seed
+and the step alone, so a resumed run sees exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._progress import progress
+from ..checkpoint import atomic_path
+from ..data import Calibration
+from ..errors import CheckpointError, ConfigError
+from ..targets import Target
+from .dynamics import Dynamics, TrainState
+from .objectives import Objective
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "recovery.pt"
+
+
+@dataclass(frozen=True)
+class TrainSchedule:
+    """Optimisation settings of a recovery run (see the config fields of the same names)."""
+
+    iterations: int
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    warmup_iterations: int = 16
+    augment: str = "none"
+    seed: int = 0
+    checkpoint_every: int = 0
+
+    @classmethod
+    def from_config(cls, config, calib_size: int) -> TrainSchedule:
+        """Resolves the defaults that scale with the calibration set: 100 epochs, one epoch of warm-up."""
+        steps_per_epoch = math.ceil(calib_size / config.batch_size)
+        iterations = config.iterations if config.iterations is not None else 100 * steps_per_epoch
+        warmup = config.warmup_iterations if config.warmup_iterations is not None else steps_per_epoch
+        return cls(iterations=iterations, batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
+                   momentum=config.momentum, weight_decay=config.weight_decay, warmup_iterations=warmup,
+                   augment=config.augment, seed=config.seed, checkpoint_every=config.checkpoint_every)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear from 0 to 1 over ``warmup`` steps, then cosine from 1 to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weights (tensors of 2 or more dimensions) decay; biases, norms and scalar scores do not."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() > 1 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(groups: list[dict[str, Any]], schedule: TrainSchedule) -> torch.optim.Optimizer:
+    if schedule.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum)
+    if schedule.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=schedule.lr)
+    raise ConfigError(f"optimizer {schedule.optimizer!r} is not allowed; choose sgd or adam")
+
+
+def batch_at(calibration: Calibration, step: int, schedule: TrainSchedule) -> torch.Tensor:
+    """The inputs of step ``step``: epochs are seeded permutations, flips are seeded per step."""
+    per_epoch = math.ceil(len(calibration) / schedule.batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(schedule.seed * 7919 + epoch))
+    x = calibration.inputs[order[position * schedule.batch_size: (position + 1) * schedule.batch_size]]
+    if schedule.augment == "flip":
+        flips = torch.rand(len(x), generator=torch.Generator().manual_seed(schedule.seed * 104729 + step)) < 0.5
+        x = torch.where(flips.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+    return x
+
+
+class _FeatureTap:
+    """Collects the outputs of named modules during a forward pass."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.features: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
+
+    def _hook(self, name: str):
+        def store(module, inputs, output):
+            self.features[name] = output
+        return store
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _fingerprint(schedule: TrainSchedule, extra: dict[str, Any]) -> str:
+    text = json.dumps({"schedule": asdict(schedule), **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calibration: Calibration,
+            schedule: TrainSchedule, objective: Objective, dynamics: Dynamics, *,
+            teacher_bn: str = "eval", device: str | torch.device = "cpu",
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, run_id: dict | None = None,
+            show_progress: bool = False) -> list[dict[str, float]]:
+    """Trains ``student`` (masks attached) to match ``teacher`` on the calibration inputs.
+
+    Args:
+        student: the masked model; its kept weights, biases and norm parameters train.
+        teacher: the frozen dense model (no gradients); ``teacher_bn="eval"`` runs it in eval mode,
+            ``"train"`` in train mode as FCPTS's and UniPTS's code do.
+        targets: the student's masked layers (layer features for feature objectives are theirs).
+        checkpoint_dir: where ``recovery.pt`` is written every ``schedule.checkpoint_every`` steps.
+        resume: continue from the checkpoint in ``checkpoint_dir`` when there is one.
+        run_id: what identifies the run besides the schedule (config, calibration hash); a checkpoint
+            from another run is refused.
+
+    Returns:
+        The loss terms, logged every 50 steps and at the last step.
+
+    Raises:
+        CheckpointError: the checkpoint belongs to another run or cannot be read.
+    """
+    groups = parameter_groups(student, schedule.weight_decay)
+    optimizer = make_optimizer(groups, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, schedule.warmup_iterations, schedule.iterations))
+    fingerprint = _fingerprint(schedule, run_id or {})
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    state = TrainState(student, targets, optimizer, 0, schedule.iterations)
+    history: list[dict[str, float]] = []
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state.step, history = _load_checkpoint(checkpoint, fingerprint, student, optimizer, scheduler, dynamics)
+        log.info("resumed recovery at step %d of %d from %s", state.step, schedule.iterations, checkpoint)
+    else:
+        dynamics.on_start(state)
+
+    teacher.train(teacher_bn == "train")
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    names = [t.name for t in targets] if objective.needs_features else []
+    student_tap, teacher_tap = _FeatureTap(student, names), _FeatureTap(teacher, names)
+    student.train()
+    try:
+        steps = range(state.step, schedule.iterations)
+        for step in progress(steps, show_progress, "recovery", total=len(steps)):
+            state.step = step
+            x = batch_at(calibration, step, schedule).to(device)
+            with torch.no_grad():
+                teacher_out = teacher(x)
+            terms = objective(student(x), teacher_out, student_tap.features, teacher_tap.features)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            state.step = step + 1
+            dynamics.after_step(state)
+            if step % 50 == 0 or step + 1 == schedule.iterations:
+                history.append({"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}})
+            if checkpoint is not None and schedule.checkpoint_every and state.step % schedule.checkpoint_every == 0:
+                _save_checkpoint(checkpoint, fingerprint, state.step, student, optimizer, scheduler, dynamics,
+                                 history)
+    finally:
+        student_tap.remove()
+        teacher_tap.remove()
+    dynamics.on_end(state)
+    student.eval()
+    return history
+
+
+def _save_checkpoint(path: Path, fingerprint: str, step: int, student: nn.Module,
+                     optimizer: torch.optim.Optimizer, scheduler, dynamics: Dynamics,
+                     history: list[dict[str, float]]) -> None:
+    payload = {"fingerprint": fingerprint, "step": step, "model": student.state_dict(),
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "dynamics": dynamics.state_dict(), "history": history}
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def _load_checkpoint(path: Path, fingerprint: str, student: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler, dynamics: Dynamics) -> tuple[int, list[dict[str, float]]]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  any unreadable file is the same problem to the user
+        raise CheckpointError(f"recovery checkpoint {path} cannot be read: {error}".splitlines()[0]) from None
+    if payload.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"recovery checkpoint {path} belongs to a run with other settings; "
+                              "delete it or run without --resume")
+    student.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    dynamics.load_state_dict(payload["dynamics"])
+    return int(payload["step"]), list(payload["history"])
