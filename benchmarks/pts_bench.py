@@ -30,11 +30,22 @@ RUNS: dict[str, dict] = {
     "magnitude-uniform": {"method": "magnitude", "allocation": "uniform"},
     "magnitude-global": {"method": "magnitude", "allocation": "global"},
     "magnitude-erk": {"method": "magnitude", "allocation": "erk"},
+    "wanda": {"method": "wanda"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "pot": {"method": "pot"},
+    "magnitude_kd": {"method": "magnitude_kd"},
 }
 # Runs whose sparsity is fixed by their pattern (N:M) run once, at that sparsity.
 FIXED_PATTERN_RUNS: dict[str, dict] = {
     "magnitude-2:4": {"method": "magnitude", "pattern": "2:4"},
+    "wanda-2:4": {"method": "wanda", "pattern": "2:4"},
+    "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"},
 }
+# Channel runs: the fraction of output channels pruned in every layer (the output layer keeps its classes).
+CHANNEL_RUNS: dict[str, dict] = {
+    "taylor-channel": {"method": "taylor"},
+}
+CHANNEL_FRACTIONS = (0.3, 0.5)
 
 
 def result_path(name: str, sparsity: float | None) -> Path:
@@ -110,7 +121,7 @@ def write_results() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    every = [*RUNS, *FIXED_PATTERN_RUNS]
+    every = [*RUNS, *FIXED_PATTERN_RUNS, *CHANNEL_RUNS]
     parser.add_argument("--runs", nargs="+", default=every, choices=every, metavar="RUN",
                         help=f"runs to do (default all): {', '.join(every)}")
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
@@ -122,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         calib = sample_calibration(FashionMNIST("train"), args.calib_size, seed=args.seed)
         test = FashionMNIST("test")
         for name in args.runs:
+            if name in CHANNEL_RUNS:
+                for fraction in CHANNEL_FRACTIONS:
+                    report = run(name, dict(CHANNEL_RUNS[name], seed=args.seed), fraction, calib, test)
+                    print(f"{name} @ {fraction}: {100 * report['sparse_accuracy']:.2f}%", file=sys.stderr)
+                continue
             if name in FIXED_PATTERN_RUNS:
                 report = run(name, dict(FIXED_PATTERN_RUNS[name], seed=args.seed), None, calib, test)
                 print(f"{name}: {100 * report['sparse_accuracy']:.2f}%", file=sys.stderr)

@@ -177,3 +177,30 @@ def test_sparsify_from_an_image_folder(capsys, tmp_path):
     correct = report["sparse_accuracy"] * 6  # evaluated on the 6 images of val/
     assert correct == pytest.approx(round(correct), abs=1e-5)
     assert report["achieved_sparsity"] == pytest.approx(0.8, abs=1e-5)
+
+
+@needs_fashion_mnist
+def test_distill_run_leaves_no_checkpoint_and_resume_needs_out(capsys, tmp_path):
+    out = tmp_path / "kd"
+    code, _, _ = run_cli(capsys, "sparsify", "--method", "magnitude_kd", "--iterations", "6", "--checkpoint-every",
+                         "2", "--calib-size", "64", "--no-eval", "--out", str(out), "-q")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery"]["iterations"] == 6 and report["recovery"]["teacher_bn"] == "eval"
+    code, _, err = run_cli(capsys, "sparsify", "--resume", "--calib-size", "64", "-q")
+    assert code == 2 and "--resume needs --out" in err
+
+
+@needs_fashion_mnist
+def test_pot_beats_plain_magnitude_at_80_percent():
+    import ptsparse
+    from ptsparse.data import FashionMNIST, sample_calibration
+
+    calib = sample_calibration(FashionMNIST("train"), 512, seed=0)
+    test = torch.utils.data.Subset(FashionMNIST("test"), range(5000))
+    common = {"sparsity": 0.8, "allocation": "global", "global_normalize": "l2", "progress": False}
+    plain = ptsparse.sparsify(load_reference(), calib, eval_data=test, method="magnitude", **common)
+    pot = ptsparse.sparsify(load_reference(), calib, eval_data=test, method="pot", layer_iterations=300, **common)
+    assert pot.report["sparse_accuracy"] > plain.report["sparse_accuracy"]
+    assert pot.masks.keys() == plain.masks.keys()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, IncompatibleOptionsError
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -36,6 +36,13 @@ class SparsityConfig:
     allocation: str = field(default="erk", metadata=_help("per-layer sparsity: uniform, global, erk"))
     criterion: str = field(default="magnitude", metadata=_help("score per weight (see `ptsparse list criteria`)"))
     erk_power: float = field(default=1.0, metadata=_help("ERK exponent (0 gives uniform)"))
+    taylor_aggregation: str = field(default="squared", metadata=_help(
+        "taylor criterion: mean of squared (paper) or absolute (HALP) per-batch channel scores"))
+    wanda_compare: str = field(default="row", metadata=_help(
+        "wanda criterion, unstructured: compare scores within each output row (paper) or the whole layer"))
+    sparsegpt_blocksize: int = field(default=128, metadata=_help("sparsegpt: columns per lazy-update block"))
+    sparsegpt_dampening: float = field(default=0.01, metadata=_help(
+        "sparsegpt: dampening as a fraction of mean(diag H), raised x10 on a failed Cholesky"))
     global_normalize: str = field(default="none", metadata=_help(
         "per-layer normalisation of global ranking: none, l1, l2"))
     max_sparsity: float = field(default=1.0, metadata=_help("largest sparsity any layer may get"))
@@ -107,7 +114,13 @@ class SparsityConfig:
             _number(f"layer_caps[{glob!r}]", cap, 0.0, 1.0, "[0, 1]")
         METHODS.get(self.method)
         ALLOCATIONS.get(self.allocation)
-        CRITERIA.get(self.criterion)
+        criterion = CRITERIA.get(self.criterion)
+        supported = getattr(criterion, "patterns", None)
+        if supported is not None and parse_pattern(self.pattern, self.nm_fallback).kind not in supported:
+            raise IncompatibleOptionsError(f"criterion {self.criterion!r} does not support pattern {self.pattern!r}; "
+                                           f"use pattern {' or '.join(supported)}")
+        if self.taylor_aggregation not in ("squared", "abs"):
+            raise ConfigError(f"taylor_aggregation {self.taylor_aggregation!r} is not allowed; choose squared or abs")
         if self.nm_fallback not in ("skip", "pad"):
             raise ConfigError(f"nm_fallback {self.nm_fallback!r} is not allowed; choose 'skip' or 'pad'")
         parse_pattern(self.pattern, self.nm_fallback)
@@ -116,7 +129,10 @@ class SparsityConfig:
             raise ConfigError(f"erk_power must be a number >= 0, got {self.erk_power!r}")
         if self.global_normalize not in ("none", "l1", "l2"):
             raise ConfigError(f"global_normalize {self.global_normalize!r} is not allowed; choose none, l1 or l2")
-        for name in ("calib_size", "batch_size", "layer_iterations"):
+        if self.wanda_compare not in ("row", "layer"):
+            raise ConfigError(f"wanda_compare {self.wanda_compare!r} is not allowed; choose row or layer")
+        _number("sparsegpt_dampening", self.sparsegpt_dampening, 0.0, float("inf"), "(0, inf)")
+        for name in ("calib_size", "batch_size", "layer_iterations", "sparsegpt_blocksize"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -4,7 +4,8 @@
 * ``N:M`` (e.g. ``2:4``): in every group of M consecutive weights along the input dimension keep the N
   highest. For convolutions the groups run along the input channels at a fixed kernel position, the
   layout sparse tensor cores expect (``baselines.md`` §6).
-* ``channel``: prune whole output channels, scored by the sum of their weights' scores.
+* ``channel``: prune whole output channels, scored by the mean of their weights' scores (a channel
+  criterion repeats its channel score over the weights, so the mean is that score).
 
 Ties are broken by position (the earlier weight is pruned first), so masks are deterministic.
 """
@@ -33,6 +34,7 @@ class Unstructured:
     """Any weight may be pruned on its own."""
 
     name: str = "unstructured"
+    kind = "unstructured"
 
     def unit_size(self, shape: torch.Size) -> int:
         return 1
@@ -48,12 +50,13 @@ class Channel:
     """Whole output channels (rows of a Linear weight, filters of a convolution) are pruned."""
 
     name: str = "channel"
+    kind = "channel"
 
     def unit_size(self, shape: torch.Size) -> int:
         return shape.numel() // shape[0]
 
     def channel_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.flatten(1).float().sum(1)
+        return scores.flatten(1).float().mean(1)
 
     def mask(self, scores: torch.Tensor, prune: int) -> torch.Tensor:
         per_channel = self.channel_scores(scores)
@@ -79,6 +82,7 @@ class NM:
     n: int
     m: int
     fallback: str = "skip"
+    kind = "n:m"
 
     @property
     def name(self) -> str:

@@ -270,6 +270,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "device": str(device),
         "torch": torch.__version__,
         "recovery": recovery,
+        "layer_errors": dict(getattr(criterion, "errors", {})),
         "config": config.to_dict(),
     }
     if checkpoint_dir is not None:

@@ -3,6 +3,10 @@
 from .base import CRITERIA, Criterion
 from .magnitude import Magnitude
 from .sequential import prune_model
-from .statistics import STATISTICS, gather_statistics
+from .sparsegpt import SparseGPT
+from .statistics import STATISTICS, gather_statistics, gather_statistics_all
+from .taylor import Taylor
+from .wanda import Wanda
 
-__all__ = ["CRITERIA", "Criterion", "Magnitude", "STATISTICS", "gather_statistics", "prune_model"]
+__all__ = ["CRITERIA", "Criterion", "Magnitude", "STATISTICS", "SparseGPT", "Taylor", "Wanda",
+           "gather_statistics", "gather_statistics_all", "prune_model"]

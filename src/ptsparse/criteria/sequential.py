@@ -5,6 +5,8 @@ the layers in execution order: for each layer, one pass over the calibration set
 (whose earlier layers are already masked) gathers that layer's statistics by a forward hook, the
 criterion chooses the mask (and may update the weights), and the mask is attached before the next
 layer, so later layers see the pruned model's activations (``baselines.md`` §13.2, sequential).
+A data-driven criterion without per-layer statistics (Taylor) scores the dense model once, before any
+layer is pruned, and each layer's ``prune_layer`` receives its scores as ``stats["scores"]``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int],
         counts: weights to prune per layer.
     """
     masks: dict[str, torch.Tensor] = {}
+    whole_model_scores = None
+    if criterion.requires_data and not criterion.statistics:
+        whole_model_scores = criterion.scores(model, targets, calibration)
     for target in progress(targets, show_progress and bool(criterion.statistics), "prune layers"):
         stats = {}
-        if criterion.statistics:
+        if whole_model_scores is not None:
+            stats = {"scores": whole_model_scores.pop(target.name)}
+        elif criterion.statistics:
             stats = gather_statistics(model, target, calibration, criterion.statistics, batch_size, device)
         with torch.no_grad():
             masks[target.name] = criterion.prune_layer(target, stats, counts[target.name], pattern)

@@ -2,15 +2,27 @@
 
 Each statistic is a pair of pure functions: ``make(module) -> state`` and
 ``accumulate(state, module, inputs) -> state``, with ``inputs`` the layer's input batch. Convolutions
-see their inputs as unfolded patches (respecting stride, padding, dilation and groups), so a statistic
-means the same thing for Linear and Conv layers.
+see their inputs as patches (respecting stride, padding including ``"same"`` and non-``zeros`` padding
+modes, dilation and groups), so a statistic means the same thing for Linear and Conv layers.
+
+A layer's *input vectors* are the rows of Linear inputs (leading dimensions flattened), or one patch
+per output position of each sample for a convolution. Column ``j`` of an input vector pairs with
+column ``j`` of the layer's 2-D weight view ``weight.flatten(1)`` (channel, then kernel offsets), one
+view per group: states carry a leading ``groups`` dimension (1 for Linear and ungrouped convs).
+
+* ``"input_norms"`` (Wanda, ``baselines.md`` §7): ``input_sq_norms`` of shape ``(groups, c)``, the sum
+  over input vectors of ``x_j^2``, and ``input_count``, the number of input vectors.
+* ``"hessian"`` (SparseGPT, §8.1): ``hessian`` of shape ``(groups, c, c)``, the running mean of
+  ``2 x x^T`` over input vectors in float32, and ``hessian_count``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data import Calibration
@@ -20,11 +32,177 @@ from ..targets import Target
 Make = Callable[[nn.Module], dict[str, torch.Tensor]]
 Accumulate = Callable[[dict[str, torch.Tensor], nn.Module, torch.Tensor], dict[str, torch.Tensor]]
 
-# name -> (make, accumulate); filled below by the statistics ptsparse knows.
-STATISTICS: dict[str, tuple[Make, Accumulate]] = {}
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Patch buffers are built a few samples at a time so that one chunk holds at most this many values.
+_PATCH_CHUNK = 1 << 24
+
+
+def layer_groups(module: nn.Module) -> int:
+    """Weight groups of a layer: ``groups`` for a convolution, 1 for Linear."""
+    return module.groups if isinstance(module, _CONVS) else 1
+
+
+def group_columns(module: nn.Module) -> int:
+    """Columns of one group's 2-D weight view (``in_features``, or ``in/groups * kernel volume``)."""
+    return module.weight[0].numel()
+
+
+def _check_layer(module: nn.Module) -> None:
+    if not isinstance(module, (nn.Linear, *_CONVS)):
+        raise ConfigError(f"input statistics support Linear and Conv1d/2d/3d layers, not {type(module).__name__}")
+
+
+def _padded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as the convolution pads it (``"same"`` resolved, non-``zeros`` modes applied)."""
+    pads: list[int] = []
+    for i in reversed(range(len(module.kernel_size))):  # F.pad lists the last dimension first
+        if module.padding == "valid":
+            left = right = 0
+        elif module.padding == "same":  # PyTorch puts the odd extra on the right
+            total = module.dilation[i] * (module.kernel_size[i] - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = module.padding[i]
+        pads += [left, right]
+    if not any(pads):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, pads, mode=mode)
+
+
+def conv_windows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A view ``(samples, channels, *output positions, *kernel offsets)`` of the padded input, no copy.
+
+    Entry ``[n, ch, *p, *a]`` is the input value that kernel offset ``a`` multiplies at output position
+    ``p``: ``x_padded[n, ch, p * stride + a * dilation]`` per spatial dimension.
+    """
+    x = _padded(module, x)
+    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    return x
+
+
+def input_vectors(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input vectors as ``(rows, groups, c)``, columns in ``weight.flatten(1)`` order."""
+    _check_layer(module)
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, 1, module.in_features)
+    windows = conv_windows(module, x)
+    spatial = len(module.kernel_size)
+    # (n, ch, *out, *k) -> (n, *out, ch, *k): one row per output position, (channel, offsets) columns.
+    order = (0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
+    return windows.permute(order).reshape(-1, module.groups, group_columns(module))
+
+
+def _chunks(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` split along samples so that each chunk's patch buffer stays small."""
+    if isinstance(module, nn.Linear) or len(x) <= 1:
+        return [x]
+    per_sample = conv_windows(module, x[:1]).numel()
+    return list(x.split(max(1, _PATCH_CHUNK // per_sample)))
+
+
+def _zero_count(module: nn.Module) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.long, device=module.weight.device)
+
+
+def make_input_norms(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Empty ``input_norms`` state: zero squared norms ``(groups, c)`` and a zero count."""
+    _check_layer(module)
+    norms = torch.zeros(layer_groups(module), group_columns(module), device=module.weight.device)
+    return {"input_sq_norms": norms, "input_count": _zero_count(module)}
+
+
+def accumulate_input_norms(state: dict[str, torch.Tensor], module: nn.Module,
+                           inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Adds ``sum x_j^2`` over the batch's input vectors; no patch buffer for convolutions (§7)."""
+    x = inputs.float()
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, module.in_features)
+        added, count = rows.square().sum(0).view(1, -1), len(rows)
+    else:
+        windows = conv_windows(module, x.square())  # strided view of the squared input
+        spatial = len(module.kernel_size)
+        added = windows.sum(dim=(0, *range(2, 2 + spatial))).reshape(module.groups, -1)
+        count = math.prod(windows.shape[:1] + windows.shape[2:2 + spatial])
+    return {"input_sq_norms": state["input_sq_norms"] + added, "input_count": state["input_count"] + count}
+
+
+def make_hessian(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Empty ``hessian`` state: zeros ``(groups, c, c)`` in float32 and a zero count."""
+    _check_layer(module)
+    c = group_columns(module)
+    hessian = torch.zeros(layer_groups(module), c, c, device=module.weight.device)
+    return {"hessian": hessian, "hessian_count": _zero_count(module)}
+
+
+def accumulate_hessian(state: dict[str, torch.Tensor], module: nn.Module,
+                       inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Folds the batch into the running mean ``H = 2 X X^T / n`` (§8.1), per group."""
+    hessian, count = state["hessian"], int(state["hessian_count"])
+    for chunk in _chunks(module, inputs.float()):
+        rows = input_vectors(module, chunk).transpose(0, 1)  # (groups, m, c)
+        added = len(rows[0])
+        if added == 0:
+            continue
+        total = count + added
+        hessian = hessian * (count / total) + torch.bmm(rows.transpose(1, 2), rows) * (2.0 / total)
+        count = total
+    return {"hessian": hessian, "hessian_count": torch.full_like(state["hessian_count"], count)}
+
+
+# name -> (make, accumulate).
+STATISTICS: dict[str, tuple[Make, Accumulate]] = {
+    "input_norms": (make_input_norms, accumulate_input_norms),
+    "hessian": (make_hessian, accumulate_hessian),
+}
 
 
 @torch.no_grad()
+def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibration: Calibration,
+                          names: Sequence[str], batch_size: int = 64,
+                          device: str | torch.device = "cpu") -> dict[str, dict[str, torch.Tensor]]:
+    """Accumulates ``names`` over the inputs of every target in one pass of the calibration set.
+
+    Returns:
+        By layer name, the accumulated states of every requested statistic, merged into one dict.
+
+    Raises:
+        ConfigError: a statistic name is unknown, or a layer's type has no statistics.
+    """
+    for name in names:
+        if name not in STATISTICS:
+            raise ConfigError(f"unknown statistic {name!r}; known: {', '.join(sorted(STATISTICS))}")
+    states: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for target in targets:
+        try:
+            states[target.name] = {name: STATISTICS[name][0](target.module) for name in names}
+        except ConfigError as error:
+            raise ConfigError(f"layer {target.name}: {error}") from None
+
+    def hook(layer: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        for name in names:
+            states[layer][name] = STATISTICS[name][1](states[layer][name], module, inputs[0].detach())
+
+    handles = [target.module.register_forward_hook(lambda m, i, o, layer=target.name: hook(layer, m, i, o))
+               for target in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        for x, _ in calibration.batches(batch_size):
+            model(x.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    for layer, layer_states in states.items():
+        merged[layer] = {}
+        for state in layer_states.values():
+            merged[layer].update(state)
+    return merged
+
+
 def gather_statistics(model: nn.Module, target: Target, calibration: Calibration, names: Sequence[str],
                       batch_size: int = 64, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Runs the calibration set through ``model`` and accumulates ``names`` over ``target``'s inputs.
@@ -33,27 +211,6 @@ def gather_statistics(model: nn.Module, target: Target, calibration: Calibration
         The accumulated states of every requested statistic, merged into one dict.
 
     Raises:
-        ConfigError: a statistic name is unknown.
+        ConfigError: a statistic name is unknown, or the layer's type has no statistics.
     """
-    for name in names:
-        if name not in STATISTICS:
-            raise ConfigError(f"unknown statistic {name!r}; known: {', '.join(sorted(STATISTICS))}")
-    states = {name: STATISTICS[name][0](target.module) for name in names}
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        for name in names:
-            states[name] = STATISTICS[name][1](states[name], module, inputs[0].detach())
-
-    handle = target.module.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
-    try:
-        for x, _ in calibration.batches(batch_size):
-            model(x.to(device))
-    finally:
-        handle.remove()
-        model.train(was_training)
-    merged: dict[str, torch.Tensor] = {}
-    for state in states.values():
-        merged.update(state)
-    return merged
+    return gather_statistics_all(model, [target], calibration, names, batch_size, device)[target.name]

@@ -1,0 +1,18 @@
+"""``wanda``: one-shot Wanda (Sun et al., ICLR 2024; ``baselines.md`` §7): scores |w| * ||x||, compared within each output row.
+
+Uniform per-layer sparsity as in the paper, layers pruned in execution order on the already-pruned
+model's inputs, then BatchNorm re-calibration. Works with unstructured and N:M patterns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import SparsityConfig
+from .base import METHODS
+
+
+@METHODS.register("wanda")
+def wanda(**overrides) -> SparsityConfig:
+    base = SparsityConfig(method="wanda", allocation="uniform", criterion="wanda")
+    return dataclasses.replace(base, **overrides)

@@ -1,0 +1,56 @@
+"""First-order Taylor channel importance: the BatchNorm gate form, the fallback, and its pattern rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ptsparse
+from ptsparse.data import as_calibration
+from ptsparse.errors import IncompatibleOptionsError
+from ptsparse.criteria import Taylor
+from ptsparse.criteria.taylor import following_norms
+from ptsparse.targets import find_targets
+
+
+def test_following_norms_are_found_by_tracing(tiny_cnn, calib_images):
+    norms = following_norms(tiny_cnn, find_targets(tiny_cnn), calib_images[:2])
+    assert norms == {"stem": tiny_cnn.bn, "pointwise": tiny_cnn.bn2}
+
+
+def test_scores_equal_the_gate_formula_by_hand(tiny_cnn, calib_images):
+    targets = find_targets(tiny_cnn)
+    calibration = as_calibration(calib_images)
+    scores = Taylor(batch_size=len(calib_images)).scores(tiny_cnn, targets, calibration)  # one batch
+
+    logits = tiny_cnn(calib_images)
+    F.cross_entropy(logits, logits.detach().argmax(1)).backward()
+    bn = tiny_cnn.bn
+    gate = bn.weight * bn.weight.grad + bn.bias * bn.bias.grad
+    assert torch.allclose(scores["stem"][:, 0, 0, 0], gate.detach().pow(2), rtol=1e-4, atol=1e-12)
+    fc = tiny_cnn.fc  # no BatchNorm after it: sum of w * dL/dw over the row, plus b * dL/db
+    plain = (fc.weight * fc.weight.grad).sum(1) + fc.bias * fc.bias.grad
+    assert torch.allclose(scores["fc"][:, 0], plain.detach().pow(2), rtol=1e-4, atol=1e-12)
+    assert all(scores[t.name].shape == t.shape for t in targets)
+
+
+def test_scores_leave_the_model_as_it_was(tiny_cnn, calib_images):
+    before = {k: v.clone() for k, v in tiny_cnn.state_dict().items()}
+    Taylor().scores(tiny_cnn, find_targets(tiny_cnn), as_calibration(calib_images))
+    assert all(torch.equal(before[k], v) for k, v in tiny_cnn.state_dict().items())
+    assert not tiny_cnn.training
+    assert all(p.grad is None for p in tiny_cnn.parameters())
+
+
+def test_taylor_preset_prunes_whole_channels(tiny_cnn, calib_images):
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="taylor", sparsity=0.5, progress=False)
+    for target in find_targets(result.model):
+        rows = target.weight.flatten(1)
+        assert torch.equal((rows == 0).all(1), (rows == 0).any(1)), target.name
+    assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_taylor_needs_the_channel_pattern():
+    with pytest.raises(IncompatibleOptionsError, match="'unstructured'"):
+        ptsparse.SparsityConfig(criterion="taylor", pattern="unstructured")
