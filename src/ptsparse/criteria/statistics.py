@@ -186,15 +186,11 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
 
     handles = [target.module.register_forward_hook(lambda m, i, o, layer=target.name: hook(layer, m, i, o))
                for target in targets]
-    was_training = model.training
-    model.eval()
     try:
-        for x, _ in calibration.batches(batch_size):
-            model(x.to(device))
+        calibration.feed(model, batch_size, device)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     merged: dict[str, dict[str, torch.Tensor]] = {}
     for layer, layer_states in states.items():
         merged[layer] = {}

@@ -92,6 +92,17 @@ class Calibration:
             index = order[start: start + batch_size]
             yield self.inputs[index], (self.labels[index] if self.labels is not None else None)
 
+    @torch.no_grad()
+    def feed(self, model: torch.nn.Module, batch_size: int = 64, device: str | torch.device = "cpu") -> None:
+        """Runs every batch through ``model`` in eval mode (for its hooks), restoring its mode afterwards."""
+        was_training = model.training
+        model.eval()
+        try:
+            for x, _ in self.batches(batch_size):
+                model(x.to(device))
+        finally:
+            model.train(was_training)
+
 
 def _stack_items(source: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Inputs and labels of dataset items ``x``, ``(x,)`` or ``(x, y, ...)``; labels ``None`` if any is missing."""

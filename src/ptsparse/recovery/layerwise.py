@@ -24,7 +24,6 @@ from ..targets import Target
 from .objectives import output_mse
 
 
-@torch.no_grad()
 def cache_layer_io(model: nn.Module, name: str, calibration: Calibration, batch_size: int,
                    device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and outputs of module ``name`` of ``model`` (eval mode) over the calibration set."""
@@ -36,14 +35,10 @@ def cache_layer_io(model: nn.Module, name: str, calibration: Calibration, batch_
         outputs.append(output.detach())
 
     handle = module.register_forward_hook(record)
-    was_training = model.training
-    model.eval()
     try:
-        for x, _ in calibration.batches(batch_size):
-            model(x.to(device))
+        calibration.feed(model, batch_size, device)
     finally:
         handle.remove()
-        model.train(was_training)
     return torch.cat(inputs), torch.cat(outputs)
 
 
