@@ -187,7 +187,7 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
     handles = [target.module.register_forward_hook(lambda m, i, o, layer=target.name: hook(layer, m, i, o))
                for target in targets]
     try:
-        calibration.feed(model, batch_size, device)
+        calibration.feed(model, batch_size, device, batch_statistics=True)
     finally:
         for handle in handles:
             handle.remove()

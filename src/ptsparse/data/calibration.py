@@ -93,15 +93,30 @@ class Calibration:
             yield self.inputs[index], (self.labels[index] if self.labels is not None else None)
 
     @torch.no_grad()
-    def feed(self, model: torch.nn.Module, batch_size: int = 64, device: str | torch.device = "cpu") -> None:
-        """Runs every batch through ``model`` in eval mode (for its hooks), restoring its mode afterwards."""
-        was_training = model.training
+    def feed(self, model: torch.nn.Module, batch_size: int = 64, device: str | torch.device = "cpu",
+             batch_statistics: bool = False) -> None:
+        """Runs every batch through ``model`` in eval mode (for its hooks), restoring its state afterwards.
+
+        Args:
+            batch_statistics: normalise BatchNorm layers with each batch's own statistics instead of
+                their running ones (which belong to the dense model and drift once layers are pruned);
+                the running statistics are left untouched.
+        """
+        modes = {module: module.training for module in model.modules()}
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        saved = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms] if batch_statistics else []
         model.eval()
+        if batch_statistics:
+            for norm in norms:
+                norm.train()
         try:
             for x, _ in self.batches(batch_size):
                 model(x.to(device))
         finally:
-            model.train(was_training)
+            for norm, state in zip(norms, saved):
+                norm.load_state_dict(state)
+            for module, mode in modes.items():
+                module.training = mode
 
 
 def _stack_items(source: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
