@@ -35,7 +35,16 @@ RUNS: dict[str, dict] = {
     "sparsegpt-erk": {"method": "sparsegpt", "allocation": "erk"},
     "pot": {"method": "pot"},
     "magnitude_kd": {"method": "magnitude_kd"},
+    "fcpts": {"method": "fcpts"},
 }
+# Ablations run at ABLATION_SPARSITIES only (``--sparsities`` overrides): one FCPTS knob changed at a time.
+ABLATION_RUNS: dict[str, dict] = {
+    "fcpts-kde": {"method": "fcpts", "density": "kde"},
+    "fcpts-ste": {"method": "fcpts", "score_grad": "ste"},
+    "fcpts-blocks": {"method": "fcpts", "objective": "kd_blocks"},
+    "fcpts-teacher_train": {"method": "fcpts", "teacher_bn": "train"},
+}
+ABLATION_SPARSITIES = (0.9,)
 # Runs whose sparsity is fixed by their pattern (N:M) run once, at that sparsity.
 FIXED_PATTERN_RUNS: dict[str, dict] = {
     "magnitude-2:4": {"method": "magnitude", "pattern": "2:4"},
@@ -89,7 +98,7 @@ def plot(reports: list[dict], path: Path) -> None:
     from ptsparse.checkpoint import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    runs = sorted({r["run"] for r in reports if r["pattern"] == "unstructured"})
+    runs = sorted({r["run"] for r in reports if r["pattern"] == "unstructured" and r["run"] in RUNS})
     for name in runs:
         rows = sorted((r for r in reports if r["run"] == name), key=lambda r: r["target_sparsity"])
         ax.plot([r["target_sparsity"] for r in rows], [100 * r["sparse_accuracy"] for r in rows], marker="o",
@@ -104,6 +113,86 @@ def plot(reports: list[dict], path: Path) -> None:
     with atomic_path(path) as temporary:
         fig.savefig(temporary, format="png", dpi=120)
     plt.close(fig)
+
+
+def comparison_table(reports: list[dict], runs: list[str]) -> str:
+    """Sparse accuracy (%) of ``runs`` by sparsity, with dense, for the unstructured sparsities they share."""
+    accuracy = {(r["run"], r["target_sparsity"]): 100 * r["sparse_accuracy"] for r in reports}
+    sparsities = sorted({r["target_sparsity"] for r in reports if r["run"] == runs[-1]})
+    lines = ["| sparsity | dense | " + " | ".join(runs) + " |", "|---" * (len(runs) + 2) + "|"]
+    dense = 100 * reports[0]["dense_accuracy"]
+    for sparsity in sparsities:
+        cells = [f"{accuracy[(run, sparsity)]:.2f}" if (run, sparsity) in accuracy else "-" for run in runs]
+        lines.append(f"| {sparsity:g} | {dense:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(reports: list[dict], base: str, variants: list[str]) -> str:
+    """One row per variant of ``base`` at each ablation sparsity: accuracy, its change, raw sparsity, time."""
+    by_key = {(r["run"], r["target_sparsity"]): r for r in reports}
+    lines = ["| run | changed | sparsity | sparse acc | vs base | raw sparsity before projection | wall time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for sparsity in sorted({r["target_sparsity"] for r in reports if r["run"] in variants}):
+        reference = by_key.get((base, sparsity))
+        for name in [base, *variants]:
+            r = by_key.get((name, sparsity))
+            if r is None:
+                continue
+            changed = ", ".join(f"{k}={v}" for k, v in ABLATION_RUNS.get(name, {}).items() if k != "method") or "-"
+            delta = "" if reference is None or name == base else \
+                f"{100 * (r['sparse_accuracy'] - reference['sparse_accuracy']):+.2f}"
+            raw = r["recovery"].get("raw_sparsity")
+            lines.append(f"| {name} | {changed} | {sparsity:g} | {100 * r['sparse_accuracy']:.2f} | {delta} | "
+                         f"{'-' if raw is None else f'{raw:.4f}'} | {r['wall_time_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_allocation(report: dict, path: Path) -> None:
+    """Per-layer sparsity: the initial allocation (ERK) against the learned one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ptsparse.checkpoint import atomic_path
+
+    initial, learned = report["recovery"]["initial_allocation"], report["recovery"]["learned_allocation"]
+    names = list(learned)
+    positions = range(len(names))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.bar([p - 0.2 for p in positions], [initial[n] for n in names], width=0.4, label=report["allocation"].upper())
+    ax.bar([p + 0.2 for p in positions], [learned[n] for n in names], width=0.4, label="learned (FCPTS)")
+    ax.axhline(report["target_sparsity"], color="grey", linestyle="--", linewidth=1, label="global target")
+    ax.set_xticks(list(positions))
+    ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("layer sparsity")
+    ax.set_title(f"FCPTS at {report['target_sparsity']:g}: learned per-layer sparsity vs ERK")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=120)
+    plt.close(fig)
+
+
+def fcpts_section(reports: list[dict]) -> str:
+    fcpts = {r["target_sparsity"]: r for r in reports if r["run"] == "fcpts"}
+    if not fcpts:
+        return ""
+    text = ("\n## FCPTS\n\n"
+            "`fcpts`: ERK magnitude masks at the target, then one learned threshold per layer trained with the "
+            "weights (KL at T = 4 plus |S - S*| through the histogram bridge, 1,600 steps, SGD 0.01, flips, "
+            "teacher in eval mode), projected onto the exact target, then BatchNorm re-calibration. Same "
+            "budget and settings as `magnitude_kd`, which keeps the ERK masks static.\n\n"
+            + comparison_table(reports, ["pot", "magnitude_kd", "fcpts"]) + "\n\n")
+    if 0.9 in fcpts:
+        plot_allocation(fcpts[0.9], HERE / "fcpts_allocation_0.9.png")
+        text += "![FCPTS learned allocation at 0.9](fcpts_allocation_0.9.png)\n\n"
+    variants = [name for name in ABLATION_RUNS if name.startswith("fcpts-")]
+    if any(r["run"] in variants for r in reports):
+        text += "Ablation (one knob changed from the `fcpts` preset):\n\n" + ablation_table(
+            reports, "fcpts", variants) + "\n"
+    return text
 
 
 def write_results() -> None:
@@ -124,16 +213,18 @@ def write_results() -> None:
         "layer (the classifier keeps all its classes); their target column is that fraction. 2:4 rows skip "
         "the 1-channel stem, so their sparsity is just under 0.5.\n\n"
         f"{table}\n\n![accuracy vs sparsity](accuracy_vs_sparsity.png)\n"
+        + fcpts_section(reports)
     )
     write_text(HERE / "RESULTS.md", text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    every = [*RUNS, *FIXED_PATTERN_RUNS, *CHANNEL_RUNS]
+    every = [*RUNS, *ABLATION_RUNS, *FIXED_PATTERN_RUNS, *CHANNEL_RUNS]
     parser.add_argument("--runs", nargs="+", default=every, choices=every, metavar="RUN",
                         help=f"runs to do (default all): {', '.join(every)}")
-    parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    parser.add_argument("--sparsities", nargs="+", type=float, default=None,
+                        help=f"default {' '.join(map(str, SPARSITIES))}; ablations {' '.join(map(str, ABLATION_SPARSITIES))}")
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--table-only", action="store_true", help="only rebuild RESULTS.md and the plot")
@@ -151,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                 report = run(name, dict(FIXED_PATTERN_RUNS[name], seed=args.seed), None, calib, test)
                 print(f"{name}: {100 * report['sparse_accuracy']:.2f}%", file=sys.stderr)
                 continue
-            for sparsity in args.sparsities:
-                report = run(name, dict(RUNS[name], seed=args.seed), sparsity, calib, test)
+            overrides = RUNS.get(name) or ABLATION_RUNS[name]
+            default = SPARSITIES if name in RUNS else ABLATION_SPARSITIES
+            for sparsity in args.sparsities or default:
+                report = run(name, dict(overrides, seed=args.seed), sparsity, calib, test)
                 print(f"{name} @ {sparsity}: {100 * report['sparse_accuracy']:.2f}% "
                       f"({report['wall_time_s']:.1f} s)", file=sys.stderr)
     write_results()

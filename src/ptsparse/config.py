@@ -51,8 +51,23 @@ class SparsityConfig:
     # recovery
     recovery: str = field(default="none", metadata=_help(
         "after masking: none, distill (train against the dense teacher) or layerwise (POT reconstruction)"))
-    objective: str = field(default="kd_logits", metadata=_help("distill objective: kd_logits or layer_mse"))
-    dynamics: str = field(default="static", metadata=_help("how masks move during distill: static"))
+    objective: str = field(default="kd_logits", metadata=_help(
+        "distill objective: kd_logits, layer_mse, or kd_blocks (logit KL + MSE at block outputs)"))
+    blocks: tuple = field(default=(), metadata=_help(
+        "kd_blocks: name globs of the blocks whose outputs are compared (default: found automatically)"))
+    dynamics: str = field(default="static", metadata=_help(
+        "how masks move during distill: static, or learned_thresholds (FCPTS)"))
+    penalty: str = field(default="abs", metadata=_help(
+        "learned_thresholds: global-sparsity penalty |S - S*| (abs) or (S - S*)^2 (pow2)"))
+    penalty_weight: float = field(default=1.0, metadata=_help("learned_thresholds: weight lambda of the penalty"))
+    density: str = field(default="histogram", metadata=_help(
+        "learned_thresholds: weight density behind the sparsity gradient, histogram (authors' code) or kde"))
+    density_bins: int = field(default=100, metadata=_help("learned_thresholds: histogram bins"))
+    kde_max_samples: int = field(default=65536, metadata=_help(
+        "learned_thresholds: weights per layer the KDE draws (larger layers are subsampled)"))
+    score_grad: str = field(default="constraint_only", metadata=_help(
+        "learned_thresholds: thresholds learn from the penalty only (constraint_only, authors' code) or also "
+        "from the distillation loss through a straight-through mask (ste)"))
     iterations: int | None = field(default=None, metadata=_help(
         "distill steps; default 100 epochs of the calibration set (1600 for 1024 samples at batch 64)", type=int))
     optimizer: str = field(default="sgd", metadata=_help("distill optimizer: sgd or adam"))
@@ -88,7 +103,7 @@ class SparsityConfig:
     progress: bool = field(default=True, metadata=_help("show progress bars", cli=False))
 
     def __post_init__(self) -> None:
-        for name in ("layer_types", "include", "exclude"):
+        for name in ("layer_types", "include", "exclude", "blocks"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
@@ -132,7 +147,8 @@ class SparsityConfig:
         if self.wanda_compare not in ("row", "layer"):
             raise ConfigError(f"wanda_compare {self.wanda_compare!r} is not allowed; choose row or layer")
         _number("sparsegpt_dampening", self.sparsegpt_dampening, 0.0, float("inf"), "(0, inf)")
-        for name in ("calib_size", "batch_size", "layer_iterations", "sparsegpt_blocksize"):
+        for name in ("calib_size", "batch_size", "layer_iterations", "sparsegpt_blocksize", "density_bins",
+                     "kde_max_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -140,14 +156,23 @@ class SparsityConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("lr", "momentum", "weight_decay", "temperature", "layer_lr", "layer_bias_lr"):
+        for name in ("lr", "momentum", "weight_decay", "temperature", "layer_lr", "layer_bias_lr", "penalty_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         OBJECTIVES.get(self.objective)
-        DYNAMICS.get(self.dynamics)
+        dynamics = DYNAMICS.get(self.dynamics)
+        if dynamics.patterns is not None and parse_pattern(self.pattern, self.nm_fallback).kind not in dynamics.patterns:
+            raise IncompatibleOptionsError(
+                f"dynamics {self.dynamics!r} cannot use pattern {self.pattern!r}: it learns one magnitude threshold "
+                f"per layer, which only expresses pattern {' or '.join(dynamics.patterns)}")
+        if self.dynamics != "static" and self.recovery != "distill":
+            raise IncompatibleOptionsError(f"dynamics {self.dynamics!r} moves masks during distillation; it needs "
+                                           f"recovery 'distill', not {self.recovery!r}")
         for name, allowed in (("recovery", RECOVERIES), ("optimizer", ("sgd", "adam")),
-                              ("teacher_bn", ("eval", "train")), ("augment", ("none", "flip"))):
+                              ("teacher_bn", ("eval", "train")), ("augment", ("none", "flip")),
+                              ("penalty", ("abs", "pow2")), ("density", ("histogram", "kde")),
+                              ("score_grad", ("constraint_only", "ste"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not allowed; choose from {', '.join(allowed)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

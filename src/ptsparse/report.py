@@ -30,11 +30,21 @@ def format_table(report: dict[str, Any]) -> str:
         f"method {report['method']}  pattern {report['pattern']}  allocation {report['allocation']}  "
         f"criterion {report['criterion']}",
         f"sparsity: target {report['target_sparsity']:.4f}  achieved {report['achieved_sparsity']:.4f}",
+        *_learned_allocation_lines(report.get("recovery", {})),
         f"accuracy: dense {pct(report.get('dense_accuracy'))}  sparse {pct(report.get('sparse_accuracy'))}",
         f"time {report['wall_time_s']:.1f} s  peak RSS {report['peak_rss_mb']:.0f} MiB  seed {report['seed']}  "
         f"calibration {report['calib_size']} samples (hash {report['calib_hash']})",
     ]
     return "\n".join(lines)
+
+
+def _learned_allocation_lines(recovery: dict[str, Any]) -> list[str]:
+    """What a dynamics that learns the allocation (FCPTS) changed: the table's target is where it started."""
+    if recovery.get("learned_allocation") is None:
+        return []
+    return [f"allocation learned by {recovery['dynamics']} (target column: the initial allocation); sparsity "
+            f"before the exact projection {recovery['raw_sparsity']:.4f}, {recovery['projection_flips']} "
+            f"weights moved by it"]
 
 
 def plot_layers(report: dict[str, Any], path: str | os.PathLike) -> Path:

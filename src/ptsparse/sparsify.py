@@ -137,7 +137,7 @@ def layer_budgets(targets: list[Target], config: SparsityConfig, unit_of, protec
 
 def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern, allocation: Allocation,
                 scores: dict[str, torch.Tensor] | None,
-                protected: set[str]) -> tuple[dict[str, int], dict[str, float], float]:
+                budgets: list[LayerBudget]) -> tuple[dict[str, int], dict[str, float], float]:
     """Prune counts per layer, the allocated ratios, and the global target they meet.
 
     For N:M the pattern fixes each layer's count and the target follows from it; otherwise the
@@ -152,7 +152,6 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
                         pattern.name, len(skipped), pattern.m, pattern.m, ", ".join(skipped))
         ratios = {t.name: counts[t.name] / t.numel for t in targets}
         return counts, ratios, sum(counts.values()) / total
-    budgets = layer_budgets(targets, config, pattern.unit_size, protected)
     wanted = target_count(budgets, config.sparsity)
     ratios = allocation.allocate(budgets, config.sparsity, scores)
     counts = exact_counts(budgets, ratios, wanted)
@@ -160,8 +159,8 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
 
 
 def run_recovery(student: nn.Module, teacher: nn.Module, targets: list[Target], calibration: Calibration,
-                 config: SparsityConfig, device: torch.device, checkpoint_dir: str | os.PathLike | None,
-                 resume: bool) -> dict[str, Any]:
+                 config: SparsityConfig, budgets: list[LayerBudget], target_sparsity: float, device: torch.device,
+                 checkpoint_dir: str | os.PathLike | None, resume: bool) -> dict[str, Any]:
     """Runs the configured recovery on the masked student; returns what the report records of it."""
     if config.recovery == "layerwise":
         losses = reconstruct_layers(
@@ -170,14 +169,15 @@ def run_recovery(student: nn.Module, teacher: nn.Module, targets: list[Target], 
             bias_correction=config.bias_correction, seed=config.seed, device=device, show_progress=config.progress)
         return {"kind": "layerwise", "iterations_per_layer": config.layer_iterations, "layer_losses": losses}
     schedule = TrainSchedule.from_config(config, len(calibration))
+    dynamics = DYNAMICS.get(config.dynamics).from_config(config)
     history = distill(
         student, teacher, targets, calibration, schedule, OBJECTIVES.get(config.objective).from_config(config),
-        DYNAMICS.get(config.dynamics).from_config(config), teacher_bn=config.teacher_bn, device=device,
+        dynamics, budgets=budgets, sparsity=target_sparsity, teacher_bn=config.teacher_bn, device=device,
         checkpoint_dir=checkpoint_dir, resume=resume, run_id={"config": config.to_dict(), "calib": calibration.hash},
         show_progress=config.progress)
     return {"kind": "distill", "iterations": schedule.iterations, "warmup_iterations": schedule.warmup_iterations,
             "objective": config.objective, "dynamics": config.dynamics, "teacher_bn": config.teacher_bn,
-            "history": history}
+            **dynamics.summary(), "history": history}
 
 
 def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str | None = None, *,
@@ -230,13 +230,15 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     criterion = CRITERIA.get(config.criterion).from_config(config)
     allocation = ALLOCATIONS.get(config.allocation).from_config(config)
     scores = criterion.scores(student, targets, calibration) if allocation.needs_scores else None
-    counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, protected)
+    budgets = layer_budgets(targets, config, pattern.unit_size, protected)
+    counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets)
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
                 config.progress)
 
     recovery = {"kind": "none"}
     if teacher is not None:
-        recovery = run_recovery(student, teacher, targets, calibration, config, device, checkpoint_dir, resume)
+        recovery = run_recovery(student, teacher, targets, calibration, config, budgets, target_sparsity, device,
+                                checkpoint_dir, resume)
         del teacher
     if config.bn_recalibration:
         recalibrate_batchnorm(student, calibration, config.batch_size, device)

@@ -1,7 +1,8 @@
 """Recovery axis: what happens after masking.
 
 * :func:`distill`: network-level training of the masked student against the frozen dense teacher, with
-  a pluggable objective (``kd_logits``, ``layer_mse``) and mask dynamics (``static``).
+  a pluggable objective (``kd_logits``, ``layer_mse``, ``kd_blocks``) and mask dynamics (``static``,
+  ``learned_thresholds``).
 * :func:`reconstruct_layers`: POT's layer-wise reconstruction on cached dense inputs.
 * :func:`recalibrate_batchnorm`: fresh BatchNorm statistics from the calibration set.
 """
@@ -9,10 +10,12 @@
 from .batchnorm import recalibrate_batchnorm
 from .dynamics import DYNAMICS, Dynamics, Static, TrainState
 from .layerwise import reconstruct_layers
-from .objectives import OBJECTIVES, KDLogits, LayerMSE, Objective
+from .objectives import OBJECTIVES, KDBlocks, KDLogits, LayerMSE, Objective
+from .thresholds import LearnedThresholds, ThresholdMask
 from .trainer import TrainSchedule, distill
 
 RECOVERIES = ("none", "distill", "layerwise")
 
-__all__ = ["DYNAMICS", "Dynamics", "KDLogits", "LayerMSE", "OBJECTIVES", "Objective", "RECOVERIES", "Static",
-           "TrainSchedule", "TrainState", "distill", "recalibrate_batchnorm", "reconstruct_layers"]
+__all__ = ["DYNAMICS", "Dynamics", "KDBlocks", "KDLogits", "LayerMSE", "LearnedThresholds", "OBJECTIVES", "Objective",
+           "RECOVERIES", "Static", "ThresholdMask", "TrainSchedule", "TrainState", "distill", "recalibrate_batchnorm",
+           "reconstruct_layers"]

@@ -1,63 +1,70 @@
 """Mask dynamics: how masks move during recovery.
 
-Contract: ``on_start(state)``, ``after_step(state)`` and ``on_end(state)`` hooks get the
-:class:`TrainState` of the run; dynamics change masks only in place (so every layer keeps its
-allocated count) and keep what they need to resume in ``state_dict`` / ``load_state_dict``.
+A dynamics object is driven by the recovery trainer through these hooks, all optional:
+
+* ``prepare(model, targets)``: attach what the dynamics trains (a learned threshold per layer); called
+  before the optimizer is built, so those parameters train, and before a checkpoint is loaded.
+* ``on_start(state)``: once, when a run starts from the beginning (not on resume).
+* ``loss_terms(state)``: named terms added to the objective's; their ``"loss"`` is added to the loss.
+* ``after_step(state)``: after every optimizer step.
+* ``on_end(state)``: once at the end; it must leave plain boolean masks (:class:`~ptsparse.masking.WeightMask`)
+  on every target that meet the run's budgets, so the rest of the flow (BN re-calibration, bake) is the same
+  for every dynamics.
+* ``state_dict()`` / ``load_state_dict()``: what a resumed run needs beyond the model's own state.
+* ``summary()``: what the report records of the dynamics (learned allocation, mask changes).
+
+``patterns`` names the patterns a dynamics works with (``None``: all).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from .._registry import Registry
+from ..allocation import LayerBudget
 from ..targets import Target
 
 
 @dataclass
 class TrainState:
-    """What a recovery run exposes to its dynamics at each hook."""
+    """What a recovery run exposes to its dynamics at each hook.
+
+    Attributes:
+        budgets: per-layer caps of the run (a dynamics that moves sparsity between layers respects them).
+        sparsity: the global target the masks must meet at the end.
+    """
 
     model: nn.Module
     targets: list[Target]
     optimizer: torch.optim.Optimizer
     step: int
     total_steps: int
+    budgets: Sequence[LayerBudget] = field(default_factory=list)
+    sparsity: float = 0.0
 
 
-class Dynamics(Protocol):
-    """Hooks called by the recovery trainer; see the module docstring."""
+class Dynamics:
+    """Base class: every hook does nothing; see the module docstring for the contract."""
 
-    @classmethod
-    def from_config(cls, config) -> Dynamics: ...
-
-    def on_start(self, state: TrainState) -> None: ...
-
-    def after_step(self, state: TrainState) -> None: ...
-
-    def on_end(self, state: TrainState) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-DYNAMICS: Registry[type] = Registry("dynamics")
-
-
-@DYNAMICS.register("static")
-class Static:
-    """Masks stay as the pattern chose them; only the kept weights train."""
+    patterns: tuple[str, ...] | None = None
 
     @classmethod
-    def from_config(cls, config) -> Static:
+    def from_config(cls, config) -> Dynamics:
         return cls()
+
+    def prepare(self, model: nn.Module, targets: list[Target]) -> None:
+        pass
 
     def on_start(self, state: TrainState) -> None:
         pass
+
+    def loss_terms(self, state: TrainState) -> dict[str, torch.Tensor]:
+        return {}
 
     def after_step(self, state: TrainState) -> None:
         pass
@@ -70,3 +77,14 @@ class Static:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+DYNAMICS: Registry[type[Dynamics]] = Registry("dynamics")
+
+
+@DYNAMICS.register("static")
+class Static(Dynamics):
+    """Masks stay as the pattern chose them; only the kept weights train."""

@@ -1,18 +1,23 @@
 """Recovery objectives: what the sparse student minimises against the frozen dense teacher.
 
-Contract: an objective is called with the student's and teacher's outputs (and, when ``needs_features``
-is true, their targets' outputs by layer name) and returns named loss terms with ``"loss"`` as their sum.
+Contract: ``features(model, targets)`` names the modules whose outputs the objective compares (none
+for logit distillation); the objective is then called with the student's and teacher's outputs and those
+modules' outputs by name, and returns named loss terms with ``"loss"`` as the one minimised.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .._registry import Registry
+from ..blocks import find_blocks
 from ..errors import ConfigError
+from ..targets import Target
 
 Features = dict[str, torch.Tensor]
 
@@ -20,10 +25,10 @@ Features = dict[str, torch.Tensor]
 class Objective(Protocol):
     """Returns named loss terms, ``"loss"`` being the one that is minimised."""
 
-    needs_features: bool
-
     @classmethod
     def from_config(cls, config) -> Objective: ...
+
+    def features(self, model: nn.Module, targets: Sequence[Target]) -> list[str]: ...
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, student_features: Features,
                  teacher_features: Features) -> dict[str, torch.Tensor]: ...
@@ -52,8 +57,6 @@ class KDLogits:
         temperature: softmax temperature (4 in both papers' code).
     """
 
-    needs_features = False
-
     def __init__(self, temperature: float = 4.0) -> None:
         if not temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
@@ -62,6 +65,9 @@ class KDLogits:
     @classmethod
     def from_config(cls, config) -> KDLogits:
         return cls(temperature=config.temperature)
+
+    def features(self, model, targets):
+        return []
 
     def __call__(self, student, teacher, student_features, teacher_features):
         kd = kd_kl(student, teacher, self.temperature)
@@ -72,13 +78,47 @@ class KDLogits:
 class LayerMSE:
     """Sum over the targeted layers of the MSE between student and teacher layer outputs."""
 
-    needs_features = True
-
     @classmethod
     def from_config(cls, config) -> LayerMSE:
         return cls()
+
+    def features(self, model, targets):
+        return [t.name for t in targets]
 
     def __call__(self, student, teacher, student_features, teacher_features):
         terms = {name: output_mse(student_features[name], teacher_features[name]) for name in student_features}
         total = torch.stack(list(terms.values())).sum()
         return {"layer_mse": total, "loss": total}
+
+
+@OBJECTIVES.register("kd_blocks")
+class KDBlocks:
+    """Logit distillation plus the MSE between student and teacher at every block output (FCPTS's "local
+    KD": a network-level sum of block losses, trained jointly, not block by block).
+
+    Args:
+        temperature: softmax temperature of the logit term.
+        blocks: name globs of the blocks; empty to find them automatically (:func:`ptsparse.blocks.find_blocks`).
+    """
+
+    def __init__(self, temperature: float = 4.0, blocks: Sequence[str] = ()) -> None:
+        self.logits = KDLogits(temperature)
+        self.blocks = tuple(blocks)
+
+    @classmethod
+    def from_config(cls, config) -> KDBlocks:
+        return cls(temperature=config.temperature, blocks=config.blocks)
+
+    def features(self, model, targets):
+        return find_blocks(model, targets, self.blocks)
+
+    def __call__(self, student, teacher, student_features, teacher_features):
+        kd = self.logits(student, teacher, {}, {})["kd"]
+        blocks = torch.stack([output_mse(_tensor(student_features[name]), _tensor(teacher_features[name]))
+                              for name in student_features]).sum()
+        return {"kd": kd, "block_mse": blocks, "loss": kd + blocks}
+
+
+def _tensor(output) -> torch.Tensor:
+    """A block's output tensor (transformer layers return tuples whose first item is the hidden state)."""
+    return output[0] if isinstance(output, (tuple, list)) else output

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from .._progress import progress
 from ..checkpoint import atomic_path
 from ..data import Calibration
 from ..errors import CheckpointError, ConfigError
-from ..targets import Target
+from ..allocation import LayerBudget
+from ..targets import Target, count_zeros
 from .dynamics import Dynamics, TrainState
 from .objectives import Objective
 
@@ -122,6 +124,7 @@ def _fingerprint(schedule: TrainSchedule, extra: dict[str, Any]) -> str:
 
 def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calibration: Calibration,
             schedule: TrainSchedule, objective: Objective, dynamics: Dynamics, *,
+            budgets: Sequence[LayerBudget] | None = None, sparsity: float | None = None,
             teacher_bn: str = "eval", device: str | torch.device = "cpu",
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, run_id: dict | None = None,
             show_progress: bool = False) -> list[dict[str, float]]:
@@ -131,25 +134,31 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
         student: the masked model; its kept weights, biases and norm parameters train.
         teacher: the frozen dense model (no gradients); ``teacher_bn="eval"`` runs it in eval mode,
             ``"train"`` in train mode as FCPTS's and UniPTS's code do.
-        targets: the student's masked layers (layer features for feature objectives are theirs).
+        targets: the student's masked layers.
+        budgets: the layers' caps, for dynamics that move sparsity between layers (default: no caps).
+        sparsity: the global target such dynamics must meet (default: the masks' sparsity at the start).
         checkpoint_dir: where ``recovery.pt`` is written every ``schedule.checkpoint_every`` steps.
         resume: continue from the checkpoint in ``checkpoint_dir`` when there is one.
         run_id: what identifies the run besides the schedule (config, calibration hash); a checkpoint
             from another run is refused.
 
     Returns:
-        The loss terms, logged every 50 steps and at the last step.
+        The loss terms (the objective's and the dynamics'), logged every 50 steps and at the last step.
 
     Raises:
         CheckpointError: the checkpoint belongs to another run or cannot be read.
     """
+    if sparsity is None:
+        zeros, total = count_zeros(targets)
+        sparsity = zeros / total
+    dynamics.prepare(student, targets)
     groups = parameter_groups(student, schedule.weight_decay)
     optimizer = make_optimizer(groups, schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, schedule.warmup_iterations, schedule.iterations))
     fingerprint = _fingerprint(schedule, run_id or {})
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    state = TrainState(student, targets, optimizer, 0, schedule.iterations)
+    state = TrainState(student, targets, optimizer, 0, schedule.iterations, list(budgets or []), sparsity)
     history: list[dict[str, float]] = []
     if resume and checkpoint is not None and checkpoint.is_file():
         state.step, history = _load_checkpoint(checkpoint, fingerprint, student, optimizer, scheduler, dynamics)
@@ -160,7 +169,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     teacher.train(teacher_bn == "train")
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    names = [t.name for t in targets] if objective.needs_features else []
+    names = objective.features(student, targets)
     student_tap, teacher_tap = _FeatureTap(student, names), _FeatureTap(teacher, names)
     student.train()
     try:
@@ -171,6 +180,10 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
             with torch.no_grad():
                 teacher_out = teacher(x)
             terms = objective(student(x), teacher_out, student_tap.features, teacher_tap.features)
+            extra = dynamics.loss_terms(state)
+            if "loss" in extra:
+                extra["loss"] = terms["loss"] + extra["loss"]
+            terms.update(extra)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
