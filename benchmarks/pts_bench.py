@@ -36,13 +36,16 @@ RUNS: dict[str, dict] = {
     "pot": {"method": "pot"},
     "magnitude_kd": {"method": "magnitude_kd"},
     "fcpts": {"method": "fcpts"},
+    "unipts": {"method": "unipts"},
 }
 # Ablations run at ABLATION_SPARSITIES only (``--sparsities`` overrides): one FCPTS knob changed at a time.
 ABLATION_RUNS: dict[str, dict] = {
     "fcpts-kde": {"method": "fcpts", "density": "kde"},
     "fcpts-ste": {"method": "fcpts", "score_grad": "ste"},
     "fcpts-blocks": {"method": "fcpts", "objective": "kd_blocks"},
-    "fcpts-teacher_train": {"method": "fcpts", "teacher_bn": "train"},
+    "unipts-no_search": {"method": "unipts", "allocation": "erk"},
+    "unipts-no_base_decay": {"method": "unipts", "objective": "kd_logits"},
+    "unipts-no_dst": {"method": "unipts", "dynamics": "static"},
 }
 ABLATION_SPARSITIES = (0.9,)
 # Runs whose sparsity is fixed by their pattern (N:M) run once, at that sparsity.
@@ -127,10 +130,10 @@ def comparison_table(reports: list[dict], runs: list[str]) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(reports: list[dict], base: str, variants: list[str]) -> str:
-    """One row per variant of ``base`` at each ablation sparsity: accuracy, its change, raw sparsity, time."""
+def ablation_table(reports: list[dict], base: str, variants: list[str], detail_name: str, detail) -> str:
+    """One row per variant of ``base`` at each ablation sparsity: accuracy, its change, a detail, time."""
     by_key = {(r["run"], r["target_sparsity"]): r for r in reports}
-    lines = ["| run | changed | sparsity | sparse acc | vs base | raw sparsity before projection | wall time (s) |",
+    lines = [f"| run | changed | sparsity | sparse acc | vs {base} | {detail_name} | wall time (s) |",
              "|---|---|---|---|---|---|---|"]
     for sparsity in sorted({r["target_sparsity"] for r in reports if r["run"] in variants}):
         reference = by_key.get((base, sparsity))
@@ -141,10 +144,21 @@ def ablation_table(reports: list[dict], base: str, variants: list[str]) -> str:
             changed = ", ".join(f"{k}={v}" for k, v in ABLATION_RUNS.get(name, {}).items() if k != "method") or "-"
             delta = "" if reference is None or name == base else \
                 f"{100 * (r['sparse_accuracy'] - reference['sparse_accuracy']):+.2f}"
-            raw = r["recovery"].get("raw_sparsity")
             lines.append(f"| {name} | {changed} | {sparsity:g} | {100 * r['sparse_accuracy']:.2f} | {delta} | "
-                         f"{'-' if raw is None else f'{raw:.4f}'} | {r['wall_time_s']:.1f} |")
+                         f"{detail(r)} | {r['wall_time_s']:.1f} |")
     return "\n".join(lines)
+
+
+def raw_sparsity(report: dict) -> str:
+    raw = report["recovery"].get("raw_sparsity")
+    return "-" if raw is None else f"{raw:.4f}"
+
+
+def search_share(report: dict) -> str:
+    search = report.get("allocation_search")
+    if not search:
+        return "-"
+    return f"{search['wall_time_s']:.0f} s ({100 * search['wall_time_s'] / report['wall_time_s']:.0f}%)"
 
 
 def plot_allocation(report: dict, path: Path) -> None:
@@ -191,7 +205,31 @@ def fcpts_section(reports: list[dict]) -> str:
     variants = [name for name in ABLATION_RUNS if name.startswith("fcpts-")]
     if any(r["run"] in variants for r in reports):
         text += "Ablation (one knob changed from the `fcpts` preset):\n\n" + ablation_table(
-            reports, "fcpts", variants) + "\n"
+            reports, "fcpts", variants, "raw sparsity before projection", raw_sparsity) + "\n"
+    return text
+
+
+def unipts_section(reports: list[dict]) -> str:
+    if not any(r["run"] == "unipts" for r in reports):
+        return ""
+    text = ("\n## UniPTS\n\n"
+            "`unipts`: reducing-regrowing search (delta 0.05, population 16, 8 generations, kd fitness on 256 "
+            "held-out calibration images after BN re-estimation on 256 others; ERK scored as one more candidate), "
+            "then 1,600 steps of dynamic sparse training (per-layer magnitude top-k every step, straight-through "
+            "gradients, SR-STE decay 5e-5) under the base-decayed objective (T = 4, tau 8 x 0.99 per epoch), "
+            "SGD 0.01, weight decay 1e-4, flips, teacher in eval mode, then BatchNorm re-calibration.\n\n"
+            + comparison_table(reports, ["pot", "magnitude_kd", "fcpts", "unipts"]) + "\n\n"
+            "Search cost (wall time of the search and its share of the whole run):\n\n"
+            "| sparsity | search | best candidate | fitness: best / ERK / uniform regrowth | evaluations |\n"
+            "|---|---|---|---|---|\n")
+    for r in sorted((r for r in reports if r["run"] == "unipts"), key=lambda r: r["target_sparsity"]):
+        search = r["allocation_search"]
+        text += (f"| {r['target_sparsity']:g} | {search_share(r)} | {search['best']} | {search['best_fitness']:.4f} / "
+                 f"{search['erk_fitness']:.4f} / {search['uniform_regrowth_fitness']:.4f} | {search['evaluations']} |\n")
+    variants = [name for name in ABLATION_RUNS if name.startswith("unipts-")]
+    if any(r["run"] in variants for r in reports):
+        text += ("\nAblation (each part removed in turn; `pot` above is the paper's starting point):\n\n"
+                 + ablation_table(reports, "unipts", variants, "search time (share)", search_share) + "\n")
     return text
 
 
@@ -214,6 +252,7 @@ def write_results() -> None:
         "the 1-channel stem, so their sparsity is just under 0.5.\n\n"
         f"{table}\n\n![accuracy vs sparsity](accuracy_vs_sparsity.png)\n"
         + fcpts_section(reports)
+        + unipts_section(reports)
     )
     write_text(HERE / "RESULTS.md", text)
 

@@ -33,7 +33,8 @@ class SparsityConfig:
     nm_fallback: str = field(default="skip", metadata=_help(
         "N:M layers whose inputs are not a multiple of M: skip (stay dense) or pad"))
     # the axes
-    allocation: str = field(default="erk", metadata=_help("per-layer sparsity: uniform, global, erk"))
+    allocation: str = field(default="erk", metadata=_help(
+        "per-layer sparsity: uniform, global, erk, unipts_search"))
     criterion: str = field(default="magnitude", metadata=_help("score per weight (see `ptsparse list criteria`)"))
     erk_power: float = field(default=1.0, metadata=_help("ERK exponent (0 gives uniform)"))
     taylor_aggregation: str = field(default="squared", metadata=_help(
@@ -45,6 +46,19 @@ class SparsityConfig:
         "sparsegpt: dampening as a fraction of mean(diag H), raised x10 on a failed Cholesky"))
     global_normalize: str = field(default="none", metadata=_help(
         "per-layer normalisation of global ranking: none, l1, l2"))
+    search_delta: float = field(default=0.05, metadata=_help(
+        "unipts_search: every layer is reduced to sparsity + delta, then delta * N weights are regrown by search"))
+    search_population: int = field(default=16, metadata=_help("unipts_search: genomes per generation"))
+    search_generations: int = field(default=8, metadata=_help("unipts_search: generations"))
+    search_parents: int = field(default=6, metadata=_help("unipts_search: best genomes that breed"))
+    search_elites: int = field(default=2, metadata=_help("unipts_search: best genomes carried over unchanged"))
+    search_mutation: float = field(default=0.1, metadata=_help("unipts_search: mutation probability per gene"))
+    search_fitness: str = field(default="kd", metadata=_help(
+        "unipts_search: kd (KL to the dense outputs), agreement (same top-1) or top1_labels (needs labels)"))
+    search_bn_samples: int = field(default=256, metadata=_help(
+        "unipts_search: calibration samples that re-estimate BatchNorm for each candidate"))
+    search_fit_samples: int = field(default=256, metadata=_help(
+        "unipts_search: held-out calibration samples (disjoint from the BN ones) that score each candidate"))
     max_sparsity: float = field(default=1.0, metadata=_help("largest sparsity any layer may get"))
     layer_caps: dict = field(default_factory=dict, metadata=_help(
         "largest sparsity per layer-name glob, e.g. {'fc': 0.5}; 0 keeps a layer dense", cli=False))
@@ -52,11 +66,20 @@ class SparsityConfig:
     recovery: str = field(default="none", metadata=_help(
         "after masking: none, distill (train against the dense teacher) or layerwise (POT reconstruction)"))
     objective: str = field(default="kd_logits", metadata=_help(
-        "distill objective: kd_logits, layer_mse, or kd_blocks (logit KL + MSE at block outputs)"))
+        "distill objective: kd_logits, layer_mse, kd_blocks (logit KL + MSE at block outputs) or base_decayed "
+        "(UniPTS)"))
     blocks: tuple = field(default=(), metadata=_help(
         "kd_blocks: name globs of the blocks whose outputs are compared (default: found automatically)"))
+    student_temperature: float = field(default=1.0, metadata=_help(
+        "base_decayed: softmax temperature of the student (1 as UniPTS's code; the teacher uses `temperature`)"))
+    tau0: float = field(default=8.0, metadata=_help("base_decayed: initial log base tau"))
+    tau_decay: float = field(default=0.99, metadata=_help("base_decayed: decay of tau per epoch"))
+    tau_epochs: float = field(default=100.0, metadata=_help(
+        "base_decayed: epochs the decay spans, spread over the run (tau ends at tau0 * tau_decay ** tau_epochs)"))
     dynamics: str = field(default="static", metadata=_help(
-        "how masks move during distill: static, or learned_thresholds (FCPTS)"))
+        "how masks move during distill: static, learned_thresholds (FCPTS) or dst (UniPTS)"))
+    mask_update_every: int = field(default=1, metadata=_help("dst: steps between magnitude top-k mask updates"))
+    pruned_decay: float = field(default=5e-5, metadata=_help("dst: SR-STE decay lambda on pruned weights"))
     penalty: str = field(default="abs", metadata=_help(
         "learned_thresholds: global-sparsity penalty |S - S*| (abs) or (S - S*)^2 (pow2)"))
     penalty_weight: float = field(default=1.0, metadata=_help("learned_thresholds: weight lambda of the penalty"))
@@ -128,12 +151,13 @@ class SparsityConfig:
         for glob, cap in self.layer_caps.items():
             _number(f"layer_caps[{glob!r}]", cap, 0.0, 1.0, "[0, 1]")
         METHODS.get(self.method)
-        ALLOCATIONS.get(self.allocation)
-        criterion = CRITERIA.get(self.criterion)
-        supported = getattr(criterion, "patterns", None)
-        if supported is not None and parse_pattern(self.pattern, self.nm_fallback).kind not in supported:
-            raise IncompatibleOptionsError(f"criterion {self.criterion!r} does not support pattern {self.pattern!r}; "
-                                           f"use pattern {' or '.join(supported)}")
+        pattern_kind = parse_pattern(self.pattern, self.nm_fallback).kind
+        for axis, name, option in (("criterion", self.criterion, CRITERIA.get(self.criterion)),
+                                   ("allocation", self.allocation, ALLOCATIONS.get(self.allocation))):
+            supported = getattr(option, "patterns", None)
+            if supported is not None and pattern_kind not in supported:
+                raise IncompatibleOptionsError(f"{axis} {name!r} does not support pattern {self.pattern!r}; "
+                                               f"use pattern {' or '.join(supported)}")
         if self.taylor_aggregation not in ("squared", "abs"):
             raise ConfigError(f"taylor_aggregation {self.taylor_aggregation!r} is not allowed; choose squared or abs")
         if self.nm_fallback not in ("skip", "pad"):
@@ -147,16 +171,20 @@ class SparsityConfig:
         if self.wanda_compare not in ("row", "layer"):
             raise ConfigError(f"wanda_compare {self.wanda_compare!r} is not allowed; choose row or layer")
         _number("sparsegpt_dampening", self.sparsegpt_dampening, 0.0, float("inf"), "(0, inf)")
+        _number("search_delta", self.search_delta, 0.0, 1.0, "(0, 1)", high_open=True)
+        _number("search_mutation", self.search_mutation, 0.0, 1.0, "[0, 1]")
         for name in ("calib_size", "batch_size", "layer_iterations", "sparsegpt_blocksize", "density_bins",
-                     "kde_max_samples"):
+                     "kde_max_samples", "search_population", "search_parents", "search_bn_samples",
+                     "search_fit_samples", "mask_update_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("iterations", "warmup_iterations", "checkpoint_every"):
+        for name in ("iterations", "warmup_iterations", "checkpoint_every", "search_generations", "search_elites"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("lr", "momentum", "weight_decay", "temperature", "layer_lr", "layer_bias_lr", "penalty_weight"):
+        for name in ("lr", "momentum", "weight_decay", "temperature", "layer_lr", "layer_bias_lr", "penalty_weight",
+                     "student_temperature", "tau0", "tau_decay", "tau_epochs", "pruned_decay", "search_mutation"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
@@ -172,6 +200,7 @@ class SparsityConfig:
         for name, allowed in (("recovery", RECOVERIES), ("optimizer", ("sgd", "adam")),
                               ("teacher_bn", ("eval", "train")), ("augment", ("none", "flip")),
                               ("penalty", ("abs", "pow2")), ("density", ("histogram", "kde")),
+                              ("search_fitness", ("kd", "agreement", "top1_labels")),
                               ("score_grad", ("constraint_only", "ste"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not allowed; choose from {', '.join(allowed)}")

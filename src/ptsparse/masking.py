@@ -3,7 +3,10 @@
 A mask is a boolean tensor of the weight's shape (``True`` = kept). :func:`attach_masks` registers it as
 a parametrization (:mod:`torch.nn.utils.parametrize`), so the layer computes with ``weight * mask`` and
 gradients reach the stored weight through the product; mask dynamics may change a mask in place.
-:func:`bake` removes the parametrizations and leaves plain modules whose weights hold exact zeros.
+:func:`bake` removes the parametrizations and leaves plain modules whose weights hold exact zeros
+(+0.0: ``w * False`` is -0.0 for a negative ``w``; the sign is dropped so the zeros of a baked model are
+one bit pattern, which keeps compressed checkpoints bit-exact).
+:func:`zero_norm_channels` silences a pruned channel's BatchNorm, so the channel outputs exactly zero.
 """
 
 from __future__ import annotations
@@ -18,13 +21,22 @@ from .targets import Target
 
 
 class WeightMask(nn.Module):
-    """Parametrization ``weight -> weight * mask`` with the mask as a (boolean) buffer."""
+    """Parametrization ``weight -> weight * mask`` with the mask as a (boolean) buffer.
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    Args:
+        mask: ``True`` where the weight is kept.
+        straight_through: pass the gradient to every stored weight, pruned ones too (dynamic sparse
+            training lets pruned weights grow back); otherwise only kept weights receive gradient.
+    """
+
+    def __init__(self, mask: torch.Tensor, straight_through: bool = False) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
+        self.straight_through = straight_through
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.straight_through:
+            return weight * self.mask + (weight - weight.detach()) * ~self.mask  # value masked, gradient dense
         return weight * self.mask
 
     def extra_repr(self) -> str:
@@ -68,3 +80,21 @@ def bake(targets: list[Target]) -> None:
     for target in targets:
         if parametrize.is_parametrized(target.module, "weight"):
             parametrize.remove_parametrizations(target.module, "weight", leave_parametrized=True)
+            with torch.no_grad():
+                weight = target.module.weight
+                weight.masked_fill_(weight == 0, 0.0)
+
+
+@torch.no_grad()
+def zero_norm_channels(norm: nn.Module, keep: torch.Tensor) -> None:
+    """Zeroes the affine weight and bias of a BatchNorm's pruned channels (``keep`` is False), in place.
+
+    A pruned convolution channel feeds zeros into its BatchNorm, which still outputs its shift
+    ``bias - weight * mean / sqrt(var + eps)``; with both affine parameters zero the channel outputs
+    exactly 0 whatever the statistics, so it can be physically removed without changing the outputs.
+    """
+    pruned = ~keep.to(torch.bool).flatten().to(norm.weight.device if norm.weight is not None else "cpu")
+    for name in ("weight", "bias"):
+        parameter = getattr(norm, name, None)
+        if parameter is not None:
+            parameter[pruned] = 0.0

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .allocation import ALLOCATIONS, Allocation, LayerBudget, exact_counts, target_count
+from .allocation import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
 from .checkpoint import save_state, write_json
 from .config import SparsityConfig, resolve_config
 from .criteria import CRITERIA, prune_model
@@ -136,8 +136,8 @@ def layer_budgets(targets: list[Target], config: SparsityConfig, unit_of, protec
 
 
 def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern, allocation: Allocation,
-                scores: dict[str, torch.Tensor] | None,
-                budgets: list[LayerBudget]) -> tuple[dict[str, int], dict[str, float], float]:
+                scores: dict[str, torch.Tensor] | None, budgets: list[LayerBudget],
+                context: AllocationContext | None = None) -> tuple[dict[str, int], dict[str, float], float]:
     """Prune counts per layer, the allocated ratios, and the global target they meet.
 
     For N:M the pattern fixes each layer's count and the target follows from it; otherwise the
@@ -153,7 +153,7 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
         ratios = {t.name: counts[t.name] / t.numel for t in targets}
         return counts, ratios, sum(counts.values()) / total
     wanted = target_count(budgets, config.sparsity)
-    ratios = allocation.allocate(budgets, config.sparsity, scores)
+    ratios = allocation.allocate(budgets, config.sparsity, scores, context)
     counts = exact_counts(budgets, ratios, wanted)
     return counts, ratios, config.sparsity
 
@@ -231,7 +231,9 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     allocation = ALLOCATIONS.get(config.allocation).from_config(config)
     scores = criterion.scores(student, targets, calibration) if allocation.needs_scores else None
     budgets = layer_budgets(targets, config, pattern.unit_size, protected)
-    counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets)
+    context = AllocationContext(student, targets, calibration, config.batch_size, device) \
+        if allocation.needs_context else None
+    counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets, context)
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
                 config.progress)
 
@@ -271,6 +273,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "calib_hash": calibration.hash,
         "device": str(device),
         "torch": torch.__version__,
+        "allocation_search": allocation.summary() if hasattr(allocation, "summary") else None,
         "recovery": recovery,
         "layer_errors": dict(getattr(criterion, "errors", {})),
         "config": config.to_dict(),

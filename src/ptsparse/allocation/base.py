@@ -1,8 +1,10 @@
 """The allocation axis: how sparse each layer is, so that the global target is met exactly.
 
 Contract: an allocation maps the layers, the global target and (for data- or score-driven allocations)
-the criterion's scores to a sparsity per layer, honouring each layer's cap. :func:`exact_counts` then
-turns those ratios into integer prune counts whose sum is exactly ``round(target * total)``.
+the criterion's scores or an :class:`AllocationContext` (the dense model and calibration data, for
+allocations that evaluate candidates) to a sparsity per layer, honouring each layer's cap.
+:func:`exact_counts` then turns those ratios into integer prune counts whose sum is exactly
+``round(target * total)``.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from .._registry import Registry
+from ..data import Calibration
 from ..errors import ConfigError
+from ..targets import Target
 
 
 @dataclass(frozen=True)
@@ -44,20 +49,40 @@ class LayerBudget:
         return int(self.cap * self.numel + 1e-9) // self.unit * self.unit
 
 
+@dataclass(frozen=True)
+class AllocationContext:
+    """What an allocation that evaluates candidates may use (``needs_context``); it must not modify ``model``.
+
+    Attributes:
+        model: the dense model (no masks attached yet).
+        targets: its prunable layers.
+        calibration: the calibration data.
+    """
+
+    model: nn.Module
+    targets: Sequence[Target]
+    calibration: Calibration
+    batch_size: int = 64
+    device: str | torch.device = "cpu"
+
+
 class Allocation(Protocol):
     """Returns ``{layer name: sparsity}`` meeting ``sparsity`` over the layers, each within its cap.
 
     ``from_config`` builds the allocation with its settings taken from a :class:`SparsityConfig`;
-    ``needs_scores`` says whether it ranks the criterion's scores (only then are they computed).
+    ``needs_scores`` says whether it ranks the criterion's scores (only then are they computed), and
+    ``needs_context`` whether it evaluates candidates on the model and calibration data.
     """
 
     needs_scores: bool
+    needs_context: bool
 
     @classmethod
     def from_config(cls, config) -> Allocation: ...
 
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
-                 scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]: ...
+                 scores: Mapping[str, torch.Tensor] | None = None,
+                 context: AllocationContext | None = None) -> dict[str, float]: ...
 
 
 ALLOCATIONS: Registry[type] = Registry("allocation")

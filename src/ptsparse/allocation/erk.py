@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import ALLOCATIONS, LayerBudget
+from .base import ALLOCATIONS, AllocationContext, LayerBudget
 
 
 def erk_scores(layers: Sequence[LayerBudget], power: float = 1.0) -> dict[str, float]:
@@ -35,13 +35,15 @@ class ERK:
         self.power = power
 
     needs_scores = False
+    needs_context = False
 
     @classmethod
     def from_config(cls, config) -> ERK:
         return cls(power=config.erk_power)
 
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
-                 scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+                 scores: Mapping[str, torch.Tensor] | None = None,
+                 context: AllocationContext | None = None) -> dict[str, float]:
         raw = erk_scores(layers, self.power)
         total = sum(layer.numel for layer in layers)
         keep = (1.0 - sparsity) * total

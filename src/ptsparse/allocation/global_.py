@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import ALLOCATIONS, LayerBudget, target_count
+from .base import ALLOCATIONS, AllocationContext, LayerBudget, target_count
 
 NORMALIZATIONS = ("none", "l1", "l2")
 
@@ -31,6 +31,7 @@ class Global:
         self.normalize = normalize
 
     needs_scores = True
+    needs_context = False
 
     @classmethod
     def from_config(cls, config) -> Global:
@@ -45,7 +46,8 @@ class Global:
         return score
 
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
-                 scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+                 scores: Mapping[str, torch.Tensor] | None = None,
+                 context: AllocationContext | None = None) -> dict[str, float]:
         if scores is None:
             raise ConfigError("allocation 'global' needs the criterion's scores")
         to_prune = target_count(layers, sparsity)

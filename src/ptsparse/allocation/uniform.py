@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .base import ALLOCATIONS, LayerBudget
+from .base import ALLOCATIONS, AllocationContext, LayerBudget
 
 
 def water_fill(layers: Sequence[LayerBudget], sparsity: float) -> float:
@@ -25,12 +25,14 @@ class Uniform:
     """The same sparsity in every layer; layers capped below it keep their cap and the rest make up."""
 
     needs_scores = False
+    needs_context = False
 
     @classmethod
     def from_config(cls, config) -> Uniform:
         return cls()
 
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
-                 scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+                 scores: Mapping[str, torch.Tensor] | None = None,
+                 context: AllocationContext | None = None) -> dict[str, float]:
         level = water_fill(layers, sparsity)
         return {layer.name: min(level, layer.cap) for layer in layers}

@@ -1,21 +1,22 @@
 """Recovery axis: what happens after masking.
 
 * :func:`distill`: network-level training of the masked student against the frozen dense teacher, with
-  a pluggable objective (``kd_logits``, ``layer_mse``, ``kd_blocks``) and mask dynamics (``static``,
-  ``learned_thresholds``).
+  a pluggable objective (``kd_logits``, ``layer_mse``, ``kd_blocks``, ``base_decayed``) and mask dynamics
+  (``static``, ``learned_thresholds``, ``dst``).
 * :func:`reconstruct_layers`: POT's layer-wise reconstruction on cached dense inputs.
 * :func:`recalibrate_batchnorm`: fresh BatchNorm statistics from the calibration set.
 """
 
 from .batchnorm import recalibrate_batchnorm
+from .dst import DynamicSparseTraining
 from .dynamics import DYNAMICS, Dynamics, Static, TrainState
 from .layerwise import reconstruct_layers
-from .objectives import OBJECTIVES, KDBlocks, KDLogits, LayerMSE, Objective
+from .objectives import OBJECTIVES, BaseDecayed, KDBlocks, KDLogits, LayerMSE, Objective
 from .thresholds import LearnedThresholds, ThresholdMask
 from .trainer import TrainSchedule, distill
 
 RECOVERIES = ("none", "distill", "layerwise")
 
-__all__ = ["DYNAMICS", "Dynamics", "KDBlocks", "KDLogits", "LayerMSE", "LearnedThresholds", "OBJECTIVES", "Objective",
+__all__ = ["BaseDecayed", "DYNAMICS", "Dynamics", "DynamicSparseTraining", "KDBlocks", "KDLogits", "LayerMSE", "LearnedThresholds", "OBJECTIVES", "Objective",
            "RECOVERIES", "Static", "ThresholdMask", "TrainSchedule", "TrainState", "distill", "recalibrate_batchnorm",
            "reconstruct_layers"]

@@ -2,7 +2,8 @@
 
 Contract: ``features(model, targets)`` names the modules whose outputs the objective compares (none
 for logit distillation); the objective is then called with the student's and teacher's outputs and those
-modules' outputs by name, and returns named loss terms with ``"loss"`` as the one minimised.
+modules' outputs by name and the run's ``progress`` (fraction of steps done, for objectives with a schedule),
+and returns named loss terms with ``"loss"`` as the one minimised.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Objective(Protocol):
     def features(self, model: nn.Module, targets: Sequence[Target]) -> list[str]: ...
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, student_features: Features,
-                 teacher_features: Features) -> dict[str, torch.Tensor]: ...
+                 teacher_features: Features, progress: float = 0.0) -> dict[str, torch.Tensor]: ...
 
 
 OBJECTIVES: Registry[type] = Registry("objective")
@@ -69,7 +70,7 @@ class KDLogits:
     def features(self, model, targets):
         return []
 
-    def __call__(self, student, teacher, student_features, teacher_features):
+    def __call__(self, student, teacher, student_features, teacher_features, progress=0.0):
         kd = kd_kl(student, teacher, self.temperature)
         return {"kd": kd, "loss": kd}
 
@@ -85,7 +86,7 @@ class LayerMSE:
     def features(self, model, targets):
         return [t.name for t in targets]
 
-    def __call__(self, student, teacher, student_features, teacher_features):
+    def __call__(self, student, teacher, student_features, teacher_features, progress=0.0):
         terms = {name: output_mse(student_features[name], teacher_features[name]) for name in student_features}
         total = torch.stack(list(terms.values())).sum()
         return {"layer_mse": total, "loss": total}
@@ -112,11 +113,60 @@ class KDBlocks:
     def features(self, model, targets):
         return find_blocks(model, targets, self.blocks)
 
-    def __call__(self, student, teacher, student_features, teacher_features):
+    def __call__(self, student, teacher, student_features, teacher_features, progress=0.0):
         kd = self.logits(student, teacher, {}, {})["kd"]
         blocks = torch.stack([output_mse(_tensor(student_features[name]), _tensor(teacher_features[name]))
                               for name in student_features]).sum()
         return {"kd": kd, "block_mse": blocks, "loss": kd + blocks}
+
+
+@OBJECTIVES.register("base_decayed")
+class BaseDecayed:
+    """UniPTS's base-decayed distillation (Xie et al., CVPR 2024; ``unipts.md`` §2).
+
+    ``L = (T^2 / B) * sum_b sum_j p_bj * (ln p_bj - ln q_bj / tau)`` with ``p = softmax(z_teacher / T)``,
+    ``q = softmax(z_student / T_s)`` and ``tau = tau0 * gamma ** (epochs * progress)``: the log base
+    ``exp(tau)`` decays over training (from e^8 to about e^3 by default), so the gradient
+    ``(T^2 / tau) (q - p) / B`` grows as the student nears the teacher. ``tau`` follows the run's progress,
+    so it ends at the same value for any number of steps (the spec's reading for budgets other than 100
+    epochs). ``L`` is not zero at the optimum; the plain ``KL(p || q)`` is logged beside it as ``kd``.
+
+    Args:
+        temperature: ``T`` of the teacher's softmax.
+        student_temperature: ``T_s``; 1 as the authors' code (the student is pulled toward the softened
+            teacher), or ``T`` for symmetric distillation. ``tau0=1, gamma=1, T_s=T`` is plain KD.
+        tau0: the initial ``tau``.
+        gamma: decay of ``tau`` per epoch.
+        epochs: the epochs ``gamma`` is applied over (100 in the paper).
+    """
+
+    def __init__(self, temperature: float = 4.0, student_temperature: float = 1.0, tau0: float = 8.0,
+                 gamma: float = 0.99, epochs: float = 100.0) -> None:
+        for name, value in (("temperature", temperature), ("student_temperature", student_temperature),
+                            ("tau0", tau0), ("tau_decay", gamma)):
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        self.temperature, self.student_temperature = temperature, student_temperature
+        self.tau0, self.gamma, self.epochs = tau0, gamma, epochs
+
+    @classmethod
+    def from_config(cls, config) -> BaseDecayed:
+        return cls(temperature=config.temperature, student_temperature=config.student_temperature,
+                   tau0=config.tau0, gamma=config.tau_decay, epochs=config.tau_epochs)
+
+    def features(self, model, targets):
+        return []
+
+    def tau(self, progress: float) -> float:
+        return self.tau0 * self.gamma ** (self.epochs * progress)
+
+    def __call__(self, student, teacher, student_features, teacher_features, progress=0.0):
+        tau = self.tau(progress)
+        log_p = F.log_softmax(teacher / self.temperature, dim=-1)
+        log_q = F.log_softmax(student / self.student_temperature, dim=-1)
+        loss = (log_p.exp() * (log_p - log_q / tau)).sum(-1).mean() * self.temperature**2
+        kd = (log_p.exp() * (log_p - log_q)).sum(-1).mean().detach()
+        return {"kd": kd, "base_decayed": loss, "tau": torch.tensor(tau), "loss": loss}
 
 
 def _tensor(output) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..allocation import ALLOCATIONS, LayerBudget, exact_counts, target_count
+from ..allocation import Global, LayerBudget, exact_counts, target_count
 from ..errors import ConfigError
 from ..masking import WeightMask, mask_of
 from ..patterns import Unstructured
@@ -191,8 +191,7 @@ class LearnedThresholds(Dynamics):
             margins[name] = torch.logit(ratio) - threshold.score.double()
         total = sum(m.numel() for m in raw_masks.values())
         self.raw_sparsity = sum(int((~m).sum()) for m in raw_masks.values()) / total
-        ranking = ALLOCATIONS.get("global")(normalize="none")
-        counts = exact_counts(budgets, ranking.allocate(budgets, self.sparsity, margins),
+        counts = exact_counts(budgets, Global(normalize="none").allocate(budgets, self.sparsity, margins),
                               target_count(budgets, self.sparsity))
         self.projection_flips = 0
         for name, module, threshold in self.layers:

@@ -179,7 +179,8 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
             x = batch_at(calibration, step, schedule).to(device)
             with torch.no_grad():
                 teacher_out = teacher(x)
-            terms = objective(student(x), teacher_out, student_tap.features, teacher_tap.features)
+            terms = objective(student(x), teacher_out, student_tap.features, teacher_tap.features,
+                              progress=step / schedule.iterations)
             extra = dynamics.loss_terms(state)
             if "loss" in extra:
                 extra["loss"] = terms["loss"] + extra["loss"]

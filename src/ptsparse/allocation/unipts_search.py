@@ -1,0 +1,258 @@
+"""UniPTS's reducing-regrowing search for per-layer sparsity (Xie et al., CVPR 2024; ``unipts.md`` §3).
+
+*Reduce*: every layer goes to ``P + delta``. *Regrow*: a genome ``g`` (one gene per layer) gives the
+shares ``softmax(g)`` of the ``delta * N`` weights handed back. A small genetic algorithm searches the
+genomes; each candidate is decoded exactly onto the global target (§3.2, water-filling layers that would
+pass full density), magnitude-pruned on the dense weights, its BatchNorm statistics re-estimated on one
+calibration slice, and scored on a *disjoint* held-out slice against the dense model. Searching only
+``delta * N`` weights and scoring on held-out images are the two guards against fitting the small
+calibration set.
+
+Our readings (``unipts.md`` §3.3-3.4, small budget): population 16, 8 generations, 6 parents, 2 elites carried
+over, best-ever returned, duplicates replaced by fresh random genomes, fitness cached by genome; label-free
+``kd`` fitness by default. Besides the uniform-regrowth anchor the authors use, ERK is scored once as one
+more candidate, so the search never returns an allocation worse than ERK on its own fitness.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .._progress import progress
+from ..data import Calibration
+from ..errors import ConfigError
+from .base import ALLOCATIONS, AllocationContext, LayerBudget, exact_counts, target_count
+from .erk import ERK
+
+log = logging.getLogger(__name__)
+
+FITNESSES = ("kd", "agreement", "top1_labels")
+
+
+def decode(genome: torch.Tensor, layers: Sequence[LayerBudget], sparsity: float, delta: float) -> dict[str, float]:
+    """Per-layer sparsity of a genome, meeting ``sparsity`` exactly before rounding (``unipts.md`` §3.2).
+
+    Every layer starts at density ``b = 1 - sparsity - delta`` and the ``K - b N`` weights above that are
+    shared by ``softmax(genome)``; a layer pushed past full density is set full and the shares are
+    re-solved among the others.
+    """
+    sizes = torch.tensor([float(layer.numel) for layer in layers], dtype=torch.float64)
+    total = float(sizes.sum())
+    keep = (1.0 - sparsity) * total
+    base = 1.0 - sparsity - min(delta, 1.0 - sparsity)
+    shares = torch.softmax(genome.double(), 0)
+    full = torch.zeros(len(layers), dtype=torch.bool)
+    while True:
+        rest = keep - float(sizes[full].sum()) - base * float(sizes[~full].sum())
+        density = torch.ones(len(layers), dtype=torch.float64)
+        free_shares = shares[~full] / shares[~full].sum()
+        density[~full] = base + rest * free_shares / sizes[~full]
+        newly_full = (density >= 1.0) & ~full
+        if not newly_full.any():
+            break
+        full |= newly_full
+    return {layer.name: float(1.0 - min(d, 1.0)) for layer, d in zip(layers, density.tolist())}
+
+
+@dataclass
+class _Candidate:
+    label: str
+    counts: dict[str, int]
+    fitness: float
+    secondary: float = 0.0
+
+    @property
+    def key(self) -> tuple[float, float]:
+        return self.fitness, self.secondary
+
+
+class FitnessEvaluator:
+    """Scores an allocation: magnitude masks on the dense weights, BN re-estimated on one slice, fitness on
+    another (held out), against the dense model's outputs there. One working copy of the model is reused.
+
+    Args:
+        context: the dense model, its targets and the calibration data.
+        fitness: ``"kd"`` (minus the KL from the dense outputs at ``temperature``), ``"agreement"`` (share of
+            held-out samples with the dense model's top-1, ties broken by kd) or ``"top1_labels"`` (accuracy
+            on the calibration labels, as the authors' code).
+        bn_samples, fit_samples: sizes of the two disjoint, seeded slices.
+    """
+
+    def __init__(self, context: AllocationContext, fitness: str = "kd", bn_samples: int = 256,
+                 fit_samples: int = 256, temperature: float = 4.0, seed: int = 0) -> None:
+        calibration = context.calibration
+        if len(calibration) < 2:
+            raise ConfigError("allocation 'unipts_search' needs at least 2 calibration samples")
+        if bn_samples + fit_samples > len(calibration):
+            bn_samples = len(calibration) // 2
+            fit_samples = len(calibration) - bn_samples
+        if fitness == "top1_labels" and calibration.labels is None:
+            raise ConfigError("search_fitness 'top1_labels' needs labelled calibration data; use kd or agreement")
+        order = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(seed))
+        self.bn_slice = _subset(calibration, order[:bn_samples])
+        self.fit_slice = _subset(calibration, order[bn_samples: bn_samples + fit_samples])
+        self.fitness, self.temperature = fitness, temperature
+        self.batch_size, self.device = context.batch_size, context.device
+        self.model = copy.deepcopy(context.model)
+        modules = dict(self.model.named_modules())
+        self.layers = {t.name: modules[t.name] for t in context.targets}
+        self.dense = {name: m.weight.detach().clone() for name, m in self.layers.items()}
+        self.order = {name: torch.sort(w.abs().flatten(), stable=True).indices for name, w in self.dense.items()}
+        self.dense_logits = self._logits(context.model)
+        self.evaluations = 0
+
+    @torch.no_grad()
+    def _logits(self, model) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return torch.cat([model(x.to(self.device)).float().cpu() for x, _ in self.fit_slice.batches(self.batch_size)])
+        finally:
+            model.train(was_training)
+
+    @torch.no_grad()
+    def __call__(self, counts: Mapping[str, int]) -> tuple[float, float]:
+        """``(fitness, tie-breaker)`` of the allocation pruning ``counts[name]`` weights per layer."""
+        from ..recovery.batchnorm import recalibrate_batchnorm
+
+        for name, module in self.layers.items():
+            weight = self.dense[name].clone().flatten()
+            weight[self.order[name][: counts[name]]] = 0
+            module.weight.copy_(weight.view_as(module.weight))
+        recalibrate_batchnorm(self.model, self.bn_slice, self.batch_size, self.device)
+        logits = self._logits(self.model)
+        self.evaluations += 1
+        kl = float(F.kl_div(F.log_softmax(logits / self.temperature, -1),
+                            F.log_softmax(self.dense_logits / self.temperature, -1),
+                            reduction="batchmean", log_target=True))
+        if self.fitness == "kd":
+            return -kl, 0.0
+        if self.fitness == "agreement":
+            return float((logits.argmax(-1) == self.dense_logits.argmax(-1)).float().mean()), -kl
+        return float((logits.argmax(-1) == self.fit_slice.labels).float().mean()), -kl
+
+
+def _subset(calibration: Calibration, index: torch.Tensor) -> Calibration:
+    labels = calibration.labels[index] if calibration.labels is not None else None
+    return Calibration(calibration.inputs[index], labels, calibration.hash)
+
+
+@ALLOCATIONS.register("unipts_search")
+class ReducingRegrowingSearch:
+    """Genetic search over how ``delta * N`` regrown weights are shared between layers.
+
+    Args:
+        delta: the excess sparsity every layer is reduced to before regrowing (0.05).
+        population, generations, parents, elites: GA sizes (16, 8, 6, 2 by default).
+        mutation: probability per gene of ``g <- g * (1 + N(0, 1))``.
+        fitness, bn_samples, fit_samples, temperature: see :class:`FitnessEvaluator`.
+        seed: seeds the slices and every random choice of the search.
+        show_progress: a progress bar over generations.
+    """
+
+    needs_scores = False
+    needs_context = True
+    patterns = ("unstructured",)
+
+    def __init__(self, delta: float = 0.05, population: int = 16, generations: int = 8, parents: int = 6,
+                 elites: int = 2, mutation: float = 0.1, fitness: str = "kd", bn_samples: int = 256,
+                 fit_samples: int = 256, temperature: float = 4.0, seed: int = 0, show_progress: bool = False) -> None:
+        if fitness not in FITNESSES:
+            raise ConfigError(f"search_fitness {fitness!r} is not allowed; choose {', '.join(FITNESSES)}")
+        if not 0 < delta < 1:
+            raise ConfigError(f"search_delta must be in (0, 1), got {delta}")
+        if not (2 <= parents <= population and 0 <= elites < population and population >= 4):
+            raise ConfigError(f"search sizes do not fit: population {population} (>= 4), parents {parents} "
+                              f"(2..population), elites {elites} (< population)")
+        self.delta, self.population, self.generations = delta, population, generations
+        self.parents, self.elites, self.mutation = parents, elites, mutation
+        self.fitness, self.bn_samples, self.fit_samples = fitness, bn_samples, fit_samples
+        self.temperature, self.seed, self.show_progress = temperature, seed, show_progress
+        self.report: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, config) -> ReducingRegrowingSearch:
+        return cls(delta=config.search_delta, population=config.search_population,
+                   generations=config.search_generations, parents=config.search_parents,
+                   elites=config.search_elites, mutation=config.search_mutation, fitness=config.search_fitness,
+                   bn_samples=config.search_bn_samples, fit_samples=config.search_fit_samples,
+                   temperature=config.temperature, seed=config.seed, show_progress=config.progress)
+
+    def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
+                 scores: Mapping[str, torch.Tensor] | None = None,
+                 context: AllocationContext | None = None) -> dict[str, float]:
+        if context is None:
+            raise ConfigError("allocation 'unipts_search' needs the model and calibration data (an AllocationContext)")
+        start = time.perf_counter()
+        # Keep at least one weight per layer (a fully pruned layer disconnects the network).
+        layers = [LayerBudget(l.name, l.shape, min(l.cap, (l.numel - 1) / l.numel), l.unit) for l in layers]
+        wanted = target_count(layers, sparsity)
+        evaluate = FitnessEvaluator(context, self.fitness, self.bn_samples, self.fit_samples, self.temperature,
+                                    self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        cache: dict[bytes, _Candidate] = {}
+
+        def score(genome: torch.Tensor, label: str = "genome") -> _Candidate:
+            key = genome.numpy().tobytes()
+            if key not in cache:
+                counts = exact_counts(layers, decode(genome, layers, sparsity, self.delta), wanted)
+                cache[key] = _Candidate(label, counts, *evaluate(counts))
+            return cache[key]
+
+        def random_genome() -> torch.Tensor:
+            return torch.rand(len(layers), generator=generator, dtype=torch.float64)
+
+        erk_counts = exact_counts(layers, ERK().allocate(layers, sparsity), wanted)
+        erk = _Candidate("erk", erk_counts, *evaluate(erk_counts))
+        anchor = torch.zeros(len(layers), dtype=torch.float64)  # uniform regrowth
+        population = [anchor] + [random_genome() for _ in range(self.population - 1)]
+        fitness = {id(g): score(g, "uniform regrowth" if g is anchor else "genome") for g in population}
+        best = max([erk, *fitness.values()], key=lambda c: c.key)
+        history = [best.fitness]
+        crossovers = (self.population - self.elites) // 2
+        for _ in progress(range(self.generations), self.show_progress, "unipts search"):
+            ranked = sorted(population, key=lambda g: fitness[id(g)].key, reverse=True)
+            parents = ranked[: self.parents]
+            children = list(ranked[: self.elites])
+            if not any(torch.equal(anchor, g) for g in children):
+                children.append(anchor)
+            while len(children) < self.elites + crossovers:
+                a, b = torch.randperm(len(parents), generator=generator)[:2].tolist()
+                pick = torch.rand(len(layers), generator=generator) < 0.5
+                children.append(torch.where(pick, parents[a], parents[b]))
+            while len(children) < self.population:
+                parent = parents[int(torch.randint(len(parents), (1,), generator=generator))]
+                mutate = torch.rand(len(layers), generator=generator) < self.mutation
+                noise = torch.randn(len(layers), generator=generator, dtype=torch.float64)
+                children.append(torch.where(mutate, parent * (1 + noise), parent))
+            seen: set[bytes] = set()
+            for index, child in enumerate(children):
+                while child.numpy().tobytes() in seen:
+                    child = random_genome()
+                children[index] = child
+                seen.add(child.numpy().tobytes())
+            population = children
+            fitness = {id(g): score(g, "uniform regrowth" if torch.equal(g, anchor) else "genome")
+                       for g in population}
+            best = max([best, *fitness.values()], key=lambda c: c.key)
+            history.append(best.fitness)
+        anchor_fitness = cache[anchor.numpy().tobytes()].fitness
+        self.report = {"fitness": self.fitness, "evaluations": evaluate.evaluations, "best": best.label,
+                       "best_fitness": best.fitness, "erk_fitness": erk.fitness,
+                       "uniform_regrowth_fitness": anchor_fitness, "best_per_generation": history,
+                       "bn_samples": len(evaluate.bn_slice), "fit_samples": len(evaluate.fit_slice),
+                       "wall_time_s": round(time.perf_counter() - start, 3)}
+        log.info("unipts search: best %s (fitness %.5f; ERK %.5f) after %d evaluations", best.label, best.fitness,
+                 erk.fitness, evaluate.evaluations)
+        return {l.name: best.counts[l.name] / l.numel for l in layers}
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.report)

@@ -1,0 +1,95 @@
+"""Dynamic sparse training as UniPTS runs it (``unipts.md`` §4): magnitude top-k masks re-chosen every step.
+
+Each layer keeps exactly as many weights as its allocation gave it; which ones changes: every
+``update_every`` steps the mask becomes the layer's ``k`` largest magnitudes (ties by position). The mask
+passes the gradient straight through to every weight, so a pruned weight can grow back into the top-k,
+and pruned weights decay toward zero with ``pruned_decay`` (SR-STE, Zhou et al. 2021), the term
+``pruned_decay / 2 * ||(1 - m) * w||^2`` added to the loss, which damps mask oscillation. Per-layer
+counts never change, so the allocation stays exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..masking import WeightMask, mask_of
+from ..patterns import Unstructured
+from ..targets import Target
+from .dynamics import DYNAMICS, Dynamics, TrainState
+
+
+def _weight_mask(module: nn.Module) -> WeightMask:
+    return next(p for p in module.parametrizations.weight if isinstance(p, WeightMask))
+
+
+@DYNAMICS.register("dst")
+class DynamicSparseTraining(Dynamics):
+    """Per-layer magnitude top-k re-chosen during training, straight-through gradients, pruned-weight decay.
+
+    Args:
+        update_every: steps between mask updates (1 in UniPTS: every step).
+        pruned_decay: ``lambda`` of the SR-STE decay on pruned weights (5e-5 in UniPTS).
+    """
+
+    patterns = ("unstructured",)
+
+    def __init__(self, update_every: int = 1, pruned_decay: float = 5e-5) -> None:
+        if update_every < 1:
+            raise ConfigError(f"mask_update_every must be >= 1, got {update_every}")
+        self.update_every = update_every
+        self.pruned_decay = pruned_decay
+        self.layers: list[tuple[str, nn.Module]] = []
+        self.initial: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, config) -> DynamicSparseTraining:
+        return cls(update_every=config.mask_update_every, pruned_decay=config.pruned_decay)
+
+    def prepare(self, model: nn.Module, targets: list[Target]) -> None:
+        self.layers = []
+        for target in targets:
+            if mask_of(target.module) is None:
+                raise ConfigError(f"dynamics 'dst' needs a mask on layer {target.name}; prune the model first")
+            _weight_mask(target.module).straight_through = True
+            self.layers.append((target.name, target.module))
+            self.initial[target.name] = mask_of(target.module).clone()
+
+    def loss_terms(self, state: TrainState) -> dict[str, torch.Tensor]:
+        if not self.pruned_decay:
+            return {}
+        decay = sum((module.parametrizations.weight.original * ~mask_of(module)).pow(2).sum()
+                    for _, module in self.layers)
+        term = 0.5 * self.pruned_decay * decay
+        return {"pruned_decay": term.detach(), "loss": term}
+
+    @torch.no_grad()
+    def update_masks(self) -> None:
+        """Each layer's mask becomes the top-k of its current magnitudes, ``k`` unchanged."""
+        for _, module in self.layers:
+            mask = mask_of(module)
+            prune = int((~mask).sum())
+            mask.copy_(Unstructured().mask(module.parametrizations.weight.original.abs(), prune))
+
+    def after_step(self, state: TrainState) -> None:
+        if state.step % self.update_every == 0:
+            self.update_masks()
+
+    def on_end(self, state: TrainState) -> None:
+        self.update_masks()
+        for _, module in self.layers:
+            _weight_mask(module).straight_through = False
+
+    def summary(self) -> dict[str, Any]:
+        """Share of each layer's kept weights that were not kept at the start (0: the masks never moved)."""
+        changed = {}
+        for name, module in self.layers:
+            mask, start = mask_of(module), self.initial[name]
+            kept = int(mask.sum())
+            changed[name] = (int((mask & ~start).sum()) / kept) if kept else 0.0
+        kept_total = sum(int(mask_of(m).sum()) for _, m in self.layers)
+        moved = sum(int((mask_of(m) & ~self.initial[n]).sum()) for n, m in self.layers)
+        return {"kept_changed": moved / kept_total if kept_total else 0.0, "layer_kept_changed": changed}

@@ -1,0 +1,190 @@
+"""UniPTS parts: base-decayed objective, reducing-regrowing search, dynamic sparse training, the preset."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ptsparse
+from ptsparse.allocation import ERK, AllocationContext, LayerBudget, ReducingRegrowingSearch, exact_counts, target_count
+from ptsparse.allocation.unipts_search import FitnessEvaluator, decode
+from ptsparse.data import as_calibration
+from ptsparse.errors import ConfigError, IncompatibleOptionsError
+from ptsparse.masking import attach_masks, mask_of
+from ptsparse.patterns import Unstructured
+from ptsparse.recovery import BaseDecayed, DynamicSparseTraining, KDLogits, TrainSchedule, distill
+from ptsparse.targets import count_zeros, find_targets
+
+
+def test_base_decayed_tau_follows_its_schedule():
+    objective = BaseDecayed(tau0=8.0, gamma=0.99, epochs=100)
+    assert objective.tau(0.0) == pytest.approx(8.0)
+    assert objective.tau(0.5) == pytest.approx(8.0 * 0.99**50)  # 4.84, the spec's epoch-50 value
+    assert objective.tau(0.99) == pytest.approx(2.96, abs=0.01)  # the last epoch of 100
+    assert objective.tau(1.0) == pytest.approx(8.0 * 0.99**100)
+    taus = [objective.tau(p / 10) for p in range(11)]
+    assert all(a > b for a, b in zip(taus, taus[1:]))
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.4, 1.0])
+def test_base_decayed_gradient_is_scaled_kd(progress):
+    """dL/dz_student = (T^2 / tau) (q - p) / B, with q at the student's temperature."""
+    student = torch.randn(6, 10, requires_grad=True)
+    teacher = torch.randn(6, 10)
+    objective = BaseDecayed(temperature=4.0, student_temperature=1.0)
+    objective(student, teacher, {}, {}, progress=progress)["loss"].backward()
+    p, q = F.softmax(teacher / 4, -1), F.softmax(student.detach(), -1)
+    expected = 16 / objective.tau(progress) * (q - p) / 6
+    assert torch.allclose(student.grad, expected, atol=1e-6)
+
+
+def test_base_decayed_without_decay_is_plain_kd():
+    student, teacher = torch.randn(8, 10), torch.randn(8, 10)
+    plain = BaseDecayed(temperature=4.0, student_temperature=4.0, tau0=1.0, gamma=1.0)
+    assert float(plain(student, teacher, {}, {})["loss"]) == pytest.approx(
+        float(KDLogits(4.0)(student, teacher, {}, {})["loss"]), rel=1e-5)
+
+
+def budgets_of(model):
+    return [LayerBudget(t.name, tuple(t.shape)) for t in find_targets(model)]
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_decoding_meets_the_target_and_respects_full_density(sparsity):
+    layers = budgets_of(ptsparse.models.reference_resnet())
+    total = sum(l.numel for l in layers)
+    generator = torch.Generator().manual_seed(0)
+    for genome in [torch.zeros(len(layers)), *[3 * torch.rand(len(layers), generator=generator) for _ in range(5)]]:
+        ratios = decode(genome, layers, sparsity, 0.05)
+        assert all(0.0 <= r <= 1.0 for r in ratios.values())
+        assert sum(l.numel * ratios[l.name] for l in layers) == pytest.approx(sparsity * total, rel=1e-9)
+        assert max(ratios.values()) <= min(1.0, sparsity + 0.05) + 1e-9  # no layer sparser than P + delta
+
+
+def test_every_search_candidate_meets_the_global_target_exactly(tiny_cnn, calib_images, monkeypatch):
+    seen = []
+    original = FitnessEvaluator.__call__
+
+    def record(self, counts):
+        seen.append(dict(counts))
+        return original(self, counts)
+
+    monkeypatch.setattr(FitnessEvaluator, "__call__", record)
+    targets = find_targets(tiny_cnn)
+    layers = budgets_of(tiny_cnn)
+    search = ReducingRegrowingSearch(population=6, generations=3, parents=3, elites=1, bn_samples=16, fit_samples=16)
+    context = AllocationContext(tiny_cnn, targets, as_calibration(calib_images), batch_size=16)
+    ratios = search.allocate(layers, 0.7, context=context)
+    wanted = target_count(layers, 0.7)
+    assert len(seen) == search.summary()["evaluations"] >= 6
+    assert all(sum(counts.values()) == wanted for counts in seen)
+    assert sum(round(ratios[l.name] * l.numel) for l in layers) == wanted
+
+
+def test_search_is_no_worse_than_erk_on_held_out_fitness(tiny_cnn):
+    calib = as_calibration(torch.randn(64, 1, 12, 12, generator=torch.Generator().manual_seed(5)))
+    targets = find_targets(tiny_cnn)
+    layers = budgets_of(tiny_cnn)
+    context = AllocationContext(tiny_cnn, targets, calib, batch_size=32)
+    search = ReducingRegrowingSearch(population=8, generations=4, parents=4, elites=2, bn_samples=32,
+                                     fit_samples=32, seed=1)
+    before = {name: value.clone() for name, value in tiny_cnn.state_dict().items()}
+    ratios = search.allocate(layers, 0.8, context=context)
+    assert all(torch.equal(value, before[name]) for name, value in tiny_cnn.state_dict().items())  # dense untouched
+    wanted = target_count(layers, 0.8)
+    evaluate = FitnessEvaluator(context, bn_samples=32, fit_samples=32, seed=1)  # the same held-out slice
+    found = evaluate({l.name: round(ratios[l.name] * l.numel) for l in layers})[0]
+    erk = evaluate(exact_counts(layers, ERK().allocate(layers, 0.8), wanted))[0]
+    assert found >= erk
+    assert search.summary()["best_fitness"] == pytest.approx(found)
+    assert len(evaluate.bn_slice) == len(evaluate.fit_slice) == 32
+    assert not set(evaluate.bn_slice.inputs[:, 0, 0, 0].tolist()) & set(evaluate.fit_slice.inputs[:, 0, 0, 0].tolist())
+
+
+def test_labelled_fitness_needs_labels(tiny_cnn, calib_images):
+    context = AllocationContext(tiny_cnn, find_targets(tiny_cnn), as_calibration(calib_images))
+    with pytest.raises(ConfigError, match="top1_labels.*labelled"):
+        FitnessEvaluator(context, fitness="top1_labels")
+
+
+class CountingDST(DynamicSparseTraining):
+    """Records each layer's kept count and mask after every step."""
+
+    def __init__(self) -> None:
+        super().__init__(update_every=1, pruned_decay=5e-5)
+        self.counts, self.masks = [], []
+
+    def after_step(self, state) -> None:
+        super().after_step(state)
+        self.counts.append({name: int(mask_of(m).sum()) for name, m in self.layers})
+        self.masks.append({name: mask_of(m).clone() for name, m in self.layers})
+
+
+def test_dst_keeps_layer_counts_while_changing_which_weights_are_kept(tiny_cnn, calib_images):
+    student = copy.deepcopy(tiny_cnn)
+    targets = find_targets(student)
+    masks = {t.name: Unstructured().mask(t.weight.detach().abs(), round(0.7 * t.numel)) for t in targets}
+    attach_masks(targets, {name: mask.clone() for name, mask in masks.items()})
+    dynamics = CountingDST()
+    schedule = TrainSchedule(iterations=25, batch_size=16, lr=0.2, warmup_iterations=1)
+    distill(student, copy.deepcopy(tiny_cnn), targets, as_calibration(calib_images), schedule, KDLogits(), dynamics)
+    expected = {name: int(mask.sum()) for name, mask in masks.items()}
+    assert all(counts == expected for counts in dynamics.counts)
+    assert any(not torch.equal(dynamics.masks[-1][name], masks[name]) for name in masks)
+    assert dynamics.summary()["kept_changed"] > 0
+    for target in targets:  # after the run: plain masks whose pruned weights read as zero
+        assert not target.module.parametrizations.weight[0].straight_through
+        assert int((target.weight == 0).sum()) >= target.numel - expected[target.name]
+
+
+def test_dst_gives_pruned_weights_gradient_and_decay():
+    layer = torch.nn.Linear(8, 4)
+    targets = find_targets(layer)
+    mask = Unstructured().mask(layer.weight.detach().abs(), 16)
+    attach_masks(targets, {"": mask})
+    dynamics = DynamicSparseTraining(pruned_decay=0.5)
+    dynamics.prepare(layer, targets)
+    layer(torch.randn(3, 8)).sum().backward()
+    grad = layer.parametrizations.weight.original.grad
+    assert (grad[~mask] != 0).any()  # straight-through: pruned weights learn
+    terms = dynamics.loss_terms(None)
+    stored = layer.parametrizations.weight.original.detach()
+    assert float(terms["loss"].detach()) == pytest.approx(0.25 * float(stored[~mask].pow(2).sum()))
+
+
+def test_unipts_run_is_exact_and_reports_the_search(tiny_cnn, calib_images):
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="unipts", sparsity=0.8, iterations=12, batch_size=16,
+                               search_population=6, search_generations=2, search_parents=3, search_bn_samples=16,
+                               search_fit_samples=16, progress=False)
+    zeros, total = count_zeros(find_targets(result.model))
+    assert zeros == round(0.8 * total)
+    search = result.report["allocation_search"]
+    assert search["best_fitness"] >= search["erk_fitness"] and search["wall_time_s"] > 0
+    history = result.report["recovery"]["history"]
+    assert history[0]["tau"] == pytest.approx(8.0) and history[-1]["tau"] < history[0]["tau"]
+    assert result.report["recovery"]["dynamics"] == "dst"
+
+
+def test_unipts_parts_switch_off_and_refuse_channel_patterns():
+    config = ptsparse.SparsityConfig.from_dict({"method": "unipts", "allocation": "erk", "objective": "kd_logits",
+                                                "dynamics": "static"})
+    assert (config.allocation, config.objective, config.dynamics, config.recovery) == (
+        "erk", "kd_logits", "static", "distill")
+    with pytest.raises(IncompatibleOptionsError, match="unipts_search.*channel"):
+        ptsparse.SparsityConfig.from_dict({"method": "unipts", "pattern": "channel"})
+    with pytest.raises(IncompatibleOptionsError, match="dst.*2:4"):
+        ptsparse.SparsityConfig.from_dict({"method": "unipts", "allocation": "erk", "pattern": "2:4"})
+    with pytest.raises(ConfigError, match="search_fitness 'best'"):
+        ptsparse.SparsityConfig.from_dict({"method": "unipts", "search_fitness": "best"})
+
+
+def test_search_honours_layer_caps(tiny_cnn, calib_images):
+    layers = [LayerBudget(l.name, l.shape, 0.2 if l.name == "fc" else 1.0) for l in budgets_of(tiny_cnn)]
+    context = AllocationContext(tiny_cnn, find_targets(tiny_cnn), as_calibration(calib_images), batch_size=16)
+    search = ReducingRegrowingSearch(population=4, generations=1, parents=2, elites=1, bn_samples=16, fit_samples=16)
+    ratios = search.allocate(layers, 0.7, context=context)
+    assert ratios["fc"] <= 0.2 + 1e-9
+    assert sum(round(ratios[l.name] * l.numel) for l in layers) == target_count(layers, 0.7)
