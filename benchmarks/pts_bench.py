@@ -21,6 +21,9 @@ from ptsparse.checkpoint import write_json, write_text
 from ptsparse.data import FashionMNIST, sample_calibration
 from ptsparse.models import load_reference
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_bench import export_section  # noqa: E402  (a script beside this one)
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -253,6 +256,7 @@ def write_results() -> None:
         f"{table}\n\n![accuracy vs sparsity](accuracy_vs_sparsity.png)\n"
         + fcpts_section(reports)
         + unipts_section(reports)
+        + "\n" + export_section()
     )
     write_text(HERE / "RESULTS.md", text)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import load_into, load_state
+from .checkpoint import load_into, load_state, resize_modules
 from .config import SparsityConfig, resolve_config
 from .errors import PtsparseError
 from .models import load_checkpoint
@@ -35,7 +35,10 @@ def save(result: SparsifyResult, directory: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Loads a sparse model written by :func:`save` (or any ptsparse safetensors checkpoint).
+    """Loads a sparse model written by :func:`save` or ``ptsparse export`` (any ptsparse safetensors checkpoint).
+
+    Compressed checkpoints (``--format compressed``) are decoded to the exact weights; channel-removed
+    ones (``--format channels``) rebuild the architecture and shrink its layers to the stored sizes.
 
     Args:
         path: an output directory or a ``.safetensors`` file.
@@ -50,8 +53,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
-    state, _ = load_state(path)
-    return load_into(copy.deepcopy(model), state, source=f"checkpoint {path}").eval()
+    state, metadata = load_state(path)
+    metadata = metadata or {}
+    model = copy.deepcopy(model)
+    if metadata.get("format") == "channels":
+        resize_modules(model, metadata.get("modules", {}), state, source=f"checkpoint {path}")
+    return load_into(model, state, source=f"checkpoint {path}").eval()
 
 
 __all__ = ["PtsparseError", "SparsifyResult", "SparsityConfig", "load", "resolve_config", "save",

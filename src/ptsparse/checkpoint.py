@@ -2,6 +2,11 @@
 
 Every write goes to a temporary file in the destination directory and is renamed into place, so an
 interrupted write never leaves a partial file under the final name.
+
+Besides plain state dicts, :func:`load_state` reads the two exported kinds (:mod:`ptsparse.export`):
+compressed checkpoints (bitmask + non-zero values, decoded back to the dense state dict) and
+channel-removed checkpoints, whose metadata lists the new sizes of the resized layers so that
+:func:`resize_modules` can shape a freshly built model to fit them.
 """
 
 from __future__ import annotations
@@ -82,7 +87,56 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict |
         metadata = json.loads(header["ptsparse"]) if "ptsparse" in header else None
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from None
+    if metadata and metadata.get("format") == "compressed":
+        from .export.compressed import decode_state
+
+        state = decode_state(state, source=f"checkpoint {path}")
     return state, metadata
+
+
+# Size attributes of the layers channel removal resizes, and which of them a weight's shape determines.
+_SIZE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+                    "normalized_shape", "num_channels", "num_groups", "embedding_dim")
+
+
+def module_sizes(model: nn.Module) -> dict[str, dict[str, object]]:
+    """The size attributes (``in_channels``, ``out_features``, ``num_features``, ...) of every module."""
+    sizes = {}
+    for name, module in model.named_modules():
+        found = {a: getattr(module, a) for a in _SIZE_ATTRIBUTES if isinstance(getattr(module, a, None), (int, tuple))}
+        if found:
+            sizes[name] = {a: list(v) if isinstance(v, tuple) else v for a, v in found.items()}
+    return sizes
+
+
+def resize_modules(model: nn.Module, sizes: dict[str, dict[str, object]], state: dict[str, torch.Tensor],
+                   source: str = "checkpoint") -> nn.Module:
+    """Shapes a freshly built model to a channel-removed checkpoint, in place.
+
+    Sets each listed module's size attributes and replaces its parameters and buffers by empty tensors
+    of the checkpoint's shapes (``load_into`` then fills them).
+
+    Raises:
+        CheckpointError: a listed module does not exist in the model.
+    """
+    modules = dict(model.named_modules())
+    for name, attributes in sizes.items():
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"{source} resizes module {name!r}, which the model does not have")
+        for attribute, value in attributes.items():
+            setattr(module, attribute, tuple(value) if isinstance(value, list) else value)
+        prefix = f"{name}." if name else ""
+        for key, tensor in list(module.named_parameters(recurse=False)):
+            new = state.get(prefix + key)
+            if new is not None and new.shape != tensor.shape:
+                setattr(module, key, nn.Parameter(torch.empty_like(new, dtype=tensor.dtype),
+                                                  requires_grad=tensor.requires_grad))
+        for key, tensor in list(module.named_buffers(recurse=False)):
+            new = state.get(prefix + key)
+            if tensor is not None and new is not None and new.shape != tensor.shape:
+                setattr(module, key, torch.empty_like(new, dtype=tensor.dtype))
+    return model
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:

@@ -1,6 +1,7 @@
 """``ptsparse`` command line: a thin layer over the Python API.
 
-Sub-commands: ``sparsify``, ``eval``, ``report``, ``list``, ``train-reference``. Errors from ptsparse
+Sub-commands: ``sparsify``, ``eval``, ``report``, ``list``, ``train-reference``, ``export``,
+``bench-latency``. Errors from ptsparse
 print on one line and exit with status 2, without a traceback.
 """
 
@@ -86,10 +87,10 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_source
     from .evaluate import accuracy
-    from .models import resolve_model
+    from .export import load_model
     from .sparsify import sparsity_of
 
-    model, _ = resolve_model(args.model)
+    model, _ = load_model(args.model)
     data = load_source(args.data, args.split, root=args.data_dir)
     result = {"model": str(args.model), "data": str(args.data), "split": args.split,
               "accuracy": accuracy(model, data, device=args.device, show_progress=not args.quiet),
@@ -146,6 +147,86 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn(message: str) -> None:
+    print(f"ptsparse: warning: {message}", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import check_format, export_model, load_model
+    from .export.latency import speedup_warnings
+
+    check_format(args.format)
+    model, metadata = load_model(args.model)
+    report = export_model(model, args.format, args.out, metadata=metadata, input_shape=args.input_shape,
+                          value_dtype=args.dtype)
+    if args.format != "channels":  # a channel-removed model is dense: nothing left to warn about
+        for warning in speedup_warnings(model, "cpu", (metadata.get("config") or {}).get("pattern")):
+            _warn(warning)
+    if args.format == "compressed":
+        _warn("a compressed checkpoint is smaller on disk; loaded, it is the same dense model and runs no faster")
+    print(json.dumps(report, indent=2))
+    if args.format == "onnx":
+        print(f"\nwrote {args.out}: {report['bytes']:,} bytes; onnxruntime matches PyTorch within "
+              f"{report['max_abs_difference']:.2g}")
+    else:
+        print(f"\nwrote {args.out}: {report['bytes']:,} bytes, {report['size_ratio']:.2f}x smaller than the dense "
+              f"checkpoint ({report['dense_bytes']:,} bytes)")
+    return 0
+
+
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import write_json
+    from .export import input_shape_for, load_model
+    from .export.latency import (
+        check_timing, format_latency_table, measure_onnx_latency, onnx_params, profile, speedup_warnings)
+    from .export.semi_structured import to_semi_structured, unavailable_reason
+    from .sparsify import resolve_device
+
+    device = resolve_device(args.device)
+    check_timing(args.batch_sizes, args.warmup, args.repeats)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    if args.semi_structured and unavailable_reason(device):
+        _warn(unavailable_reason(device))
+    for spec in args.models:
+        if str(spec).endswith(".onnx"):
+            if not Path(spec).is_file():
+                raise ConfigError(f"ONNX model {str(spec)!r} does not exist")
+            if device.type != "cpu":
+                raise ConfigError(f"ONNX models are timed with onnxruntime on CPU; use --device cpu for {spec}")
+            shape = input_shape_for(None, args.input_shape or (rows[0]["input_shape"] if rows else None))
+            latency = {str(b): measure_onnx_latency(spec, shape, b, args.warmup, args.repeats, args.threads)
+                       for b in args.batch_sizes}
+            rows.append({"model": str(spec), "runtime": "onnxruntime", "input_shape": list(shape),
+                         "params": onnx_params(spec), "latency": latency})
+            continue
+        model, metadata = load_model(spec)
+        shape = input_shape_for(metadata.get("architecture"), args.input_shape)
+        pattern = (metadata.get("config") or {}).get("pattern")
+        for warning in speedup_warnings(model, device, pattern):
+            _warn(f"{spec}: {warning}")
+        rows.append({"model": str(spec), "runtime": "pytorch", "input_shape": list(shape),
+                     **profile(model, shape, tuple(args.batch_sizes), device, args.warmup, args.repeats)})
+        if args.semi_structured and not unavailable_reason(device):
+            swapped, kernels = to_semi_structured(model, device)
+            for warning in kernels["warnings"]:
+                _warn(f"{spec}: {warning}")
+            if kernels["available"] and kernels["swapped"]:
+                rows.append({"model": f"{spec} (2:4 kernels)", "runtime": "pytorch", "input_shape": list(shape),
+                             "kernels": kernels,
+                             **profile(swapped, shape, tuple(args.batch_sizes), device, args.warmup, args.repeats)})
+    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "warmup": args.warmup, "repeats": args.repeats, "batch_sizes": list(args.batch_sizes), "models": rows}
+    print(format_latency_table(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptsparse", description="Post-training sparsity for PyTorch models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -188,6 +269,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_train_reference)
+
+    p = sub.add_parser("export", help="compressed checkpoint, channel-removed model, or ONNX of a sparse model")
+    p.add_argument("model", help="reference, or a checkpoint / output directory written by ptsparse")
+    p.add_argument("--format", required=True,
+                   help="compressed (bitmask + non-zeros: smaller file), channels (pruned channels removed: "
+                        "smaller, faster model), onnx (checked with onnxruntime)")
+    p.add_argument("--out", required=True, help="file to write (.safetensors, or .onnx)")
+    p.add_argument("--dtype", default=None,
+                   help="compressed: storage dtype of the values: keep (default, bit-exact), float16, bfloat16")
+    p.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",
+                   help="one sample's shape for tracing, e.g. 3 224 224 (known for the reference model)")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("bench-latency", help="latency, throughput, MACs and parameters of models on this device")
+    p.add_argument("models", nargs="*", default=["reference"],
+                   help="models to time, the first is the baseline: reference, checkpoints written by ptsparse "
+                        "(plain, compressed, channels) or .onnx files (onnxruntime)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], metavar="B")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=50, help="timed runs; the median is reported")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--semi-structured", action="store_true",
+                   help="also time 2:4 kernels for Linear layers (CUDA only; elsewhere says why not)")
+    p.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",
+                   help="one sample's shape (known for the reference model)")
+    p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
+    p.set_defaults(handler=cmd_bench_latency)
     return parser
 
 

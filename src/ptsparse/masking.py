@@ -6,7 +6,7 @@ gradients reach the stored weight through the product; mask dynamics may change 
 :func:`bake` removes the parametrizations and leaves plain modules whose weights hold exact zeros
 (+0.0: ``w * False`` is -0.0 for a negative ``w``; the sign is dropped so the zeros of a baked model are
 one bit pattern, which keeps compressed checkpoints bit-exact).
-:func:`zero_norm_channels` silences a pruned channel's BatchNorm, so the channel outputs exactly zero.
+:func:`zero_channels` silences a pruned channel's bias and BatchNorm, so the channel outputs exactly zero.
 """
 
 from __future__ import annotations
@@ -86,15 +86,16 @@ def bake(targets: list[Target]) -> None:
 
 
 @torch.no_grad()
-def zero_norm_channels(norm: nn.Module, keep: torch.Tensor) -> None:
-    """Zeroes the affine weight and bias of a BatchNorm's pruned channels (``keep`` is False), in place.
+def zero_channels(module: nn.Module, keep: torch.Tensor, names: tuple[str, ...] = ("weight", "bias")) -> None:
+    """Zeroes the entries of a module's per-channel parameters ``names`` where ``keep`` is False, in place.
 
-    A pruned convolution channel feeds zeros into its BatchNorm, which still outputs its shift
-    ``bias - weight * mean / sqrt(var + eps)``; with both affine parameters zero the channel outputs
-    exactly 0 whatever the statistics, so it can be physically removed without changing the outputs.
+    For a pruned output channel: the bias of its convolution and the affine weight and bias of the
+    BatchNorm after it. A pruned convolution channel feeds zeros into its BatchNorm, which still outputs
+    its shift ``bias - weight * mean / sqrt(var + eps)``; with both affine parameters zero (and no conv
+    bias) the channel outputs exactly 0 whatever the statistics, so it can be physically removed without
+    changing the outputs.
     """
-    pruned = ~keep.to(torch.bool).flatten().to(norm.weight.device if norm.weight is not None else "cpu")
-    for name in ("weight", "bias"):
-        parameter = getattr(norm, name, None)
-        if parameter is not None:
-            parameter[pruned] = 0.0
+    for name in names:
+        parameter = getattr(module, name, None)
+        if isinstance(parameter, torch.Tensor) and parameter.dim() == 1:
+            parameter[~keep.to(device=parameter.device, dtype=torch.bool).flatten()] = 0.0

@@ -31,6 +31,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"criterion {report['criterion']}",
         f"sparsity: target {report['target_sparsity']:.4f}  achieved {report['achieved_sparsity']:.4f}",
         *_learned_allocation_lines(report.get("recovery", {})),
+        *_search_lines(report.get("allocation_search")),
         f"accuracy: dense {pct(report.get('dense_accuracy'))}  sparse {pct(report.get('sparse_accuracy'))}",
         f"time {report['wall_time_s']:.1f} s  peak RSS {report['peak_rss_mb']:.0f} MiB  seed {report['seed']}  "
         f"calibration {report['calib_size']} samples (hash {report['calib_hash']})",
@@ -45,6 +46,14 @@ def _learned_allocation_lines(recovery: dict[str, Any]) -> list[str]:
     return [f"allocation learned by {recovery['dynamics']} (target column: the initial allocation); sparsity "
             f"before the exact projection {recovery['raw_sparsity']:.4f}, {recovery['projection_flips']} "
             f"weights moved by it"]
+
+
+def _search_lines(search: dict[str, Any] | None) -> list[str]:
+    if not search:
+        return []
+    return [f"allocation search: best {search['best']} (fitness {search['best_fitness']:.4f}, ERK "
+            f"{search['erk_fitness']:.4f}, {search['fitness']}), {search['evaluations']} evaluations in "
+            f"{search['wall_time_s']:.1f} s"]
 
 
 def plot_layers(report: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -29,6 +29,7 @@ from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .evaluate import accuracy
+from .export.latency import speedup_warnings
 from .masking import bake, masks_of
 from .patterns import NM, Channel, Pattern, parse_pattern
 from .recovery import DYNAMICS, OBJECTIVES, TrainSchedule, distill, recalibrate_batchnorm, reconstruct_layers
@@ -247,6 +248,9 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     masks = masks_of(targets)
     bake(targets)
     student.eval()
+    warnings = speedup_warnings(student, device, config.pattern)
+    for warning in warnings:
+        log.warning(warning)
 
     sparse_accuracy = evaluate(student)
     zeros, total = count_zeros(targets)
@@ -276,6 +280,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "allocation_search": allocation.summary() if hasattr(allocation, "summary") else None,
         "recovery": recovery,
         "layer_errors": dict(getattr(criterion, "errors", {})),
+        "warnings": warnings,
         "config": config.to_dict(),
     }
     if checkpoint_dir is not None:

@@ -10,6 +10,18 @@ Importance ``I_c = mean_b t_c^2`` (``aggregation="squared"``, the paper) or ``me
 HALP's code). The loss is cross-entropy against the labels when every sample has one, else against the
 dense model's arg-max predictions (a KL to the dense model has zero gradient at the dense model).
 Scores are measured once on the dense model; a channel's score is repeated over its weights.
+
+Coupled channels (our reading, so that pruned channels can be physically removed): channels that only
+exist together (the outputs of layers added into one residual stream, a depthwise convolution and its
+input; torch-pruning's dependency groups, :mod:`ptsparse.export.coupling`) are scored and pruned as one
+unit. The unit's score is the sum of its members' scores (every gate writing into the stream), each
+member receives it, and the first member pruned (execution order) chooses the unit's channels with its
+own allocated count; the other members prune the same channels, so a member's count follows its unit
+(under a uniform allocation, within one channel of its own allocation; a member allocated nothing, e.g.
+capped at 0, stays whole). A pruned channel's bias and its following BatchNorm's weight and bias are
+zeroed, so the channel outputs exactly 0 (not the bias or the BatchNorm's shift) and removing it
+(``ptsparse export --format channels``) leaves the outputs as they are. Recovery that trains biases and
+BatchNorm (``recovery: distill``) can move them off zero again; channel removal then keeps such a channel.
 """
 
 from __future__ import annotations
@@ -20,7 +32,8 @@ from torch import nn
 
 from ..data import Calibration
 from ..errors import ConfigError
-from ..patterns import Pattern
+from ..masking import zero_channels
+from ..patterns import Channel, Pattern
 from ..targets import Target
 from .base import CRITERIA
 
@@ -56,6 +69,9 @@ def following_norms(model: nn.Module, targets: list[Target], example: torch.Tens
 class Taylor:
     """First-order Taylor importance per output channel; for the ``channel`` pattern only.
 
+    Coupled channels are found with torch-pruning (``pip install 'ptsparse[export]'``); without it,
+    :meth:`scores` raises :class:`~ptsparse.export.MissingExtraError` naming that command.
+
     Args:
         aggregation: ``"squared"`` (mean of squared per-batch scores) or ``"abs"``.
         batch_size: calibration batch size of the per-batch scores.
@@ -69,6 +85,8 @@ class Taylor:
         if aggregation not in ("squared", "abs"):
             raise ConfigError(f"taylor_aggregation {aggregation!r} is not allowed; choose squared or abs")
         self.aggregation, self.batch_size = aggregation, batch_size
+        self._norms: dict[str, nn.Module] = {}
+        self._units: dict[str, ChannelUnit] = {}
 
     @classmethod
     def from_config(cls, config) -> Taylor:
@@ -76,8 +94,12 @@ class Taylor:
 
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None) -> dict[str, torch.Tensor]:
+        from ..export.coupling import channel_groups
+
         device = next(model.parameters()).device
-        norms = following_norms(model, targets, calibration.inputs[:2].to(device))
+        example = calibration.inputs[:2].to(device)
+        norms = following_norms(model, targets, example)
+        self._norms = norms
         totals = {t.name: torch.zeros(t.shape[0], device=device) for t in targets}
         modes = {module: module.training for module in model.modules()}
         model.eval()  # running statistics stay untouched; gradients only
@@ -97,7 +119,16 @@ class Taylor:
             model.zero_grad(set_to_none=True)
             for module, mode in modes.items():
                 module.training = mode
-        return {t.name: (totals[t.name] / batches).view(-1, *([1] * (len(t.shape) - 1))).expand(t.shape).clone()
+        channel = {name: total / batches for name, total in totals.items()}
+        self._units = {}
+        for group in channel_groups(model, example, [t.name for t in targets]):
+            unit = ChannelUnit(group.members, sum(channel[n][torch.tensor(m, device=device)]
+                                                   for n, m in group.members.items()))
+            for name, indices in group.members.items():
+                channel[name] = channel[name].clone()
+                channel[name][torch.tensor(indices, device=device)] = unit.scores
+                self._units[name] = unit
+        return {t.name: channel[t.name].view(-1, *([1] * (len(t.shape) - 1))).expand(t.shape).clone()
                 for t in targets}
 
     @staticmethod
@@ -115,4 +146,38 @@ class Taylor:
 
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor:
-        return pattern.mask(stats["scores"], count)
+        unit = self._units.get(target.name)
+        if not isinstance(pattern, Channel) or unit is None or len(unit.members) == 1:
+            keep = pattern.mask(stats["scores"], count)
+        else:
+            keep = unit.mask(target.name, target.shape, count // pattern.unit_size(target.shape))
+        if isinstance(pattern, Channel):
+            kept_channels = keep.flatten(1).any(1)
+            zero_channels(target.module, kept_channels, ("bias",))
+            if self._norms.get(target.name) is not None:
+                zero_channels(self._norms[target.name], kept_channels)
+        return keep
+
+
+class ChannelUnit:
+    """Coupled output channels of several layers, pruned together (see the module docstring).
+
+    Args:
+        members: layer name -> its output channel for each unit channel.
+        scores: the unit's score per unit channel (the sum of its members' scores).
+    """
+
+    def __init__(self, members: dict[str, tuple[int, ...]], scores: torch.Tensor) -> None:
+        self.members, self.scores = members, scores
+        self.pruned: torch.Tensor | None = None  # unit channels, chosen by the first member pruned
+
+    def mask(self, name: str, shape: torch.Size, channels: int) -> torch.Tensor:
+        """Keep-mask of layer ``name``: the unit's chosen channels pruned (``channels`` chooses them first)."""
+        keep = torch.ones(shape[0], dtype=torch.bool, device=self.scores.device)
+        if channels == 0:
+            return keep.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
+        if self.pruned is None:
+            self.pruned = torch.sort(self.scores.float(), stable=True).indices[:channels]
+        indices = torch.tensor(self.members[name], device=self.scores.device)
+        keep[indices[self.pruned]] = False
+        return keep.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()

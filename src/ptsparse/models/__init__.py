@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from .._registry import Registry
-from ..checkpoint import load_into, load_state
+from ..checkpoint import load_into, load_state, resize_modules
 from ..errors import CheckpointError
 from .reference import ReferenceResNet, reference_resnet
 
@@ -58,7 +58,10 @@ def load_checkpoint(path: str | os.PathLike, architecture: str | None = None) ->
         )
     if name not in ARCHITECTURES:
         raise CheckpointError(f"checkpoint {path} names architecture {name!r}; known: {', '.join(ARCHITECTURES.names())}")
-    model = load_into(ARCHITECTURES.get(name)(), state, source=f"checkpoint {path}")
+    model = ARCHITECTURES.get(name)()
+    if (metadata or {}).get("format") == "channels":  # channel-removed: the layers are smaller than built
+        resize_modules(model, metadata.get("modules", {}), state, source=f"checkpoint {path}")
+    model = load_into(model, state, source=f"checkpoint {path}")
     return model.eval(), dict(metadata or {}, architecture=name)
 
 

@@ -1,0 +1,149 @@
+"""Exports that make a sparse model really smaller or faster, and the measurements that say so.
+
+=================  ===========================================================================  ==========================
+format             what it gives                                                                  needs
+=================  ===========================================================================  ==========================
+``compressed``     safetensors with each sparse tensor as bitmask + non-zero values (smaller file;  core
+                   same model after ``ptsparse.load``, same speed)
+``channels``       dead channels physically removed: a smaller, faster dense model               ``torch-pruning``
+``onnx``           ONNX file with the zeros baked in, checked against PyTorch with onnxruntime    ``onnx``, ``onnxscript``,
+                                                                                                   ``onnxruntime``
+=================  ===========================================================================  ==========================
+
+2:4 kernels (:mod:`.semi_structured`) swap weights at run time on CUDA and are not a file format;
+:mod:`.latency` measures parameters, MACs and latency. The optional packages install with
+``pip install 'ptsparse[export]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_state, save_state
+from ..errors import ConfigError, UnknownOptionError
+from ._extras import INSTALL_HINT, MissingExtraError, require
+
+FORMATS = {
+    "compressed": "bitmask + non-zero values in safetensors: a smaller file, the same model",
+    "channels": "dead channels removed: a smaller, faster dense model (needs torch-pruning)",
+    "onnx": "ONNX with the zeros baked in, checked with onnxruntime",
+}
+# One sample's shape for the registered architectures (channel removal and ONNX trace an example input).
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {"reference_resnet20": (1, 28, 28)}
+
+
+def check_format(name: str) -> str:
+    """Returns ``name`` when it is an export format.
+
+    Raises:
+        UnknownOptionError: it is not; the message lists the formats.
+    """
+    if name not in FORMATS:
+        raise UnknownOptionError(f"unknown export format {name!r}; choose one of: {', '.join(FORMATS)}")
+    return name
+
+
+def input_shape_for(architecture: str | None, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """One sample's input shape: ``given``, else the registered architecture's.
+
+    Raises:
+        ConfigError: neither is known.
+    """
+    if given:
+        return tuple(given)
+    if architecture in INPUT_SHAPES:
+        return INPUT_SHAPES[architecture]
+    raise ConfigError(f"no input shape is known for architecture {architecture!r}; give one, e.g. --input-shape 3 224 224")
+
+
+def example_inputs(input_shape: tuple[int, ...], batch_size: int = 8, seed: int = 0) -> torch.Tensor:
+    """A deterministic random batch of inputs (for tracing and output checks)."""
+    return torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(seed))
+
+
+def dense_checkpoint_bytes(model: nn.Module) -> int:
+    """Size of the model's ordinary (dense) safetensors checkpoint, as ``ptsparse.save`` writes it."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "dense.safetensors"
+        save_state(model.state_dict(), path)
+        return path.stat().st_size
+
+
+def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, metadata: dict | None = None,
+                 input_shape: tuple[int, ...] | None = None, value_dtype: str | None = None) -> dict[str, Any]:
+    """Exports ``model`` in ``format`` to the file ``path`` (written atomically, only on success).
+
+    Args:
+        model: a ptsparse result model (masks baked in); never modified.
+        format: ``compressed``, ``channels`` or ``onnx`` (see :data:`FORMATS`).
+        path: the file to write.
+        metadata: checkpoint metadata to keep (``architecture`` lets ``ptsparse.load`` rebuild the model).
+        input_shape: one sample's shape; needed by ``channels`` and ``onnx`` unless the architecture is known.
+        value_dtype: ``compressed`` only: ``keep`` (bit-exact), ``float16`` or ``bfloat16``.
+
+    Returns:
+        The export's report (sizes, parameters, MACs, checks), with ``bytes`` of the written file and
+        ``dense_bytes`` of the dense checkpoint.
+
+    Raises:
+        UnknownOptionError: unknown format.
+        MissingExtraError: the format needs an optional package that is missing.
+        ExportError: the model cannot be exported in that format.
+    """
+    check_format(format)
+    if Path(path).is_dir():
+        raise ConfigError(f"export output {str(path)!r} is a directory; give the file to write, e.g. "
+                          f"{'model.onnx' if format == 'onnx' else 'model.safetensors'}")
+    metadata = {k: v for k, v in (metadata or {}).items() if k not in ("format", "version", "value_dtype", "modules")}
+    if format == "compressed":
+        from .compressed import parse_value_dtype, save_compressed
+
+        report = {"format": format, **save_compressed(model.state_dict(), path, metadata,
+                                                      parse_value_dtype(value_dtype))}
+    else:
+        if value_dtype not in (None, "keep"):
+            raise ConfigError(f"a value dtype applies to --format compressed only, not {format!r}")
+        example = example_inputs(input_shape_for(metadata.get("architecture"), input_shape))
+        if format == "channels":
+            from .channels import remove_channels, save_channels
+
+            smaller, report = remove_channels(model, example)
+            save_channels(model, smaller, path, metadata)
+        else:
+            from .onnx import export_onnx
+
+            report = export_onnx(model, example, path)
+    report["bytes"] = Path(path).stat().st_size
+    report["dense_bytes"] = dense_checkpoint_bytes(model)
+    report["size_ratio"] = report["dense_bytes"] / report["bytes"]
+    return report
+
+
+def load_model(spec: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """``reference`` or any ptsparse checkpoint (plain, compressed, channel-removed): the model and its metadata.
+
+    Raises:
+        CheckpointError: the path does not exist or the file cannot be loaded.
+    """
+    from .. import load
+    from ..errors import CheckpointError
+    from ..models import load_reference
+
+    if str(spec) == "reference":
+        return load_reference(), {"architecture": "reference_resnet20"}
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"model {str(spec)!r} is neither 'reference' nor an existing checkpoint path")
+    file = path / "model.safetensors" if path.is_dir() else path
+    _, metadata = load_state(file)
+    return load(file), dict(metadata or {})
+
+
+__all__ = ["FORMATS", "INPUT_SHAPES", "INSTALL_HINT", "MissingExtraError", "check_format", "dense_checkpoint_bytes",
+           "example_inputs", "export_model", "input_shape_for", "load_model", "require"]

@@ -1,0 +1,44 @@
+"""Optional dependencies of the export features, imported only when a feature needs them.
+
+The core package imports without them; ``pip install 'ptsparse[export]'`` installs all of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..errors import PtsparseError
+
+INSTALL_HINT = "pip install 'ptsparse[export]'"
+
+# import name -> distribution name on PyPI
+_DISTRIBUTIONS = {
+    "torch_pruning": "torch-pruning",
+    "onnx": "onnx",
+    "onnxscript": "onnxscript",
+    "onnxruntime": "onnxruntime",
+}
+
+
+class MissingExtraError(PtsparseError, ImportError):
+    """A feature needs an optional package that is not installed."""
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """Imports ``module`` or raises an error naming the ``pip install`` command.
+
+    Args:
+        module: import name, e.g. ``"torch_pruning"``.
+        feature: what needs it, for the message (``"channel removal"``).
+
+    Raises:
+        MissingExtraError: the package is not installed.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = _DISTRIBUTIONS.get(module, module)
+        raise MissingExtraError(
+            f"{feature} needs the package {package!r}, which is not installed; run: {INSTALL_HINT}"
+        ) from None

@@ -1,0 +1,174 @@
+"""Channel removal: a channel-pruned model becomes a physically smaller dense model.
+
+torch-pruning's dependency graph (:mod:`ptsparse.export.coupling`) groups the channels that can only be
+removed together. A group channel is removed when it is *dead* in the given model: every layer that
+produces it outputs exactly zero there (a Conv/Linear row of zeros with a zero bias, a BatchNorm whose
+output for a zero input is zero, e.g. zero weight and bias as the ``taylor`` criterion leaves it). Only
+dead channels go, so the smaller model computes what the masked model computes; a channel zeroed in one
+layer but alive in a coupled one (a residual stream pruned layer by layer) stays and is counted in the
+report. The result is checked: it must give the masked model's outputs on the example inputs.
+
+The output layer keeps its outputs. The model passed in is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import module_sizes, save_state
+from ..errors import ExportError
+from .coupling import PRODUCER_TYPES, build_dependency_graph, eval_mode, iter_groups
+from .latency import count_macs, count_params
+
+FORMAT = "channels"
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _channels_alive(module: nn.Module) -> torch.Tensor | None:
+    """Per output channel, whether ``module`` can output non-zero there; ``None`` when unknown."""
+    with torch.no_grad():
+        if isinstance(module, PRODUCER_TYPES):
+            alive = module.weight.flatten(1).ne(0).any(1)
+            if module.bias is not None:
+                alive |= module.bias.ne(0)
+            return alive
+        if isinstance(module, _NORM_TYPES) and module.track_running_stats and module.running_mean is not None:
+            # Eval-mode output for a zero input: the BatchNorm's shift.
+            shift = -module.running_mean / torch.sqrt(module.running_var + module.eps)
+            if module.weight is not None:
+                shift = shift * module.weight + module.bias
+            return shift.ne(0)
+    return None
+
+
+def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """Modules whose output is the model's output (their output channels must stay)."""
+    outputs: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, o))
+             for m in model.modules() if isinstance(m, PRODUCER_TYPES)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            result = model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [m for m, out in outputs.items() if out is result]
+
+
+def _forward_naming_failures(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    """Runs ``model(example)``; a failure raises :class:`ExportError` naming the module it happened in."""
+    names = {module: name for name, module in model.named_modules()}
+    entered: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: entered.append(names[m])) for m in model.modules()
+             if not list(m.children())]
+    try:
+        with torch.no_grad():
+            return model(example)
+    except (RuntimeError, ValueError, IndexError) as error:
+        where = entered[-1] if entered else "the model's first layer"
+        reason = str(error).strip().splitlines()[0]
+        raise ExportError(f"channel removal broke module {where!r} ({reason}): torch-pruning could not trace how "
+                          f"its inputs connect to the pruned layers; the masked model is unchanged") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def remove_channels(model: nn.Module, example: torch.Tensor, rtol: float = 1e-4,
+                    atol: float = 1e-5) -> tuple[nn.Module, dict[str, Any]]:
+    """Removes the dead output channels of a channel-pruned model.
+
+    Args:
+        model: a model with pruned channels (e.g. ``sparsify(..., method="taylor").model``); not modified.
+        example: an input batch the model accepts (more than one sample checks the outputs better).
+        rtol, atol: tolerance of the output check (removing channels reorders float sums).
+
+    Returns:
+        The smaller model (eval mode) and a report: parameters and MACs before and after, channels removed
+        per group, zeroed channels kept because a coupled layer still uses them, and the largest output
+        difference.
+
+    Raises:
+        MissingExtraError: torch-pruning is not installed.
+        ExportError: the model cannot be traced, or the smaller model does not reproduce its outputs (the
+            message names the module where it fails).
+    """
+    smaller = copy.deepcopy(model).cpu().eval()
+    example = example.cpu()
+    with torch.no_grad():
+        reference = smaller(example)
+    params, macs = count_params(smaller), count_macs(smaller, example[:1])["macs"]
+    graph = build_dependency_graph(smaller, example)
+    ignored = _output_layers(smaller, example)
+    groups, kept_zeroed = [], 0
+    for group, channels in iter_groups(graph, smaller, ignored):
+        dead = torch.ones(channels.size, dtype=torch.bool)
+        for item in group.items:
+            if not graph.is_out_channel_pruning_fn(item.dep.handler):
+                continue
+            module = item.dep.target.module
+            if isinstance(module, nn.Module) and not list(module.parameters(recurse=False)):
+                continue  # parameter-free operations (activations, adds) pass zeros through
+            alive = _channels_alive(module) if isinstance(module, nn.Module) else None
+            if alive is None:
+                dead[:] = False
+                break
+            dead[torch.tensor(item.root_idxs)] &= ~alive[torch.tensor(item.idxs)]
+        zeroed = torch.zeros(channels.size, dtype=torch.bool)
+        for name, mapping in channels.members.items():
+            weight = graph.model.get_submodule(name).weight
+            zeroed |= weight.detach().flatten(1).eq(0).all(1)[torch.tensor(mapping)]
+        removable = dead.nonzero().flatten()
+        if len(removable) == channels.size:
+            removable = removable[1:]  # a layer keeps at least one channel
+        kept_zeroed += int((zeroed & ~dead).sum())
+        if len(removable) == 0:
+            continue
+        root = group.items[0]
+        pruning_group = graph.get_pruning_group(root.dep.target.module, root.dep.handler, removable.tolist())
+        if not graph.check_pruning_group(pruning_group):
+            continue
+        pruning_group.prune()
+        groups.append({"layers": sorted(channels.members), "channels": channels.size, "removed": len(removable)})
+    smaller.zero_grad(set_to_none=True)
+    outputs = _forward_naming_failures(smaller, example)
+    if outputs.shape != reference.shape or not torch.allclose(outputs, reference, rtol=rtol, atol=atol):
+        difference = float((outputs - reference).abs().max()) if outputs.shape == reference.shape else float("inf")
+        raise ExportError(f"channel removal changed the outputs (largest difference {difference:.3g}): a removed "
+                          f"channel was not zero in every layer that reads it; the masked model is unchanged")
+    macs_after = count_macs(smaller, example[:1])["macs"]
+    report = {
+        "format": FORMAT,
+        "params": params, "params_after": count_params(smaller),
+        "macs": macs, "macs_after": macs_after, "mac_reduction": 1 - macs_after / macs,
+        "channels_removed": sum(g["removed"] for g in groups),
+        "zeroed_channels_kept": kept_zeroed,
+        "groups": groups,
+        "max_abs_difference": float((outputs - reference).abs().max()),
+    }
+    return smaller, report
+
+
+def changed_sizes(original: nn.Module, smaller: nn.Module) -> dict[str, dict[str, object]]:
+    """Size attributes of the modules channel removal changed (what loading must re-apply)."""
+    before = module_sizes(original)
+    return {name: sizes for name, sizes in module_sizes(smaller).items() if before.get(name) != sizes}
+
+
+def save_channels(original: nn.Module, smaller: nn.Module, path: str | os.PathLike,
+                  metadata: dict | None = None) -> None:
+    """Writes a channel-removed model: its weights plus the new layer sizes (``ptsparse.load`` reads both).
+
+    Args:
+        original: the model before removal (of the registered architecture named in ``metadata``).
+        smaller: the model :func:`remove_channels` returned.
+        path: destination ``.safetensors`` file (written atomically).
+        metadata: header metadata, e.g. ``{"architecture": "reference_resnet20"}``.
+    """
+    header = dict(metadata or {}, format=FORMAT, modules=changed_sizes(original, smaller))
+    save_state(smaller.state_dict(), path, header)

@@ -1,0 +1,231 @@
+"""Honest cost measurements: parameters, MACs, and wall-clock latency on the current device.
+
+MACs are counted with forward hooks on Conv and Linear layers (multiply-accumulates per sample, the
+layers that dominate a CNN's cost; norms, activations and pooling are not counted). ``macs`` is what dense
+kernels compute, ``nonzero_macs`` what a kernel that skipped every zero weight would compute: the gap
+between them is the speed that unstructured zeros promise and dense kernels do not deliver.
+
+Latency is the median over ``repeats`` timed runs after ``warmup`` untimed ones, with
+``torch.inference_mode``; on CUDA each run is synchronised. Throughput is ``batch / median``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (every element of every parameter tensor)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per sample of the model's Conv and Linear layers.
+
+    Args:
+        model: the model (run once in eval mode; not modified).
+        example: an input batch; the counts are divided by its batch size.
+
+    Returns:
+        ``{"macs": dense MACs, "nonzero_macs": MACs with non-zero weights only}`` per sample.
+    """
+    totals = {"macs": 0, "nonzero_macs": 0}
+
+    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        weight = module.weight
+        if isinstance(module, CONV_TYPES):
+            positions = output[0, 0].numel()  # output positions per channel, one sample
+            totals["macs"] += positions * weight.numel()
+            totals["nonzero_macs"] += positions * int(weight.count_nonzero())
+        else:  # Linear: weight rows are applied at every leading position of the input
+            positions = output[0].numel() // module.out_features if output.dim() > 1 else 1
+            totals["macs"] += positions * weight.numel()
+            totals["nonzero_macs"] += positions * int(weight.count_nonzero())
+
+    hooks = [m.register_forward_hook(on_output) for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return totals
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: str | torch.device = "cpu",
+                    warmup: int = 10, repeats: int = 50, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Median latency of one forward pass of a batch, after warm-up.
+
+    Args:
+        model: the model; moved to ``device`` and put in eval mode.
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
+        batch_size: samples per forward pass.
+        warmup: untimed runs first (allocator, kernel selection, caches).
+        repeats: timed runs; the median is reported.
+
+    Returns:
+        ``median_ms``, ``p10_ms``, ``p90_ms`` (per batch) and ``throughput`` (samples per second).
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    for _ in range(warmup):
+        model(x)
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    median = statistics.median(times)
+    return {"median_ms": median * 1e3, "p10_ms": times[len(times) // 10] * 1e3,
+            "p90_ms": times[min(len(times) - 1, (9 * len(times)) // 10)] * 1e3,
+            "throughput": batch_size / median}
+
+
+def profile(model: nn.Module, input_shape: tuple[int, ...], batch_sizes: tuple[int, ...] = (1, 64),
+            device: str | torch.device = "cpu", warmup: int = 10, repeats: int = 50) -> dict[str, Any]:
+    """Parameters, MACs (dense and non-zero), weight sparsity and latency per batch size of one model."""
+    example = torch.zeros(1, *input_shape)
+    macs = count_macs(model.cpu(), example)
+    weights = [m.weight for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return {
+        "params": count_params(model),
+        "nonzero_params": sum(int(p.count_nonzero()) for p in model.parameters()),
+        "weight_sparsity": zeros / total if total else 0.0,
+        **macs,
+        "latency": {str(b): measure_latency(model, input_shape, b, device, warmup, repeats) for b in batch_sizes},
+    }
+
+
+def speedup_warnings(model: nn.Module, device: str | torch.device, pattern: str | None = None) -> list[str]:
+    """Warnings where a model's sparsity gives no speed on ``device`` with the kernels PyTorch uses.
+
+    Args:
+        model: the model as it will run.
+        device: where it runs.
+        pattern: the sparsity pattern of the run (``"unstructured"``, ``"2:4"``, ``"channel"``), if known.
+    """
+    device = torch.device(device)
+    weights = [m.weight for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    rows_zero = sum(int(w.flatten(1).eq(0).all(1).sum()) * w[0].numel() for w in weights)
+    warnings = []
+    scattered = zeros - rows_zero
+    if total and scattered / total > 0.05 and pattern in (None, "unstructured"):
+        warnings.append(
+            f"{scattered / total:.0%} of the weights are zeros scattered inside dense tensors: dense kernels on "
+            f"{device.type} multiply them like any other weight, so the model is no faster and its usual "
+            f"checkpoint no smaller; `ptsparse export --format compressed` makes the file smaller, and channel "
+            f"pruning (`--method taylor`, then `--format channels`) makes the model faster")
+    if pattern is not None and ":" in pattern and device.type != "cuda":
+        warnings.append(f"{pattern} sparsity runs on sparse kernels on CUDA GPUs only (semi-structured sparse "
+                        f"tensors); on {device.type} the zeros are multiplied like any other weight: no speedup")
+    elif pattern is not None and ":" in pattern:
+        from .semi_structured import SMALL_FEATURES
+
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        small = [m for m in linears if min(m.weight.shape) < SMALL_FEATURES]
+        if len(small) == len(linears):
+            warnings.append(f"{pattern}: 2:4 kernels speed up Linear layers only, and every Linear layer here has "
+                            f"fewer than {SMALL_FEATURES} inputs or outputs, too small for them to beat dense "
+                            f"kernels; convolutions keep dense kernels: expect no speedup")
+    if rows_zero and total and rows_zero / total > 0.05:
+        warnings.append("whole channels are zero but still computed: `ptsparse export --format channels` "
+                        "removes them and makes the model faster")
+    return warnings
+
+
+def measure_onnx_latency(path, input_shape: tuple[int, ...], batch_size: int, warmup: int = 10,
+                         repeats: int = 50, threads: int | None = None) -> dict[str, float]:
+    """Like :func:`measure_latency`, for an ONNX file run by onnxruntime on CPU."""
+    from ._extras import require
+
+    ort = require("onnxruntime", "timing ONNX models")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
+    for _ in range(warmup):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - start)
+    times.sort()
+    median = statistics.median(times)
+    return {"median_ms": median * 1e3, "p10_ms": times[len(times) // 10] * 1e3,
+            "p90_ms": times[min(len(times) - 1, (9 * len(times)) // 10)] * 1e3,
+            "throughput": batch_size / median}
+
+
+def onnx_params(path) -> int:
+    """Elements of an ONNX file's initializers (its stored weights)."""
+    from ._extras import require
+
+    onnx = require("onnx", "reading ONNX models")
+    graph = onnx.load(str(path)).graph
+    return sum(int(torch.tensor(list(t.dims)).prod()) if t.dims else 1 for t in graph.initializer)
+
+
+def check_timing(batch_sizes, warmup: int, repeats: int) -> None:
+    """Validates timing settings.
+
+    Raises:
+        ConfigError: a batch size below 1, a negative warm-up, or fewer than 1 timed repeat.
+    """
+    from ..errors import ConfigError
+
+    for batch in batch_sizes:
+        if batch < 1:
+            raise ConfigError(f"batch size {batch} is not allowed; batch sizes must be >= 1")
+    if warmup < 0:
+        raise ConfigError(f"warmup {warmup} is not allowed; it must be >= 0")
+    if repeats < 1:
+        raise ConfigError(f"repeats {repeats} is not allowed; it must be >= 1")
+
+
+def format_latency_table(result: dict[str, Any]) -> str:
+    """Markdown table of a ``bench-latency`` result; speedups are against the first model."""
+    batches = [str(b) for b in result["batch_sizes"]]
+    header = ["model", "params", "MACs (M)", "non-zero MACs (M)"]
+    header += [f"b{b} ms" for b in batches] + [f"b{batches[-1]} samples/s", f"b{batches[-1]} speedup"]
+    lines = [f"device {result['device']}, torch {result['torch']}, {result['threads']} threads, median of "
+             f"{result['repeats']} runs after {result['warmup']} warm-up runs", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = result["models"][0]["latency"][batches[-1]]["median_ms"] if result["models"] else None
+
+    def millions(value) -> str:
+        return f"{value / 1e6:.2f}" if value is not None else "n/a"
+
+    for row in result["models"]:
+        latency = row["latency"]
+        cells = [row["model"], f"{row['params']:,}", millions(row.get("macs")), millions(row.get("nonzero_macs"))]
+        cells += [f"{latency[b]['median_ms']:.2f}" for b in batches]
+        cells += [f"{latency[batches[-1]]['throughput']:.0f}", f"{base / latency[batches[-1]]['median_ms']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""ONNX export of any ptsparse model (masks are already baked in as zeros), checked with onnxruntime.
+
+The model is exported with PyTorch's ``torch.export``-based exporter (``dynamo=True``) with a dynamic
+batch dimension, then run with onnxruntime on the example inputs and on a batch of another size; the
+file is renamed into place only when both match PyTorch's outputs within tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import atomic_path
+from ..errors import ExportError
+from ._extras import require
+
+DEFAULT_OPSET = 18
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silences one logger's warnings for the duration of the block."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def onnxruntime_outputs(path: str | os.PathLike, inputs: torch.Tensor) -> torch.Tensor:
+    """Runs an ONNX file with onnxruntime on CPU and returns its first output."""
+    ort = require("onnxruntime", "checking ONNX exports")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: inputs.cpu().numpy()})[0])
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                rtol: float = 1e-3, atol: float = 1e-4) -> dict[str, Any]:
+    """Exports ``model`` to ONNX at ``path`` and checks it against PyTorch with onnxruntime.
+
+    Args:
+        model: the model (a copy is exported in eval mode, on CPU).
+        example: an input batch (its batch size is exported as dynamic).
+        path: destination ``.onnx`` file, written only if the check passes.
+        opset: ONNX opset version.
+        rtol, atol: tolerance of the output check.
+
+    Returns:
+        ``{"format": "onnx", "opset": ..., "bytes": file size, "max_abs_difference": ...}``.
+
+    Raises:
+        MissingExtraError: onnx, onnxscript or onnxruntime is not installed.
+        ExportError: the exporter fails, or onnxruntime's outputs differ from PyTorch's.
+    """
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        require(module, "ONNX export")
+    model = copy.deepcopy(model).cpu().eval()
+    example = example.cpu()
+    other = torch.cat([example, example[:1]]) if len(example) > 1 else torch.cat([example, example])
+    with torch.no_grad():
+        expected = [model(example), model(other)]
+    with atomic_path(path) as temporary:
+        try:
+            # The exporter prints its progress, and warns about torchvision operators it cannot register
+            # when torchvision is absent; keep the CLI's output to the report.
+            with contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx._internal.exporter._registration"):
+                torch.onnx.export(model, (example,), str(temporary), dynamo=True, input_names=["input"],
+                                  output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                  opset_version=opset, external_data=False)
+        except Exception as error:  # the exporter raises many kinds; report it as an export problem
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportError(f"ONNX export failed: {reason}") from None
+        difference = 0.0
+        for inputs, reference in zip((example, other), expected):
+            outputs = onnxruntime_outputs(temporary, inputs)
+            if outputs.shape != reference.shape or not torch.allclose(outputs, reference, rtol=rtol, atol=atol):
+                raise ExportError(f"onnxruntime's outputs differ from PyTorch's beyond rtol={rtol}, atol={atol} "
+                                  f"(batch of {len(inputs)}); nothing was written")
+            difference = max(difference, float((outputs - reference).abs().max()))
+        size = Path(temporary).stat().st_size
+    return {"format": "onnx", "opset": opset, "bytes": size, "max_abs_difference": difference}
