@@ -46,6 +46,7 @@ ABLATION_RUNS: dict[str, dict] = {
     "fcpts-kde": {"method": "fcpts", "density": "kde"},
     "fcpts-ste": {"method": "fcpts", "score_grad": "ste"},
     "fcpts-blocks": {"method": "fcpts", "objective": "kd_blocks"},
+    "magnitude_kd-blocks": {"method": "magnitude_kd", "objective": "kd_blocks"},  # control: the block loss alone
     "unipts-no_search": {"method": "unipts", "allocation": "erk"},
     "unipts-no_base_decay": {"method": "unipts", "objective": "kd_logits"},
     "unipts-no_dst": {"method": "unipts", "dynamics": "static"},
@@ -205,7 +206,7 @@ def fcpts_section(reports: list[dict]) -> str:
     if 0.9 in fcpts:
         plot_allocation(fcpts[0.9], HERE / "fcpts_allocation_0.9.png")
         text += "![FCPTS learned allocation at 0.9](fcpts_allocation_0.9.png)\n\n"
-    variants = [name for name in ABLATION_RUNS if name.startswith("fcpts-")]
+    variants = [name for name in ABLATION_RUNS if name.startswith("fcpts-") or name == "magnitude_kd-blocks"]
     if any(r["run"] in variants for r in reports):
         text += "Ablation (one knob changed from the `fcpts` preset):\n\n" + ablation_table(
             reports, "fcpts", variants, "raw sparsity before projection", raw_sparsity) + "\n"
