@@ -143,7 +143,10 @@ class SparsityConfig:
         from .criteria import CRITERIA
         from .methods import METHODS
         from .patterns import parse_pattern
+        from .allocation.unipts_search import FITNESSES
         from .recovery import DYNAMICS, OBJECTIVES, RECOVERIES
+        from .recovery.bridge import DENSITIES
+        from .recovery.thresholds import PENALTIES, SCORE_GRADS
         from .targets import resolve_layer_types
 
         _number("sparsity", self.sparsity, 0.0, 1.0, "[0, 1)", high_open=True)
@@ -199,9 +202,8 @@ class SparsityConfig:
                                            f"recovery 'distill', not {self.recovery!r}")
         for name, allowed in (("recovery", RECOVERIES), ("optimizer", ("sgd", "adam")),
                               ("teacher_bn", ("eval", "train")), ("augment", ("none", "flip")),
-                              ("penalty", ("abs", "pow2")), ("density", ("histogram", "kde")),
-                              ("search_fitness", ("kd", "agreement", "top1_labels")),
-                              ("score_grad", ("constraint_only", "ste"))):
+                              ("penalty", PENALTIES), ("density", DENSITIES), ("search_fitness", FITNESSES),
+                              ("score_grad", SCORE_GRADS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not allowed; choose from {', '.join(allowed)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -85,14 +85,22 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
     device = torch.device(device)
     model = model.to(device).eval()
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    for _ in range(warmup):
+
+    def run() -> None:
         model(x)
-    _synchronize(device)
+        _synchronize(device)
+
+    return _time_runs(run, batch_size, warmup, repeats)
+
+
+def _time_runs(run, batch_size: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Calls ``run`` ``warmup`` times untimed, then ``repeats`` times timed; the statistics of those times."""
+    for _ in range(warmup):
+        run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(x)
-        _synchronize(device)
+        run()
         times.append(time.perf_counter() - start)
     times.sort()
     median = statistics.median(times)
@@ -169,18 +177,7 @@ def measure_onnx_latency(path, input_shape: tuple[int, ...], batch_size: int, wa
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
-    for _ in range(warmup):
-        session.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, {name: x})
-        times.append(time.perf_counter() - start)
-    times.sort()
-    median = statistics.median(times)
-    return {"median_ms": median * 1e3, "p10_ms": times[len(times) // 10] * 1e3,
-            "p90_ms": times[min(len(times) - 1, (9 * len(times)) // 10)] * 1e3,
-            "throughput": batch_size / median}
+    return _time_runs(lambda: session.run(None, {name: x}), batch_size, warmup, repeats)
 
 
 def onnx_params(path) -> int:

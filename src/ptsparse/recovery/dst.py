@@ -85,11 +85,10 @@ class DynamicSparseTraining(Dynamics):
 
     def summary(self) -> dict[str, Any]:
         """Share of each layer's kept weights that were not kept at the start (0: the masks never moved)."""
-        changed = {}
+        changed, moved_total, kept_total = {}, 0, 0
         for name, module in self.layers:
-            mask, start = mask_of(module), self.initial[name]
-            kept = int(mask.sum())
-            changed[name] = (int((mask & ~start).sum()) / kept) if kept else 0.0
-        kept_total = sum(int(mask_of(m).sum()) for _, m in self.layers)
-        moved = sum(int((mask_of(m) & ~self.initial[n]).sum()) for n, m in self.layers)
-        return {"kept_changed": moved / kept_total if kept_total else 0.0, "layer_kept_changed": changed}
+            mask = mask_of(module)
+            kept, moved = int(mask.sum()), int((mask & ~self.initial[name]).sum())
+            changed[name] = moved / kept if kept else 0.0
+            moved_total, kept_total = moved_total + moved, kept_total + kept
+        return {"kept_changed": moved_total / kept_total if kept_total else 0.0, "layer_kept_changed": changed}

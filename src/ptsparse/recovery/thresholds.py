@@ -185,20 +185,19 @@ class LearnedThresholds(Dynamics):
         budgets = state.budgets or [LayerBudget(name, tuple(m.weight.shape)) for name, m, _ in self.layers]
         margins, raw_masks = {}, {}
         for name, module, threshold in self.layers:
-            weight = _stored_weight(module).detach()
-            raw_masks[name] = weight.abs() > threshold.threshold()
-            ratio = (weight.abs() / threshold.scale).clamp(0.0, 1.0).double()
+            magnitude = _stored_weight(module).detach().abs()
+            raw_masks[name] = magnitude > threshold.threshold()
+            ratio = (magnitude / threshold.scale).clamp(0.0, 1.0).double()
             margins[name] = torch.logit(ratio) - threshold.score.double()
         total = sum(m.numel() for m in raw_masks.values())
         self.raw_sparsity = sum(int((~m).sum()) for m in raw_masks.values()) / total
         counts = exact_counts(budgets, Global(normalize="none").allocate(budgets, self.sparsity, margins),
                               target_count(budgets, self.sparsity))
         self.projection_flips = 0
-        for name, module, threshold in self.layers:
-            weight = _stored_weight(module).detach()
+        for name, module, _ in self.layers:
             mask = Unstructured().mask(margins[name], counts[name])
             self.projection_flips += int((mask != raw_masks[name]).sum())
-            self.learned[name] = counts[name] / weight.numel()
+            self.learned[name] = counts[name] / mask.numel()
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             parametrize.register_parametrization(module, "weight", WeightMask(mask))
         self.layers = []
