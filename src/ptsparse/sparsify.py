@@ -142,7 +142,8 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
     """Prune counts per layer, the allocated ratios, and the global target they meet.
 
     For N:M the pattern fixes each layer's count and the target follows from it; otherwise the
-    allocation gives ratios and :func:`exact_counts` rounds them to meet ``round(sparsity * total)``.
+    allocation gives ratios and :func:`exact_counts` rounds them to meet ``round(sparsity * total)``; an
+    ``exact`` allocation's ratios are whole counts already, and the target is the weight sparsity they give.
     """
     total = sum(t.numel for t in targets)
     if isinstance(pattern, NM):
@@ -152,6 +153,10 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
             log.warning("%s: %d layer(s) stay dense (inputs per group not a multiple of %d or fewer than %d): %s",
                         pattern.name, len(skipped), pattern.m, pattern.m, ", ".join(skipped))
         ratios = {t.name: counts[t.name] / t.numel for t in targets}
+        return counts, ratios, sum(counts.values()) / total
+    if getattr(allocation, "exact", False):
+        ratios = allocation.allocate(budgets, config.sparsity, scores, context)
+        counts = {b.name: round(ratios[b.name] * b.numel) for b in budgets}
         return counts, ratios, sum(counts.values()) / total
     wanted = target_count(budgets, config.sparsity)
     ratios = allocation.allocate(budgets, config.sparsity, scores, context)

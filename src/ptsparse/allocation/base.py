@@ -72,6 +72,10 @@ class Allocation(Protocol):
     ``from_config`` builds the allocation with its settings taken from a :class:`SparsityConfig`;
     ``needs_scores`` says whether it ranks the criterion's scores (only then are they computed), and
     ``needs_context`` whether it evaluates candidates on the model and calibration data.
+    An allocation whose target is not a weight count sets ``exact = True``: its ratios are then whole
+    prune counts (``ratio * numel`` a multiple of the layer's unit) that meet a target of its own, and
+    :func:`~ptsparse.sparsify.plan_counts` uses them as they are, with the weight sparsity they give as the
+    run's target (``knapsack``, whose ``sparsity`` is a fraction of the MACs or latency).
     """
 
     needs_scores: bool

@@ -1,0 +1,492 @@
+"""Knapsack allocation: channel counts that meet a MACs or latency budget (HALP, Shen et al. 2022; ``iee.md`` §5, 6).
+
+Cost model. A *unit* is a set of coupled output channels (torch-pruning's dependency groups, see
+:mod:`ptsparse.export.coupling`) that holds at least one target layer; a target coupled to nothing is a unit of
+its own. When unit ``u`` keeps ``kept[u]`` of its ``sizes[u]`` channels, every Conv/Linear layer of the model
+(targets or not) keeps the output channels of the unit it produces (all of them if it produces none) and the
+input channels of the units that feed it (all of them for the model input and other producers). Its MACs are
+``c_out * (c_in / groups) * kernel volume * output positions``, what :func:`~ptsparse.export.latency.count_macs`
+counts on the channel-removed model; a depthwise convolution reads one input per output channel, whatever it
+keeps. Its latency is interpolated bilinearly in a table of ``(c_out, c_in)`` timings of a standalone layer of
+that shape, measured on the target device. The model's cost is the sum over its layers. Costs couple
+neighbouring units (``c_out * c_in``), so a unit's cost depends on the others' counts.
+
+Solver (:func:`solve_knapsack`). A grouped 0/1 knapsack: each unit keeps a top-``k`` prefix of its channels by
+importance, worth ``values[u][k]``. The cost is linearised around a starting point (each unit's cost curve with
+the others held there), the linear problem is solved exactly by dynamic programming on an integer grid of cost
+buckets, and the model is re-linearised around the solution. A greedy step then drops the channel that loses
+the least value per true cost saved until the true cost fits, and adds back channels while they fit, so the
+result always meets the budget.
+
+Allocation (``knapsack``). ``sparsity`` is the fraction of the dense cost removed. Each unit's channel
+importance is the mean over its members of their channel scores: the ``taylor`` criterion gives every member
+the unit's summed score, so this is that sum. Its ratios are exact channel counts (``exact = True``); the
+weight sparsity they give follows from the cost budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..export.coupling import PRODUCER_TYPES, ChannelGroup, build_dependency_graph, eval_mode, iter_groups
+from ..export.latency import CONV_TYPES, _synchronize, _time_runs
+from .base import ALLOCATIONS, AllocationContext, LayerBudget
+
+COSTS = ("macs", "latency")
+
+
+@dataclass
+class _Layer:
+    """One Conv/Linear layer of the model, as the cost model sees it."""
+
+    name: str
+    module: nn.Module
+    out_channels: int
+    in_features: int  # input channels of a convolution, input features of a Linear
+    groups: int
+    positions: int  # output positions per sample (over all calls): MACs = weights * positions
+    input_shape: tuple[int, ...]  # one sample's input (for timing)
+    calls: int = 1
+    out_unit: int | None = None
+    in_units: list[tuple[int, float]] = field(default_factory=list)  # (unit, inputs per unit channel)
+    table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # out grid, in grid, times (ms)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_features
+
+
+class KnapsackCosts(Protocol):
+    """What :func:`solve_knapsack` needs of a cost model (:class:`ChannelCosts` is one)."""
+
+    def cost(self, kept: Sequence[int]) -> float: ...
+
+    def curve(self, unit: int, kept: Sequence[int]) -> torch.Tensor: ...
+
+
+class ChannelCosts:
+    """MACs or latency of a model's Conv/Linear layers as a function of the channels each unit keeps.
+
+    Build it with :meth:`trace`. See the module docstring for the model.
+
+    Attributes:
+        units: the coupled channel units, in execution order of their first member; each member is a target.
+        sizes: channels per unit.
+        fixed: per unit, whether Conv/Linear layers outside the targets also produce its channels (pruning
+            the targets alone then removes none of them, so an allocation should keep it whole; the cost
+            model assumes every producer shrinks).
+        kind: ``"macs"`` (per sample) or ``"latency"`` (milliseconds per batch).
+        dense_cost: the cost with every channel kept.
+    """
+
+    def __init__(self, units: list[ChannelGroup], fixed: list[bool], layers: list[_Layer], kind: str) -> None:
+        self.units, self.fixed, self.kind = units, fixed, kind
+        self.sizes = [unit.size for unit in units]
+        self._layers = layers
+        self._touching = [[layer for layer in layers if layer.out_unit == u or any(v == u for v, _ in layer.in_units)]
+                          for u in range(len(units))]
+        self._last: tuple[tuple[int, ...], float] | None = None
+        self.dense_cost = self.cost(self.sizes)
+
+    @classmethod
+    def trace(cls, model: nn.Module, targets: Sequence, example: torch.Tensor, cost: str = "macs",
+              device: str | torch.device = "cpu", batch_size: int = 64, points: int = 6, warmup: int = 3,
+              repeats: int = 7) -> ChannelCosts:
+        """Traces the model's layers and channel couplings (and times its layers for ``cost="latency"``).
+
+        Args:
+            model: the dense model (not modified; traced in eval mode on ``example``'s device).
+            targets: the prunable layers (names or :class:`~ptsparse.targets.Target`); they form the units.
+            example: an input batch the model accepts.
+            cost: ``"macs"`` or ``"latency"``.
+            device: where latency is measured.
+            batch_size: batch of the latency measurements.
+            points: grid points per channel dimension of a latency table (the full count and 1 included).
+            warmup, repeats: untimed and timed runs per latency measurement (the median counts).
+
+        Raises:
+            ConfigError: ``cost`` is not ``macs`` or ``latency``.
+            MissingExtraError: torch-pruning is not installed.
+            ExportError: torch-pruning cannot trace the model.
+        """
+        if cost not in COSTS:
+            raise ConfigError(f"knapsack_cost {cost!r} is not allowed; choose from {', '.join(COSTS)}")
+        names = {getattr(target, "name", target) for target in targets}
+        layers = _trace_layers(model, example)
+        order = {name: position for position, name in enumerate(layers)}
+        graph = build_dependency_graph(model, example)
+        modules = {module: name for name, module in model.named_modules()}
+        found: list[tuple[ChannelGroup, ChannelGroup | None, list]] = []  # (unit, all producers, group items)
+        covered: set[str] = set()
+        for group, channels in iter_groups(graph, model):
+            members = {n: m for n, m in channels.members.items() if n in names and n not in covered}
+            if not members:
+                continue
+            found.append((ChannelGroup(channels.size, members), channels, group.items))
+            covered.update(members)
+        found += [(ChannelGroup(_out_channels(model.get_submodule(n)),
+                                {n: tuple(range(_out_channels(model.get_submodule(n))))}), None, [])
+                  for n in sorted(names - covered)]  # a target torch-pruning does not see stays a unit of its own
+
+        def first_run(entry) -> int:
+            return min(order.get(n, len(order)) for n in entry[0].members)
+
+        found.sort(key=first_run)
+        units, fixed = [], []
+        for u, (unit, channels, items) in enumerate(found):
+            members = dict(sorted(unit.members.items(), key=lambda item: order.get(item[0], len(order))))
+            units.append(ChannelGroup(unit.size, members))
+            producers = members if channels is None else channels.members
+            fixed.append(any(n not in members for n in producers))
+            for name in producers:
+                if name in layers:
+                    layers[name].out_unit = u
+            for item in items:
+                name = modules.get(item.dep.target.module)
+                if name in layers and graph.is_in_channel_pruning_fn(item.dep.handler):
+                    layers[name].in_units.append((u, len(item.idxs) / unit.size))
+        if cost == "latency":
+            timings: dict[tuple, float] = {}
+            for layer in layers.values():
+                layer.table = _latency_table(layer, torch.device(device), batch_size, points, warmup, repeats,
+                                             timings)
+        return cls(units, fixed, list(layers.values()), cost)
+
+    def cost(self, kept: Sequence[int]) -> float:
+        """Total cost of the model's Conv/Linear layers when unit ``u`` keeps ``kept[u]`` channels."""
+        key = tuple(int(k) for k in kept)
+        if self._last is None or self._last[0] != key:
+            removed = [size - k for size, k in zip(self.sizes, key)]
+            self._last = key, sum(float(self._layer_cost(layer, removed)) for layer in self._layers)
+        return self._last[1]
+
+    def curve(self, unit: int, kept: Sequence[int]) -> torch.Tensor:
+        """Total cost (float64, length ``sizes[unit] + 1``) when ``unit`` keeps 0..n channels, the others ``kept``."""
+        removed: list[Any] = [size - int(k) for size, k in zip(self.sizes, kept)]
+        total = torch.full((self.sizes[unit] + 1,), self.cost(kept), dtype=torch.float64)
+        current = [self._layer_cost(layer, removed) for layer in self._touching[unit]]
+        removed[unit] = self.sizes[unit] - torch.arange(self.sizes[unit] + 1, dtype=torch.float64)
+        for layer, before in zip(self._touching[unit], current):
+            total += self._layer_cost(layer, removed) - before
+        return total
+
+    def _layer_cost(self, layer: _Layer, removed: Sequence[Any]) -> torch.Tensor:
+        """One layer's cost when unit ``u`` has lost ``removed[u]`` channels (numbers or one tensor)."""
+        out = layer.out_channels - (removed[layer.out_unit] if layer.out_unit is not None else 0)
+        inputs = layer.in_features - sum((removed[u] * per_channel for u, per_channel in layer.in_units), 0.0)
+        out = torch.as_tensor(out, dtype=torch.float64)
+        inputs = torch.as_tensor(inputs, dtype=torch.float64)
+        macs = _macs(layer, out, inputs)
+        if self.kind == "macs":
+            return macs
+        out_grid, in_grid, times = layer.table
+        if layer.groups > 1:  # timed at full size only; scaled by the MACs it keeps
+            full = _macs(layer, out_grid[-1], in_grid[-1])
+            return layer.calls * times[-1, -1] * macs / full
+        return layer.calls * _bilinear(out_grid, in_grid, times, out, inputs)
+
+
+def _macs(layer: _Layer, out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    weight = layer.module.weight
+    per_output = weight.shape[1] if layer.depthwise else inputs / layer.groups
+    return out * per_output * (weight[0, 0].numel() * layer.positions)
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.weight.shape[0]
+
+
+@torch.no_grad()
+def _trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, _Layer]:
+    """Every Conv/Linear layer the model runs on one sample, in execution order (counted as ``count_macs``)."""
+    layers: dict[str, _Layer] = {}
+    names = {module: name for name, module in model.named_modules()}
+
+    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if isinstance(module, CONV_TYPES):
+            positions, in_features, groups = output[0, 0].numel(), module.in_channels, module.groups
+        else:
+            positions = output[0].numel() // module.out_features if output.dim() > 1 else 1
+            in_features, groups = module.in_features, 1
+        name = names[module]
+        if name in layers:  # a module called more than once
+            layers[name].calls += 1
+            layers[name].positions += positions
+            return
+        layers[name] = _Layer(name, module, _out_channels(module), in_features, groups, positions,
+                              tuple(inputs[0].shape[1:]))
+
+    hooks = [m.register_forward_hook(on_output) for m in model.modules() if isinstance(m, PRODUCER_TYPES)]
+    try:
+        with eval_mode(model):
+            model(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return layers
+
+
+def _grid(full: int, points: int) -> torch.Tensor:
+    """0 (free by definition), then ``points`` counts from 1 to ``full``."""
+    counts = torch.linspace(1, full, max(min(points, full), 1)).round().unique()
+    return torch.cat([torch.zeros(1), counts]).double()
+
+
+def _latency_table(layer: _Layer, device: torch.device, batch_size: int, points: int, warmup: int, repeats: int,
+                   timings: dict[tuple, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Milliseconds per batch of a standalone copy of ``layer`` on a grid of (kept out, kept in) channels.
+
+    A dimension no unit changes has its full count only; a grouped convolution is timed at full size only.
+    ``timings`` caches measurements across layers of the same shape.
+    """
+    varies = layer.groups == 1
+    out_grid = _grid(layer.out_channels, points) if varies and layer.out_unit is not None else \
+        torch.tensor([float(layer.out_channels)], dtype=torch.float64)
+    in_grid = _grid(layer.in_features, points) if varies and layer.in_units else \
+        torch.tensor([float(layer.in_features)], dtype=torch.float64)
+    times = torch.zeros(len(out_grid), len(in_grid), dtype=torch.float64)
+    for i, out in enumerate(out_grid.tolist()):
+        for j, inputs in enumerate(in_grid.tolist()):
+            if out and inputs:
+                module, shape = _standalone(layer, int(out), int(inputs))
+                key = repr(module), shape
+                if key not in timings:
+                    timings[key] = _time_layer(module, shape, device, batch_size, warmup, repeats)
+                times[i, j] = timings[key]
+    return out_grid, in_grid, times
+
+
+def _standalone(layer: _Layer, out: int, inputs: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """A fresh layer like ``layer`` with ``out`` outputs and ``inputs`` inputs, and one sample's input shape."""
+    module = layer.module
+    if isinstance(module, CONV_TYPES):
+        return (type(module)(inputs, out, module.kernel_size, module.stride, module.padding, module.dilation,
+                             module.groups, module.bias is not None, module.padding_mode),
+                (inputs, *layer.input_shape[1:]))
+    return nn.Linear(inputs, out, module.bias is not None), (*layer.input_shape[:-1], inputs)
+
+
+@torch.inference_mode()
+def _time_layer(module: nn.Module, shape: tuple[int, ...], device: torch.device, batch_size: int, warmup: int,
+                repeats: int) -> float:
+    """Median milliseconds of ``module`` on a random batch of inputs of one-sample shape ``shape``."""
+    module = module.to(device).eval()
+    x = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run() -> None:
+        module(x)
+        _synchronize(device)
+
+    return _time_runs(run, batch_size, warmup, repeats)["median_ms"]
+
+
+def _bilinear(xs: torch.Tensor, ys: torch.Tensor, table: torch.Tensor, x: torch.Tensor,
+              y: torch.Tensor) -> torch.Tensor:
+    """``table`` (on the grid ``xs`` by ``ys``) interpolated at ``(x, y)``; one-point axes are constant."""
+
+    def locate(grid: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        at = at.clamp(grid[0], grid[-1])
+        if len(grid) == 1:
+            zero = torch.zeros_like(at, dtype=torch.long)
+            return zero, zero, torch.zeros_like(at)
+        low = (torch.searchsorted(grid, at, right=True) - 1).clamp(0, len(grid) - 2)
+        return low, low + 1, (at - grid[low]) / (grid[low + 1] - grid[low])
+
+    x0, x1, tx = locate(xs, x)
+    y0, y1, ty = locate(ys, y)
+    return ((1 - tx) * (1 - ty) * table[x0, y0] + tx * (1 - ty) * table[x1, y0]
+            + (1 - tx) * ty * table[x0, y1] + tx * ty * table[x1, y1])
+
+
+def solve_knapsack(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, low: Sequence[int],
+                   high: Sequence[int], start: Sequence[int] | None = None, buckets: int = 10_000) -> list[int]:
+    """Channels to keep per unit: the most value whose true cost fits ``capacity`` (grouped 0/1 knapsack).
+
+    Args:
+        values: per unit, a 1-D tensor of length ``sizes[u] + 1``; ``values[u][k]`` is the value of keeping
+            ``k`` channels (non-decreasing in ``k``, e.g. the cumulative sum of importances sorted descending).
+        costs: the cost model (``cost(kept)`` and ``curve(u, kept)``, e.g. :class:`ChannelCosts`).
+        capacity: the budget, in the cost model's units.
+        low, high: per unit, the fewest and most channels it may keep.
+        start: where the cost is first linearised (``high`` by default), e.g. the current counts.
+        buckets: resolution of the dynamic programme's cost grid.
+
+    Returns:
+        ``k`` per unit, ``low[u] <= k[u] <= high[u]``, with ``costs.cost(k) <= capacity``.
+
+    Raises:
+        ConfigError: even ``low`` costs more than ``capacity``.
+    """
+    low, high = [int(k) for k in low], [int(k) for k in high]
+    minimum = costs.cost(low)
+    if minimum > capacity:
+        raise ConfigError(f"cost budget {capacity:.6g} is infeasible: the minimum reachable cost is {minimum:.6g}")
+    values = [torch.as_tensor(v, dtype=torch.float64) for v in values]
+
+    def worth(kept: Sequence[int]) -> float:
+        return sum(float(v[k]) for v, k in zip(values, kept))
+
+    kept = [min(max(int(k), lo), hi) for k, lo, hi in zip(start if start is not None else high, low, high)]
+    best: list[int] | None = None
+    for _ in range(3):  # linearise at the start, then twice around the solution
+        solution = _solve_linearised(values, costs, capacity, low, high, kept, buckets)
+        if solution is None:
+            break
+        feasible = _fill(values, costs, capacity, high, _drop_until_feasible(values, costs, capacity, low, solution))
+        if best is None or worth(feasible) > worth(best):
+            best = feasible
+        if solution == kept:
+            break
+        kept = solution
+    if best is None:  # the linear model is no use here: greedy from the largest counts
+        best = _fill(values, costs, capacity, high, _drop_until_feasible(values, costs, capacity, low, high))
+    return best
+
+
+def _solve_linearised(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, low: list[int],
+                      high: list[int], start: list[int], buckets: int) -> list[int] | None:
+    """Exact solution of the knapsack with each unit's cost curve taken at ``start``; ``None`` if nothing fits."""
+    base = costs.cost(start)
+    curves = [costs.curve(u, start) for u in range(len(start))]
+    deltas = [curve[lo:hi + 1] - curve[s] for curve, lo, hi, s in zip(curves, low, high, start)]
+    room = capacity - base - sum(float(d.min()) for d in deltas)
+    if not math.isfinite(room) or room <= 0:
+        return None
+    # Rounding costs up keeps every solution of the grid within the linear budget.
+    weights = [torch.ceil((d - d.min()) * (buckets / room) - 1e-9).clamp(min=0).long() for d in deltas]
+    best = torch.zeros(buckets + 1, dtype=torch.float64)  # best value within each bucket count, units so far
+    choices = []
+    for weight, value, lo, hi in zip(weights, values, low, high):
+        new = torch.full_like(best, -math.inf)
+        choice = torch.zeros(buckets + 1, dtype=torch.long)
+        for index, (w, gain) in enumerate(zip(weight.tolist(), value[lo:hi + 1].tolist())):
+            if w <= buckets:  # every bucket count at once: this choice on top of the best with w fewer buckets
+                candidate = best[:buckets + 1 - w] + gain
+                better = candidate > new[w:]
+                new[w:] = torch.where(better, candidate, new[w:])
+                choice[w:] = torch.where(better, index, choice[w:])
+        best = new
+        choices.append(choice)
+    kept, bucket = [], buckets
+    for choice, weight, lo in zip(reversed(choices), reversed(weights), reversed(low)):
+        index = int(choice[bucket])
+        kept.append(lo + index)
+        bucket -= int(weight[index])
+    return kept[::-1]
+
+
+def _drop_until_feasible(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, low: list[int],
+                         kept: list[int]) -> list[int]:
+    """Drops one channel at a time, the least value lost per true cost saved first, until the cost fits."""
+    kept = list(kept)
+    total = costs.cost(kept)
+    while total > capacity:
+        options = []
+        for u, (k, lo) in enumerate(zip(kept, low)):
+            if k > lo:
+                saved = total - float(costs.curve(u, kept)[k - 1])
+                loss = float(values[u][k] - values[u][k - 1])
+                # A drop that saves nothing (a latency table's staircase) goes last, the cheapest loss first.
+                options.append((saved <= 0, loss / saved if saved > 0 else loss, u))
+        if not options:
+            raise ConfigError(f"cost budget {capacity:.6g} is infeasible: the minimum reachable cost is {total:.6g}")
+        u = min(options)[2]
+        kept[u] -= 1
+        total = costs.cost(kept)
+    return kept
+
+
+def _fill(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, high: list[int],
+          kept: list[int]) -> list[int]:
+    """Adds one channel at a time while one fits, the most value per true cost added first."""
+    kept = list(kept)
+    while True:
+        total = costs.cost(kept)
+        options = []
+        for u, (k, hi) in enumerate(zip(kept, high)):
+            if k < hi:
+                added = float(costs.curve(u, kept)[k + 1]) - total
+                if total + added <= capacity:
+                    gain = float(values[u][k + 1] - values[u][k])
+                    options.append((added > 0, -gain / added if added > 0 else -gain, u))
+        if not options:
+            return kept
+        kept[min(options)[2]] += 1
+
+
+@ALLOCATIONS.register("knapsack")
+class Knapsack:
+    """Channel counts per coupled unit that keep the most importance within a MACs or latency budget.
+
+    ``sparsity`` is the fraction of the dense cost removed. A unit holding a layer capped at 0 (the output
+    layer, for the channel pattern) or produced by layers outside the targets stays whole; other caps bound
+    how many channels a unit may lose; every unit keeps at least one channel.
+
+    Args:
+        cost: ``"macs"`` or ``"latency"`` (measured on the context's device and batch size).
+
+    Attributes:
+        costs: the :class:`ChannelCosts` of the last :meth:`allocate`.
+    """
+
+    patterns = ("channel",)
+    needs_scores = True
+    needs_context = True
+    exact = True  # ratios are whole channel counts that meet the cost budget; no weight-count rounding
+
+    def __init__(self, cost: str = "macs") -> None:
+        if cost not in COSTS:
+            raise ConfigError(f"knapsack_cost {cost!r} is not allowed; choose from {', '.join(COSTS)}")
+        self.cost = cost
+        self.costs: ChannelCosts | None = None
+        self.report: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, config) -> Knapsack:
+        return cls(cost=config.knapsack_cost)
+
+    def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
+                 scores: Mapping[str, torch.Tensor] | None = None,
+                 context: AllocationContext | None = None) -> dict[str, float]:
+        if scores is None or context is None:
+            raise ConfigError("allocation 'knapsack' needs the criterion's scores and the model with calibration data")
+        model = context.model
+        example = context.calibration.inputs[:2].to(next(model.parameters()).device)
+        budgets = {layer.name: layer for layer in layers}
+        costs = ChannelCosts.trace(model, list(budgets), example, self.cost, context.device, context.batch_size)
+        self.costs = costs
+        values, low = [], []
+        for unit, size, fixed in zip(costs.units, costs.sizes, costs.fixed):
+            importance = sum(scores[name].flatten(1).float().mean(1)[list(channels)].double()
+                             for name, channels in unit.members.items()) / len(unit.members)
+            ranked = importance.clamp(min=0).sort(descending=True).values
+            values.append(torch.cat([torch.zeros(1, dtype=torch.float64), ranked.cumsum(0)]))
+            members = [budgets[name] for name in unit.members]
+            removable = 0 if fixed else min(b.max_prune // b.unit for b in members)
+            low.append(max(size - removable, 1))
+        capacity = (1.0 - sparsity) * costs.dense_cost
+        try:
+            kept = solve_knapsack(values, costs, capacity, low, costs.sizes)
+        except ConfigError as error:
+            most = 1 - costs.cost(low) / costs.dense_cost
+            raise ConfigError(f"knapsack sparsity {sparsity} ({self.cost}): {error}; at most {most:.4f} of the "
+                              f"{self.cost} can be removed") from None
+        ratios = {name: 0.0 for name in budgets}
+        for unit, size, k in zip(costs.units, costs.sizes, kept):
+            for name in unit.members:
+                ratios[name] = (size - k) * budgets[name].unit / budgets[name].numel
+        cost_after = costs.cost(kept)
+        self.report = {"cost": self.cost, "dense_cost": costs.dense_cost, "cost_after": cost_after,
+                       "reduction": 1 - cost_after / costs.dense_cost,
+                       "kept": {next(iter(unit.members)): k for unit, k in zip(costs.units, kept)}}
+        return ratios
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.report)
