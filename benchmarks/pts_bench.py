@@ -40,6 +40,7 @@ RUNS: dict[str, dict] = {
     "magnitude_kd": {"method": "magnitude_kd"},
     "fcpts": {"method": "fcpts"},
     "unipts": {"method": "unipts"},
+    "iee": {"method": "iee"},
 }
 # Ablations run at ABLATION_SPARSITIES only (``--sparsities`` overrides): one FCPTS knob changed at a time.
 ABLATION_RUNS: dict[str, dict] = {
@@ -50,6 +51,11 @@ ABLATION_RUNS: dict[str, dict] = {
     "unipts-no_search": {"method": "unipts", "allocation": "erk"},
     "unipts-no_base_decay": {"method": "unipts", "objective": "kd_logits"},
     "unipts-no_dst": {"method": "unipts", "dynamics": "static"},
+    "iee-no_reactivate": {"method": "iee", "iee_reactivate": False},
+    "iee-taylor": {"method": "iee", "iee_criterion": "taylor"},
+    "magnitude_kd-dst": {"method": "magnitude_kd", "dynamics": "dst"},  # plain DST on the same masks and budget
+    "iee-fcpts": {"method": "iee", "allocation": "fcpts"},  # IEE on FCPTS's learned allocation
+    "unipts-iee": {"method": "unipts", "dynamics": "iee"},  # UniPTS with IEE in place of its DST
 }
 ABLATION_SPARSITIES = (0.9,)
 # Runs whose sparsity is fixed by their pattern (N:M) run once, at that sparsity.
@@ -63,6 +69,13 @@ CHANNEL_RUNS: dict[str, dict] = {
     "taylor-channel": {"method": "taylor"},
 }
 CHANNEL_FRACTIONS = (0.3, 0.5)
+# Channel runs under a MAC budget (knapsack allocation): the target is the fraction of MACs removed.
+MAC_RUNS: dict[str, dict] = {
+    "taylor-knapsack_kd": {"method": "magnitude_kd", "pattern": "channel", "criterion": "taylor",
+                           "allocation": "knapsack"},
+    "iee-channel": {"method": "iee", "pattern": "channel"},
+}
+MAC_REDUCTIONS = (0.3, 0.5)
 
 
 def result_path(name: str, sparsity: float | None) -> Path:
@@ -264,7 +277,7 @@ def write_results() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    every = [*RUNS, *ABLATION_RUNS, *FIXED_PATTERN_RUNS, *CHANNEL_RUNS]
+    every = [*RUNS, *ABLATION_RUNS, *FIXED_PATTERN_RUNS, *CHANNEL_RUNS, *MAC_RUNS]
     parser.add_argument("--runs", nargs="+", default=every, choices=every, metavar="RUN",
                         help=f"runs to do (default all): {', '.join(every)}")
     parser.add_argument("--sparsities", nargs="+", type=float, default=None,
@@ -281,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
                 for fraction in CHANNEL_FRACTIONS:
                     report = run(name, dict(CHANNEL_RUNS[name], seed=args.seed), fraction, calib, test)
                     print(f"{name} @ {fraction}: {100 * report['sparse_accuracy']:.2f}%", file=sys.stderr)
+                continue
+            if name in MAC_RUNS:
+                for reduction in args.sparsities or MAC_REDUCTIONS:
+                    report = run(name, dict(MAC_RUNS[name], seed=args.seed), reduction, calib, test)
+                    print(f"{name} @ {reduction} of the MACs: {100 * report['sparse_accuracy']:.2f}% "
+                          f"({report['wall_time_s']:.1f} s)", file=sys.stderr)
                 continue
             if name in FIXED_PATTERN_RUNS:
                 report = run(name, dict(FIXED_PATTERN_RUNS[name], seed=args.seed), None, calib, test)

@@ -204,3 +204,21 @@ def test_pot_beats_plain_magnitude_at_80_percent():
     pot = ptsparse.sparsify(load_reference(), calib, eval_data=test, method="pot", layer_iterations=300, **common)
     assert pot.report["sparse_accuracy"] > plain.report["sparse_accuracy"]
     assert pot.masks.keys() == plain.masks.keys()
+
+
+@needs_fashion_mnist
+def test_iee_combines_with_the_unipts_search_and_base_decay_from_the_cli(capsys, tmp_path):
+    out = tmp_path / "iee"
+    code, _, _ = run_cli(capsys, "sparsify", "--method", "iee", "--allocation", "unipts_search", "--objective",
+                         "base_decayed", "--sparsity", "0.8", "--iterations", "12", "--iee-exploit-steps", "3",
+                         "--iee-improve-steps", "2", "--iee-explore-steps", "2", "--iee-criterion", "taylor",
+                         "--search-population", "4", "--search-generations", "1", "--search-parents", "2",
+                         "--search-bn-samples", "32", "--search-fit-samples", "32", "--calib-size", "64",
+                         "--no-eval", "--out", str(out), "-q")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["allocation"] == "unipts_search" and report["allocation_search"]
+    assert report["recovery"]["objective"] == "base_decayed" and report["recovery"]["dynamics"] == "iee"
+    assert report["recovery"]["iee_criterion"] == "taylor" and report["recovery"]["iee_cycles"]
+    total = sum(layer["params"] for layer in report["layers"])
+    assert round(report["achieved_sparsity"] * total) == round(0.8 * total)

@@ -28,13 +28,15 @@ class SparsityConfig:
 
     # what and how much
     method: str = field(default="magnitude", metadata=_help("method preset (see `ptsparse list methods`)"))
-    sparsity: float = field(default=0.5, metadata=_help("global fraction of zero weights, in [0, 1)"))
+    sparsity: float = field(default=0.5, metadata=_help(
+        "global fraction of zero weights, in [0, 1) (allocation knapsack: the fraction of MACs or latency removed)"))
     pattern: str = field(default="unstructured", metadata=_help("unstructured, channel, or N:M such as 2:4"))
     nm_fallback: str = field(default="skip", metadata=_help(
         "N:M layers whose inputs are not a multiple of M: skip (stay dense) or pad"))
     # the axes
     allocation: str = field(default="erk", metadata=_help(
-        "per-layer sparsity: uniform, global, erk, unipts_search"))
+        "per-layer sparsity: uniform, global, erk, unipts_search, fcpts (learned by an FCPTS run first), "
+        "knapsack (channels under a MACs or latency budget)"))
     criterion: str = field(default="magnitude", metadata=_help("score per weight (see `ptsparse list criteria`)"))
     erk_power: float = field(default=1.0, metadata=_help("ERK exponent (0 gives uniform)"))
     taylor_aggregation: str = field(default="squared", metadata=_help(
@@ -53,6 +55,9 @@ class SparsityConfig:
     search_parents: int = field(default=6, metadata=_help("unipts_search: best genomes that breed"))
     search_elites: int = field(default=2, metadata=_help("unipts_search: best genomes carried over unchanged"))
     search_mutation: float = field(default=0.1, metadata=_help("unipts_search: mutation probability per gene"))
+    knapsack_cost: str = field(default="macs", metadata=_help(
+        "knapsack allocation (channel pattern): what the budget counts, macs (of every Conv/Linear layer) or "
+        "latency (a per-layer table measured on --device); sparsity is then the fraction of it removed"))
     search_fitness: str = field(default="kd", metadata=_help(
         "unipts_search: kd (KL to the dense outputs), agreement (same top-1) or top1_labels (needs labels)"))
     search_bn_samples: int = field(default=256, metadata=_help(
@@ -77,8 +82,22 @@ class SparsityConfig:
     tau_epochs: float = field(default=100.0, metadata=_help(
         "base_decayed: epochs the decay spans, spread over the run (tau ends at tau0 * tau_decay ** tau_epochs)"))
     dynamics: str = field(default="static", metadata=_help(
-        "how masks move during distill: static, learned_thresholds (FCPTS) or dst (UniPTS)"))
+        "how masks move during distill: static, learned_thresholds (FCPTS), dst (UniPTS) or iee (exploit/explore)"))
     mask_update_every: int = field(default=1, metadata=_help("dst: steps between magnitude top-k mask updates"))
+    iee_exploit_steps: int = field(default=40, metadata=_help(
+        "iee: steps H that train the active weights before each prune"))
+    iee_improve_steps: int = field(default=40, metadata=_help("iee: steps J that train the reduced network"))
+    iee_explore_steps: int = field(default=20, metadata=_help(
+        "iee: steps Q that train only the reactivated pruned units, the active ones frozen"))
+    iee_alpha: float = field(default=0.1, metadata=_help(
+        "iee: swap fraction at the first cycle; it decays by a cosine to 0 at iee_end"))
+    iee_end: float = field(default=0.65, metadata=_help(
+        "iee: fraction of the run after which masks are fixed and only the active weights train"))
+    iee_criterion: str = field(default="magnitude", metadata=_help(
+        "iee: score of prune and grow, magnitude (|w|; filter norm for channels) or taylor (|w * mean grad| "
+        "over the phase; BatchNorm gates for channels)"))
+    iee_reactivate: bool = field(default=True, metadata=_help(
+        "iee: explore the pruned units before growing (false: grow by the criterion on their stored values)"))
     pruned_decay: float = field(default=5e-5, metadata=_help("dst: SR-STE decay lambda on pruned weights"))
     penalty: str = field(default="abs", metadata=_help(
         "learned_thresholds: global-sparsity penalty |S - S*| (abs) or (S - S*)^2 (pow2)"))
@@ -178,7 +197,8 @@ class SparsityConfig:
         _number("search_mutation", self.search_mutation, 0.0, 1.0, "[0, 1]")
         for name in ("calib_size", "batch_size", "layer_iterations", "sparsegpt_blocksize", "density_bins",
                      "kde_max_samples", "search_population", "search_parents", "search_bn_samples",
-                     "search_fit_samples", "mask_update_every"):
+                     "search_fit_samples", "mask_update_every", "iee_exploit_steps", "iee_improve_steps",
+                     "iee_explore_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -191,26 +211,29 @@ class SparsityConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        _number("iee_alpha", self.iee_alpha, 0.0, 1.0, "[0, 1]")
+        _number("iee_end", self.iee_end, 0.0, 1.0, "[0, 1]")
         OBJECTIVES.get(self.objective)
         dynamics = DYNAMICS.get(self.dynamics)
-        if dynamics.patterns is not None and parse_pattern(self.pattern, self.nm_fallback).kind not in dynamics.patterns:
-            raise IncompatibleOptionsError(
-                f"dynamics {self.dynamics!r} cannot use pattern {self.pattern!r}: it learns one magnitude threshold "
-                f"per layer, which only expresses pattern {' or '.join(dynamics.patterns)}")
+        if dynamics.patterns is not None and pattern_kind not in dynamics.patterns:
+            raise IncompatibleOptionsError(f"dynamics {self.dynamics!r} does not support pattern {self.pattern!r}; "
+                                           f"use pattern {' or '.join(dynamics.patterns)}")
         if self.dynamics != "static" and self.recovery != "distill":
             raise IncompatibleOptionsError(f"dynamics {self.dynamics!r} moves masks during distillation; it needs "
                                            f"recovery 'distill', not {self.recovery!r}")
         for name, allowed in (("recovery", RECOVERIES), ("optimizer", ("sgd", "adam")),
                               ("teacher_bn", ("eval", "train")), ("augment", ("none", "flip")),
                               ("penalty", PENALTIES), ("density", DENSITIES), ("search_fitness", FITNESSES),
-                              ("score_grad", SCORE_GRADS)):
+                              ("score_grad", SCORE_GRADS), ("knapsack_cost", ("macs", "latency")),
+                              ("iee_criterion", ("magnitude", "taylor"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not allowed; choose from {', '.join(allowed)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if not (self.device == "cpu" or str(self.device).startswith("cuda")):
             raise ConfigError(f"device {self.device!r} is not allowed; choose cpu or cuda[:N]")
-        for name in ("calib_balanced", "bn_recalibration", "progress", "weight_correction", "bias_correction"):
+        for name in ("calib_balanced", "bn_recalibration", "progress", "weight_correction", "bias_correction",
+                     "iee_reactivate"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

@@ -23,7 +23,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Flat indices of the ``count`` lowest scores, earlier positions first among equals."""
     order = torch.sort(scores.flatten().float(), stable=True).indices
     return order[:count]
@@ -41,7 +41,7 @@ class Unstructured:
 
     def mask(self, scores: torch.Tensor, prune: int) -> torch.Tensor:
         keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-        keep[_lowest(scores, prune)] = False
+        keep[lowest(scores, prune)] = False
         return keep.view(scores.shape)
 
 
@@ -62,7 +62,7 @@ class Channel:
         per_channel = self.channel_scores(scores)
         channels = prune // self.unit_size(scores.shape)
         keep = torch.ones(len(per_channel), dtype=torch.bool, device=scores.device)
-        keep[_lowest(per_channel, channels)] = False
+        keep[lowest(per_channel, channels)] = False
         return keep.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores).clone()
 
 

@@ -2,7 +2,7 @@
 
 * :func:`distill`: network-level training of the masked student against the frozen dense teacher, with
   a pluggable objective (``kd_logits``, ``layer_mse``, ``kd_blocks``, ``base_decayed``) and mask dynamics
-  (``static``, ``learned_thresholds``, ``dst``).
+  (``static``, ``learned_thresholds``, ``dst``, ``iee``).
 * :func:`reconstruct_layers`: POT's layer-wise reconstruction on cached dense inputs.
 * :func:`recalibrate_batchnorm`: fresh BatchNorm statistics from the calibration set.
 """
@@ -10,6 +10,7 @@
 from .batchnorm import recalibrate_batchnorm
 from .dst import DynamicSparseTraining
 from .dynamics import DYNAMICS, Dynamics, Static, TrainState
+from .iee import ExploitExplore
 from .layerwise import reconstruct_layers
 from .objectives import OBJECTIVES, BaseDecayed, KDBlocks, KDLogits, LayerMSE, Objective
 from .thresholds import LearnedThresholds, ThresholdMask
@@ -17,6 +18,6 @@ from .trainer import TrainSchedule, distill
 
 RECOVERIES = ("none", "distill", "layerwise")
 
-__all__ = ["BaseDecayed", "DYNAMICS", "Dynamics", "DynamicSparseTraining", "KDBlocks", "KDLogits", "LayerMSE", "LearnedThresholds", "OBJECTIVES", "Objective",
+__all__ = ["BaseDecayed", "DYNAMICS", "Dynamics", "DynamicSparseTraining", "ExploitExplore", "KDBlocks", "KDLogits", "LayerMSE", "LearnedThresholds", "OBJECTIVES", "Objective",
            "RECOVERIES", "Static", "ThresholdMask", "TrainSchedule", "TrainState", "distill", "recalibrate_batchnorm",
            "reconstruct_layers"]

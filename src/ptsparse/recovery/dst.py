@@ -49,7 +49,8 @@ class DynamicSparseTraining(Dynamics):
     def from_config(cls, config) -> DynamicSparseTraining:
         return cls(update_every=config.mask_update_every, pruned_decay=config.pruned_decay)
 
-    def prepare(self, model: nn.Module, targets: list[Target]) -> None:
+    def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
+                example: torch.Tensor | None = None) -> None:
         self.layers = []
         for target in targets:
             if mask_of(target.module) is None:

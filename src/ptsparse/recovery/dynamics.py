@@ -2,10 +2,14 @@
 
 A dynamics object is driven by the recovery trainer through these hooks, all optional:
 
-* ``prepare(model, targets)``: attach what the dynamics trains (a learned threshold per layer); called
-  before the optimizer is built, so those parameters train, and before a checkpoint is loaded.
+* ``prepare(model, targets, teacher=, example=)``: attach what the dynamics trains (a learned threshold per
+  layer); called before the optimizer is built, so those parameters train, and before a checkpoint is
+  loaded. ``teacher`` is the frozen dense model (pretrained values to restore), ``example`` an input batch
+  (to trace the model).
 * ``on_start(state)``: once, when a run starts from the beginning (not on resume).
 * ``loss_terms(state)``: named terms added to the objective's; their ``"loss"`` is added to the loss.
+* ``optimizer_step(state)``: applies the step's gradients (default ``state.optimizer.step()``); a dynamics
+  that trains another set of parameters on some steps, or keeps some entries fixed, steps here instead.
 * ``after_step(state)``: after every optimizer step.
 * ``on_end(state)``: once at the end; it must leave plain boolean masks (:class:`~ptsparse.masking.WeightMask`)
   on every target that meet the run's budgets, so the rest of the flow (BN re-calibration, bake) is the same
@@ -57,7 +61,8 @@ class Dynamics:
     def from_config(cls, config) -> Dynamics:
         return cls()
 
-    def prepare(self, model: nn.Module, targets: list[Target]) -> None:
+    def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
+                example: torch.Tensor | None = None) -> None:
         pass
 
     def on_start(self, state: TrainState) -> None:
@@ -65,6 +70,9 @@ class Dynamics:
 
     def loss_terms(self, state: TrainState) -> dict[str, torch.Tensor]:
         return {}
+
+    def optimizer_step(self, state: TrainState) -> None:
+        state.optimizer.step()
 
     def after_step(self, state: TrainState) -> None:
         pass

@@ -146,7 +146,8 @@ class LearnedThresholds(Dynamics):
                    density=config.density, density_bins=config.density_bins,
                    kde_max_samples=config.kde_max_samples, score_grad=config.score_grad, seed=config.seed)
 
-    def prepare(self, model: nn.Module, targets: list[Target]) -> None:
+    def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
+                example: torch.Tensor | None = None) -> None:
         """Replaces each target's boolean mask by a threshold that prunes as many weights."""
         self.layers = []
         for target in targets:

@@ -151,7 +151,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     if sparsity is None:
         zeros, total = count_zeros(targets)
         sparsity = zeros / total
-    dynamics.prepare(student, targets)
+    dynamics.prepare(student, targets, teacher=teacher, example=calibration.inputs[:2].to(device))
     groups = parameter_groups(student, schedule.weight_decay)
     optimizer = make_optimizer(groups, schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -187,7 +187,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
             terms.update(extra)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
-            optimizer.step()
+            dynamics.optimizer_step(state)
             scheduler.step()
             state.step = step + 1
             dynamics.after_step(state)

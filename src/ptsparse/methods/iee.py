@@ -1,0 +1,32 @@
+"""``iee``: exploit/explore mask dynamics (Sun et al., WACV 2025; ``iee.md`` §6) after post-training masking.
+
+ERK magnitude masks at the target, then the ``magnitude_kd`` recovery budget (logit KL at T = 4, 100 epochs
+of the calibration set: 1600 steps for 1024 samples at batch 64, SGD lr 0.01, one epoch of warm-up then
+cosine, weight decay 3e-4, flips) with IEE cycles during the first 65% of the run: 40 steps training the
+active weights, prune the 10% (cosine-decayed) weakest by magnitude in each layer, 40 steps, 20 steps
+training only the reactivated pruned weights, regrow as many. Per-layer counts stay fixed.
+
+With ``pattern="channel"`` the units are whole output channels under a FLOPs budget: ``sparsity`` is then
+the fraction of MACs removed, the start is Taylor channels chosen by the knapsack allocation, and prune and
+grow are knapsacks on Taylor gate scores. Every part combines with the other axes:
+``allocation="fcpts"`` or ``"unipts_search"``, ``objective="base_decayed"``, ``iee_criterion="taylor"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import SparsityConfig
+from ..patterns import parse_pattern
+from .base import METHODS
+
+
+@METHODS.register("iee")
+def iee(**overrides) -> SparsityConfig:
+    pattern = overrides.get("pattern", "unstructured")
+    channels = parse_pattern(pattern, overrides.get("nm_fallback", "skip")).kind == "channel"
+    base = SparsityConfig(method="iee", pattern=pattern, allocation="knapsack" if channels else "erk",
+                          criterion="taylor" if channels else "magnitude", recovery="distill", objective="kd_logits",
+                          dynamics="iee", optimizer="sgd", lr=0.01, weight_decay=3e-4, temperature=4.0,
+                          augment="flip", iee_criterion="taylor" if channels else "magnitude")
+    return dataclasses.replace(base, **overrides)

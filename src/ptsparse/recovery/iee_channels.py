@@ -1,0 +1,242 @@
+"""Whole output channels as IEE units, under a FLOPs (MACs) or latency budget (``iee.md`` §6, channel variant).
+
+A unit is a set of coupled channels (:class:`~ptsparse.allocation.knapsack.ChannelCosts` groups: layers
+added into one residual stream share one mask). A channel's *entries* are its filter rows in every member
+layer, the member's bias, and the affine weight and bias of the BatchNorm after it; each is masked by a
+parametrization, so a pruned channel outputs exactly 0 while its stored values stay for reactivation. At
+the start, the stored BatchNorm and bias values of channels the allocation pruned are restored from the
+dense teacher, so reactivated channels resume their pretrained filters with their BatchNorm.
+
+Prune is a knapsack over the active channels with the budget lowered by ``ζ_t`` of it, grow a knapsack
+over the explored channels that refills it (:func:`~ptsparse.allocation.knapsack.solve_knapsack`); the
+budget is the cost of the masks the run started from, which the allocation fitted to the target, so
+per-layer channel counts may move while the total cost never exceeds it. Scores per channel, summed over
+a unit's members: ``taylor`` accumulates ``|gamma * dL/dgamma + beta * dL/dbeta|`` (without a BatchNorm,
+``|sum w * dL/dw + b * dL/db|`` over the filter) at every step of the phase; ``magnitude`` is the filter's
+L2 norm at the end of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..allocation.knapsack import ChannelCosts, solve_knapsack
+from ..criteria.taylor import following_norms
+from ..errors import ConfigError
+from ..masking import WeightMask, mask_of
+from ..targets import Target
+from .iee import Masks, reset_optimizer_entries
+
+
+@dataclass
+class _Entry:
+    """One masked tensor of a unit member: ``parameter`` on ``module``, whose rows are the member's channels."""
+
+    module: nn.Module
+    parameter: str
+    unit: int
+    channels: torch.Tensor  # row of the tensor for each unit channel
+    gate: bool  # part of the channel's Taylor gate (the BatchNorm's, or the layer's where none follows)
+    filter: bool = False  # the member layer's weight (baked by the run; the others are baked here)
+
+    @property
+    def stored(self) -> torch.Tensor:
+        return getattr(self.module.parametrizations, self.parameter).original
+
+    @property
+    def mask(self) -> WeightMask:
+        return next(p for p in getattr(self.module.parametrizations, self.parameter) if isinstance(p, WeightMask))
+
+    def rows(self, channels: torch.Tensor) -> torch.Tensor:
+        """A mask of the tensor's shape, True on the rows of the unit channels where ``channels`` is True."""
+        rows = torch.zeros(self.stored.shape[0], dtype=torch.bool, device=self.stored.device)
+        rows[self.channels[channels.to(self.channels.device)]] = True
+        return rows.view(-1, *([1] * (self.stored.dim() - 1))).expand_as(self.stored)
+
+
+class ChannelUnits:
+    """Coupled output channels as units of IEE (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, targets: list[Target], criterion: str, cost: str, batch_size: int,
+                 teacher: nn.Module | None, example: torch.Tensor | None) -> None:
+        if example is None:
+            raise ConfigError("dynamics 'iee' on channels traces the model; it needs an example input")
+        for target in targets:
+            if mask_of(target.module) is None:
+                raise ConfigError(f"dynamics 'iee' needs a mask on layer {target.name}; prune the model first")
+        self.criterion = criterion
+        by_name = {t.name: t for t in targets}
+        self.costs = ChannelCosts.trace(model, targets, example, cost, example.device, batch_size)
+        self.keys = [next(iter(unit.members)) for unit in self.costs.units]
+        norms = following_norms(model, targets, example)
+        teacher_modules = dict(teacher.named_modules()) if teacher is not None else {}
+        module_names = {module: name for name, module in model.named_modules()}
+        self.entries: list[_Entry] = []
+        self.active: Masks = {}
+        self.modules = {name: by_name[name].module for unit in self.costs.units for name in unit.members}
+        for index, unit in enumerate(self.costs.units):
+            key = self.keys[index]
+            rows = mask_of(self.modules[key]).flatten(1).any(1)
+            self.active[key] = rows[torch.tensor(unit.members[key], device=rows.device)].clone()
+            for name, channels in unit.members.items():
+                module, norm = self.modules[name], norms.get(name)
+                rows_of_unit = torch.tensor(channels, device=module.weight.device)
+                self.entries.append(_Entry(module, "weight", index, rows_of_unit, gate=norm is None, filter=True))
+                owners = [(module, "bias", norm is None), (norm, "weight", True), (norm, "bias", True)]
+                for owner, parameter, gate in owners:
+                    if owner is None or not isinstance(getattr(owner, parameter, None), nn.Parameter):
+                        continue
+                    source = teacher_modules.get(module_names[owner])
+                    if source is not None:  # the allocation zeroed pruned channels' BatchNorm and bias
+                        with torch.no_grad():
+                            getattr(owner, parameter).copy_(getattr(source, parameter))
+                    keep = torch.ones_like(getattr(owner, parameter), dtype=torch.bool)
+                    parametrize.register_parametrization(owner, parameter, WeightMask(keep))
+                    self.entries.append(_Entry(owner, parameter, index, rows_of_unit, gate))
+        self.fixed = list(self.costs.fixed)
+        self.budget: float | None = None
+        self.scores_sum: list[torch.Tensor] = []
+        self.show(dense=False)
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.modules[name].parametrizations.weight.original
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [entry.stored for entry in self.entries]
+
+    def set_straight_through(self, on: bool) -> None:
+        for entry in self.entries:
+            entry.mask.straight_through = on
+
+    @torch.no_grad()
+    def show(self, dense: bool) -> None:
+        for entry in self.entries:
+            key = self.keys[entry.unit]
+            entry.mask.mask.copy_(entry.rows(torch.ones_like(self.active[key]) if dense else self.active[key]))
+
+    @contextmanager
+    def holding(self, active: bool) -> Iterator[None]:
+        with torch.no_grad():
+            where = [entry.rows(self.active[self.keys[entry.unit]] == active) for entry in self.entries]
+            held = [entry.stored[rows].clone() for entry, rows in zip(self.entries, where)]
+        yield
+        with torch.no_grad():
+            for entry, rows, values in zip(self.entries, where, held):
+                entry.stored[rows] = values
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        gates = [torch.zeros(size, dtype=torch.float64, device=self.active[key].device)
+                 for size, key in zip(self.costs.sizes, self.keys)]
+        for entry in self.entries:
+            stored = entry.stored
+            if entry.gate and stored.grad is not None:
+                gates[entry.unit] += (stored * stored.grad).flatten(1).sum(1)[entry.channels].double() \
+                    if stored.dim() > 1 else (stored * stored.grad)[entry.channels].double()
+        if not self.scores_sum:
+            self.scores_sum = [torch.zeros_like(gate) for gate in gates]
+        for total, gate in zip(self.scores_sum, gates):
+            total += gate.abs()
+
+    def clear_gradients(self) -> None:
+        self.scores_sum = []
+
+    @torch.no_grad()
+    def scores(self, unit: int) -> torch.Tensor:
+        if self.criterion == "taylor":
+            if not self.scores_sum:
+                return torch.zeros(self.costs.sizes[unit], dtype=torch.float64)
+            return self.scores_sum[unit].cpu()
+        norm = torch.zeros(self.costs.sizes[unit], dtype=torch.float64)
+        for entry in self.entries:
+            if entry.unit == unit and entry.filter:
+                norm += entry.stored.detach().flatten(1).pow(2).sum(1)[entry.channels].double().cpu()
+        return norm.sqrt()
+
+    def _bounds(self, budgets) -> list[int]:
+        """Fewest channels each unit may keep: all for fixed or capped-at-0 units, else what the caps allow."""
+        caps = {budget.name: budget for budget in budgets}
+        low = []
+        for index, (unit, size) in enumerate(zip(self.costs.units, self.costs.sizes)):
+            members = [caps[name] for name in unit.members if name in caps]
+            removable = 0 if self.fixed[index] else min((b.max_prune // b.unit for b in members), default=size)
+            low.append(max(size - removable, 1))
+        return low
+
+    def _set_active(self, kept: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> Masks:
+        """Installs new unit masks, zeroing optimizer state of every channel that changed; returns the changes."""
+        changed = {}
+        for key, mask in zip(self.keys, kept):
+            changed[key] = mask ^ self.active[key]
+            self.active[key] = mask
+        for entry in self.entries:
+            reset_optimizer_entries(optimizer, entry.stored, entry.rows(changed[self.keys[entry.unit]]))
+        return changed
+
+    @torch.no_grad()
+    def prune(self, fraction: float, state) -> Masks:
+        actives = [self.active[key].cpu() for key in self.keys]
+        counts = [int(a.sum()) for a in actives]
+        if self.budget is None:
+            self.budget = self.costs.cost(counts)
+        low = [min(lo, c) for lo, c in zip(self._bounds(state.budgets), counts)]
+        values, orders = [], []
+        for index, active in enumerate(actives):
+            scores = self.scores(index).masked_fill(~active, float("-inf"))
+            order = scores.sort(descending=True, stable=True).indices
+            ranked = scores[order].clamp(min=0)[: counts[index]]
+            values.append(torch.cat([torch.zeros(1, dtype=torch.float64), ranked.cumsum(0),
+                                     ranked.sum().expand(len(active) - counts[index])]))
+            orders.append(order)
+        capacity = (1.0 - fraction) * self.budget
+        kept = solve_knapsack(values, self.costs, max(capacity, self.costs.cost(low)), low, counts, start=counts)
+        masks = []
+        for index, (order, k) in enumerate(zip(orders, kept)):
+            mask = torch.zeros_like(actives[index])
+            mask[order[:k]] = True
+            masks.append(mask.to(self.active[self.keys[index]].device))
+        return self._set_active(masks, state.optimizer)
+
+    @torch.no_grad()
+    def grow(self, state) -> Masks:
+        actives = [self.active[key].cpu() for key in self.keys]
+        counts = [int(a.sum()) for a in actives]
+        values, orders = [], []
+        for index, active in enumerate(actives):
+            scores = self.scores(index).masked_fill(active, float("-inf"))
+            order = scores.sort(descending=True, stable=True).indices
+            candidates = len(active) - counts[index]
+            ranked = scores[order].clamp(min=0)[:candidates]
+            values.append(torch.cat([torch.zeros(counts[index] + 1, dtype=torch.float64), ranked.cumsum(0)]))
+            orders.append(order)
+        kept = solve_knapsack(values, self.costs, max(self.budget, self.costs.cost(counts)), counts,
+                              self.costs.sizes, start=counts)
+        masks = []
+        for index, (order, k) in enumerate(zip(orders, kept)):
+            mask = actives[index].clone()
+            mask[order[: k - counts[index]]] = True
+            masks.append(mask.to(self.active[self.keys[index]].device))
+        return self._set_active(masks, state.optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": self.active, "scores_sum": self.scores_sum, "budget": self.budget}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active = {key: mask.clone() for key, mask in state["active"].items()}
+        self.scores_sum, self.budget = list(state["scores_sum"]), state["budget"]
+
+    def finish(self) -> None:
+        """Plain boolean masks on the layers; pruned channels' bias and BatchNorm written as exact zeros."""
+        self.set_straight_through(False)
+        self.show(dense=False)
+        for entry in self.entries:
+            if not entry.filter:
+                parametrize.remove_parametrizations(entry.module, entry.parameter, leave_parametrized=True)
+        self.entries = [entry for entry in self.entries if entry.filter]
