@@ -5,8 +5,9 @@ accuracy of channel-removed models at a given MAC (FLOPs) reduction.
   written as the dense safetensors checkpoint and as compressed checkpoints with fp32 and fp16 values, and
   the compressed fp32 file must load back bit-exactly.
 * ``channels``: Taylor channel pruning (the ``taylor`` preset: coupled channels, BatchNorm re-calibration,
-  no fine-tuning) at the channel sparsity that first reaches each MAC reduction target (bisection on the
-  sparsity; MACs counted after removal, Conv and Linear layers), then the channels are removed and the
+  no fine-tuning) at each MAC reduction target, by the uniform allocation (bisection on the channel
+  sparsity) or the knapsack under the MAC (or a measured latency) budget; MACs counted after removal,
+  Conv and Linear layers. Then the channels are removed and the
   dense and the smaller model are timed on this CPU (median of repeated runs after warm-up, batch 1 and
   64) and evaluated on the test split.
 
@@ -105,12 +106,22 @@ def channel_sparsity_for(target: float, calib, example, tolerance: float = 0.002
     return round(high, 4)
 
 
-def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int, threads: int) -> dict:
-    """Latency and accuracy of the reference model after Taylor channel pruning to ``target`` MAC reduction."""
+def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int, threads: int,
+                allocation: str = "uniform") -> dict:
+    """Latency and accuracy of the reference model after Taylor channel pruning to ``target`` MAC reduction.
+
+    ``allocation``: ``uniform`` (the same fraction of channels in every layer, bisected to the target),
+    ``knapsack`` (channels chosen under the MAC budget) or ``knapsack-latency`` (under a latency table
+    measured on this CPU at batch 64; ``target`` is then the latency fraction removed).
+    """
     example = torch.randn(8, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
-    sparsity = channel_sparsity_for(target, calib, example)
+    if allocation == "uniform":
+        sparsity, picks = channel_sparsity_for(target, calib, example), {}
+    else:
+        cost = "latency" if allocation == "knapsack-latency" else "macs"
+        sparsity, picks = target, {"allocation": "knapsack", "knapsack_cost": cost}
     result = ptsparse.sparsify(load_reference(), calib, method="taylor", sparsity=sparsity, eval_data=test,
-                               progress=False, architecture="reference_resnet20", calib_size=len(calib))
+                               progress=False, architecture="reference_resnet20", calib_size=len(calib), **picks)
     smaller, report = remove_channels(result.model, example)
     dense = load_reference()
     latency = {"dense": {}, "pruned": {}}
@@ -118,7 +129,8 @@ def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int
         latency["dense"][str(batch)] = measure_latency(dense, INPUT_SHAPE, batch, "cpu", warmup, repeats)
         latency["pruned"][str(batch)] = measure_latency(smaller, INPUT_SHAPE, batch, "cpu", warmup, repeats)
     row = {
-        "part": "channels", "target_mac_reduction": target, "channel_sparsity": sparsity,
+        "part": "channels", "allocation": allocation, "target_mac_reduction": target,
+        "channel_sparsity": result.report["achieved_sparsity"],
         "achieved_sparsity": result.report["achieved_sparsity"], "mac_reduction": report["mac_reduction"],
         "macs": report["macs"], "macs_after": report["macs_after"],
         "params": count_params(dense), "params_after": count_params(smaller),
@@ -128,13 +140,14 @@ def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int
         "speedup": {b: latency["dense"][b]["median_ms"] / latency["pruned"][b]["median_ms"] for b in latency["dense"]},
         "warmup": warmup, "repeats": repeats, **_machine(threads),
     }
-    write_json(out / f"channels-{target:g}.json", row)
+    write_json(out / ("channels-" + ("" if allocation == "uniform" else f"{allocation}-") + f"{target:g}.json"), row)
     return row
 
 
 def _load(directory: Path, part: str) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(directory.glob(f"{part}-*.json"))]
-    return sorted(rows, key=lambda r: r.get("sparsity", r.get("target_mac_reduction", 0)))
+    return sorted(rows, key=lambda r: (r.get("allocation", "uniform") != "uniform", r.get("allocation", ""),
+                                       r.get("sparsity", r.get("target_mac_reduction", 0))))
 
 
 def export_section(directory: str | Path = RESULTS) -> str:
@@ -159,19 +172,23 @@ def export_section(directory: str | Path = RESULTS) -> str:
     if channels:
         first = channels[0]
         lines += ["", "Channel pruning with removal (`--method taylor`, then `ptsparse export --format channels`): "
-                  "coupled channels (residual streams pruned as one), BatchNorm re-calibration, no fine-tuning; the "
-                  "channel sparsity is the smallest that reaches the MAC reduction target (MACs of Conv and Linear "
-                  "layers, counted after removal). Accuracy on the 10,000 test images; the removed model's accuracy "
-                  "equals the masked model's. Latency: median of "
+                  "coupled channels (residual streams pruned as one), BatchNorm re-calibration, no fine-tuning. "
+                  "Allocation `uniform`: the same fraction of channels in every layer, the smallest that reaches the "
+                  "MAC reduction target; `knapsack`: channels kept by the knapsack under the MAC budget "
+                  "(`--allocation knapsack`); `knapsack-latency`: under a per-layer latency table measured on this CPU "
+                  "at batch 64 (`--knapsack-cost latency`), the target then being the latency removed. MACs of Conv "
+                  "and Linear layers, counted after removal; the weight sparsity is over the counted layers. Accuracy "
+                  "on the 10,000 test images; the removed model's accuracy equals the masked model's. Latency: median of "
                   f"{first['repeats']} runs after {first['warmup']} warm-up runs, {first['cpu']}, "
                   f"{first['threads']} threads, torch {first['torch']}.",
-                  "", "| MAC reduction target | channel sparsity | MAC reduction | params | accuracy (dense -> pruned) "
+                  "", "| allocation | target | weight sparsity | MAC reduction | params | accuracy (dense -> pruned) "
                   "| b1 ms (dense / pruned) | b64 ms (dense / pruned) | speedup b1 | speedup b64 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in channels:
             d, p = r["latency"]["dense"], r["latency"]["pruned"]
             lines.append(
-                f"| {r['target_mac_reduction']:.0%} | {r['channel_sparsity']:.4f} | {r['mac_reduction']:.1%} | "
+                f"| {r.get('allocation', 'uniform')} | {r['target_mac_reduction']:.0%} | {r['channel_sparsity']:.4f} | "
+                f"{r['mac_reduction']:.1%} | "
                 f"{r['params']:,} -> {r['params_after']:,} | {100 * r['dense_accuracy']:.2f}% -> "
                 f"{100 * r['pruned_accuracy']:.2f}% | {d['1']['median_ms']:.2f} / {p['1']['median_ms']:.2f} | "
                 f"{d['64']['median_ms']:.1f} / {p['64']['median_ms']:.1f} | {r['speedup']['1']:.2f}x | "
@@ -184,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", default=["size", "channels"], choices=["size", "channels"])
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SIZE_SPARSITIES))
     parser.add_argument("--mac-reductions", nargs="+", type=float, default=list(MAC_REDUCTIONS))
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"],
+                        choices=["uniform", "knapsack", "knapsack-latency"], help="channel allocations to measure")
     parser.add_argument("--warmup", type=int, default=20, help="untimed runs before timing")
     parser.add_argument("--repeats", type=int, default=100, help="timed runs; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
@@ -204,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"size @ {sparsity:g}: fp32 {row['ratio_fp32']:.2f}x, fp16 {row['ratio_fp16']:.2f}x", file=sys.stderr)
     if "channels" in args.parts:
         test = FashionMNIST("test")
-        for target in args.mac_reductions:
-            row = channel_run(target, calib, test, args.out, args.warmup, args.repeats, torch.get_num_threads())
-            print(f"channels @ {target:.0%} MACs: sparsity {row['channel_sparsity']}, accuracy "
-                  f"{100 * row['pruned_accuracy']:.2f}%, speedup b64 {row['speedup']['64']:.2f}x", file=sys.stderr)
+        for allocation in args.allocations:
+            for target in args.mac_reductions:
+                row = channel_run(target, calib, test, args.out, args.warmup, args.repeats, torch.get_num_threads(),
+                                  allocation)
+                print(f"channels ({allocation}) @ {target:.0%}: MAC reduction {row['mac_reduction']:.3f}, accuracy "
+                      f"{100 * row['pruned_accuracy']:.2f}%, speedup b64 {row['speedup']['64']:.2f}x", file=sys.stderr)
     print(export_section(args.out))
     return 0
 

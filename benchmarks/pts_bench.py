@@ -250,6 +250,88 @@ def unipts_section(reports: list[dict]) -> str:
     return text
 
 
+IEE_COMPARISON = {  # run -> what it is, for the IEE comparison table
+    "magnitude_kd": "ERK, static masks",
+    "magnitude_kd-dst": "ERK, plain DST (per-layer top-k every step, straight-through, SR-STE decay)",
+    "iee": "ERK, IEE (magnitude)",
+    "iee-taylor": "ERK, IEE with the \\|w * g\\| criterion",
+    "iee-no_reactivate": "ERK, IEE without reactivation (prune/grow by magnitude only)",
+    "fcpts": "FCPTS (learned thresholds)",
+    "iee-fcpts": "FCPTS's learned allocation, IEE",
+    "unipts": "UniPTS (search, base decay, DST)",
+    "unipts-iee": "UniPTS with IEE in place of DST",
+}
+
+
+IEE_COMPARISON_SPARSITIES = (0.9, 0.95)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def iee_section(reports: list[dict]) -> str:
+    if not any(r["run"] == "iee" for r in reports):
+        return ""
+    by_key = {(r["run"], r["target_sparsity"]): r for r in reports}
+    text = ("\n## IEE\n\n"
+            "`iee`: ERK magnitude masks, then the `magnitude_kd` budget (1,600 steps, SGD 0.01, weight decay 3e-4, "
+            "flips, teacher in eval mode) with exploit/explore cycles over the first 65% of the run: 40 steps on the "
+            "active weights, prune the weakest `floor(zeta_t * k)` per layer (zeta from 0.1, cosine-decayed), 40 "
+            "steps, 20 steps training only the reactivated pruned weights (kept weights, biases and BatchNorm "
+            "frozen, statistics restored), regrow as many by the same criterion (10 cycles, 200 of the 1,600 steps "
+            "dense). Then BatchNorm re-calibration.\n\n"
+            + comparison_table(reports, ["magnitude_kd", "magnitude_kd-dst", "fcpts", "unipts", "iee"]) + "\n\n")
+    sparsities = IEE_COMPARISON_SPARSITIES
+    lines = ["| run | masks and dynamics | " + " | ".join(f"{s:g}" for s in sparsities)
+             + " | vs static | vs plain DST | mean survival of regrown units to the end | wall time (s) |",
+             "|---" * (len(sparsities) + 6) + "|"]
+    for name, what in IEE_COMPARISON.items():
+        rows = [by_key.get((name, s)) for s in sparsities]
+        if not any(rows):
+            continue
+        cells = [f"{100 * r['sparse_accuracy']:.2f}" if r else "-" for r in rows]
+
+        def delta(base: str) -> str:
+            parts = [f"{100 * (r['sparse_accuracy'] - by_key[(base, s)]['sparse_accuracy']):+.2f}"
+                     for r, s in zip(rows, sparsities) if r and (base, s) in by_key]
+            return " / ".join(parts) if name != base else ""
+
+        survival = [_mean([c["survival_end"] for c in r["recovery"].get("iee_cycles", []) if "survival_end" in c])
+                    for r in rows if r]
+        times = " / ".join(f"{r['wall_time_s']:.0f}" for r in rows if r)
+        survival_text = " / ".join(f"{v:.2f}" for v in survival if v == v) or "-"
+        lines.append(f"| {name} | {what} | " + " | ".join(cells)
+                     + f" | {delta('magnitude_kd')} | {delta('magnitude_kd-dst')} | {survival_text} | {times} |")
+    text += ("Comparison and ablation (same calibration set, steps and seed; deltas per sparsity column that has "
+             "both runs):\n\n" + "\n".join(lines) + "\n\n")
+    cycles = by_key.get(("iee", 0.9), {}).get("recovery", {}).get("iee_cycles")
+    if cycles:
+        text += ("Cycle diagnostics of `iee` at 0.9 (IoU of the masks before the prune and after the grow; survival: "
+                 "share of the regrown weights still kept after the next cycle and at the end):\n\n"
+                 "| cycle | step | swap fraction | swapped | IoU | regrown were just pruned | survival next | "
+                 "survival end |\n|---|---|---|---|---|---|---|---|\n")
+        for c in cycles:
+            text += (f"| {c['cycle']} | {c['step']} | {c['swap_fraction']:.3f} | {c['swapped']} | {c['iou']:.3f} | "
+                     f"{c['regrown_just_pruned']:.2f} | {c.get('survival_next', float('nan')):.2f} | "
+                     f"{c['survival_end']:.2f} |\n")
+    channel = sorted((r for r in reports if r["run"] in MAC_RUNS), key=lambda r: (r["run"], r["target_sparsity"]))
+    if channel:
+        text += ("\nChannels under a MAC budget: Taylor channel masks chosen by the knapsack allocation (coupled "
+                 "residual channels share a mask) at the given fraction of the dense MACs removed, then the same "
+                 "distillation budget with static masks (`taylor-knapsack_kd`) or IEE on channels (`iee-channel`: "
+                 "Taylor gate scores from the distillation loss, prune and grow as knapsacks under the starting MACs). "
+                 "MAC reduction counts every Conv and Linear layer after removal of the zeroed channels.\n\n"
+                 "| run | MAC reduction target | achieved | weight sparsity | sparse acc | wall time (s) |\n"
+                 "|---|---|---|---|---|---|\n")
+        for r in channel:
+            achieved = r["recovery"].get("iee_reduction", (r.get("allocation_search") or {}).get("reduction"))
+            text += (f"| {r['run']} | {r['config']['sparsity']:g} | "
+                     f"{'-' if achieved is None else f'{achieved:.4f}'} | {r['achieved_sparsity']:.4f} | "
+                     f"{100 * r['sparse_accuracy']:.2f} | {r['wall_time_s']:.0f} |\n")
+    return text
+
+
 def write_results() -> None:
     table, reports = build_table()
     plot(reports, HERE / "accuracy_vs_sparsity.png")
@@ -270,6 +352,7 @@ def write_results() -> None:
         f"{table}\n\n![accuracy vs sparsity](accuracy_vs_sparsity.png)\n"
         + fcpts_section(reports)
         + unipts_section(reports)
+        + iee_section(reports)
         + "\n" + export_section()
     )
     write_text(HERE / "RESULTS.md", text)

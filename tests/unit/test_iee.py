@@ -245,6 +245,7 @@ def test_channel_iee_swaps_whole_channels_within_the_flops_budget(monkeypatch):
     assert frozen_ok and all(frozen_ok)  # active filters, biases and BatchNorm never move while exploring
     cycles = result.report["recovery"]["iee_cycles"]
     assert len(cycles) == 2 and cycles[0]["swapped"] > 0 and 0 < cycles[0]["iou"] <= 1
+    assert result.report["recovery"]["iee_reduction"] >= 0.5
     for name, mask in result.masks.items():  # whole output channels only
         rows = mask.flatten(1)
         assert bool((rows.all(1) | ~rows.any(1)).all()), name

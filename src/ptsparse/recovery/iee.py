@@ -363,4 +363,4 @@ class ExploitExplore(Dynamics):
         cycles = [{k: v for k, v in entry.items() if not k.startswith("_")} for entry in self.cycle_log]
         explore_steps = self.steps[2] * len(cycles) if self.reactivate else 0
         return {"iee_criterion": self.criterion, "iee_reactivate": self.reactivate, "iee_cycles": cycles,
-                "iee_dense_steps": explore_steps}
+                "iee_dense_steps": explore_steps, **(self.units.summary() if hasattr(self.units, "summary") else {})}

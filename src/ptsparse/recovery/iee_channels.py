@@ -225,6 +225,12 @@ class ChannelUnits:
             masks.append(mask.to(self.active[self.keys[index]].device))
         return self._set_active(masks, state.optimizer)
 
+    def summary(self) -> dict[str, Any]:
+        """The budget the cycles kept to and the final cost, in the cost model's units."""
+        cost = self.costs.cost([int(self.active[key].sum()) for key in self.keys])
+        return {"iee_cost": self.costs.kind, "iee_budget": self.budget, "iee_cost_after": cost,
+                "iee_reduction": 1 - cost / self.costs.dense_cost}
+
     def state_dict(self) -> dict[str, Any]:
         return {"active": self.active, "scores_sum": self.scores_sum, "budget": self.budget}
 
