@@ -145,7 +145,8 @@ def test_report_of_missing_run(capsys, tmp_path):
 
 def test_list_axes(capsys):
     assert {"magnitude", "magnitude_kd", "pot"} <= set(run_cli(capsys, "list", "methods")[1].split())
-    assert run_cli(capsys, "list", "allocations")[1].split() == ["erk", "global", "uniform", "unipts_search"]
+    assert run_cli(capsys, "list", "allocations")[1].split() == ["erk", "fcpts", "global", "knapsack", "uniform",
+                                                               "unipts_search"]
 
 
 def test_console_script_exits_2_without_traceback(tmp_path):

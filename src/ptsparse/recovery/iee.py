@@ -210,6 +210,9 @@ class WeightUnits:
         self.show(dense=False)
         self.set_straight_through(False)
 
+    def summary(self) -> dict[str, Any]:
+        return {}
+
 
 @DYNAMICS.register("iee")
 class ExploitExplore(Dynamics):
@@ -235,7 +238,8 @@ class ExploitExplore(Dynamics):
         self.steps = (exploit_steps, improve_steps, explore_steps)
         self.alpha, self.end, self.criterion, self.reactivate = alpha, end, criterion, reactivate
         self.channels, self.knapsack_cost, self.batch_size = channels, knapsack_cost, batch_size
-        self.units: Any = None
+        self.units: Any = None  # WeightUnits, or ChannelUnits for the channel pattern
+        self.model: nn.Module | None = None
         self.explorer: torch.optim.Optimizer | None = None
         self.explorer_state: dict[str, Any] | None = None
         self.norm_statistics: dict[str, torch.Tensor] | None = None
@@ -363,4 +367,4 @@ class ExploitExplore(Dynamics):
         cycles = [{k: v for k, v in entry.items() if not k.startswith("_")} for entry in self.cycle_log]
         explore_steps = self.steps[2] * len(cycles) if self.reactivate else 0
         return {"iee_criterion": self.criterion, "iee_reactivate": self.reactivate, "iee_cycles": cycles,
-                "iee_dense_steps": explore_steps, **(self.units.summary() if hasattr(self.units, "summary") else {})}
+                "iee_dense_steps": explore_steps, **self.units.summary()}
