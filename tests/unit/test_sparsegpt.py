@@ -229,3 +229,13 @@ def test_sparsify_with_sparsegpt_two_four(tiny_cnn, calib_images):
         weight = getattr(result.model, name).weight.detach()
         assert ((weight.movedim(1, -1).reshape(-1, 4) != 0).sum(1) == 2).all(), name
     assert (result.model.depthwise.weight != 0).all()
+
+
+def test_more_dead_inputs_than_the_prune_count_add_no_zeros():
+    layer = seeded(nn.Linear(8, 4))
+    x = correlated(40, 8)
+    x[:, [1, 2, 5, 6]] = 0  # 16 dead weights, 8 to prune
+    _, mask, before, after = prune(layer, x, 8)
+    assert int((~mask).sum()) == 8 and int((after == 0).sum()) == 8
+    kept_dead = mask[:, [1, 2, 5, 6]]
+    assert torch.equal(after[:, [1, 2, 5, 6]][kept_dead], before[:, [1, 2, 5, 6]][kept_dead])

@@ -49,12 +49,17 @@ class Segment(NamedTuple):
     count: int | None = None
 
 
-def drop_dead_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sets ``H_jj = 1`` and ``W[:, j] = 0`` where ``H_jj == 0`` (per group; shapes ``(G, r, c)``, ``(G, c, c)``)."""
+def drop_dead_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sets ``H_jj = 1`` and ``W[:, j] = 0`` where ``H_jj == 0`` (per group; shapes ``(G, r, c)``, ``(G, c, c)``).
+
+    Returns the weight, the Hessian and the dead columns ``(G, c)``; the zeroed weights rank lowest, so the
+    sweep prunes them first, and the caller restores those it keeps (more dead inputs than the prune count,
+    e.g. 3x3 taps that only see padding on 1x1 maps, must not add zeros beyond the target).
+    """
     dead = hessian.diagonal(dim1=1, dim2=2) == 0
     hessian = hessian.clone()
     hessian.diagonal(dim1=1, dim2=2)[dead] = 1.0
-    return weight.masked_fill(dead[:, None, :], 0.0), hessian
+    return weight.masked_fill(dead[:, None, :], 0.0), hessian, dead
 
 
 def inverse_factor(hessian: torch.Tensor, dampening: float = 0.01, tries: int = 8) -> torch.Tensor:
@@ -249,12 +254,13 @@ class SparseGPT:
             blocks, segments = nm_plan(positions, channels, pattern, self.blocksize)
         else:
             blocks, segments = unstructured_plan(shape[0], columns, count, self.blocksize)
-        live_weight, live_hessian = drop_dead_inputs(weight, hessian)
+        live_weight, live_hessian, dead = drop_dead_inputs(weight, hessian)
         try:
             factor = inverse_factor(live_hessian, self.dampening)
         except CalibrationError as error:
             raise CalibrationError(f"sparsegpt, layer {target.name}: {error}") from None
         updated, pruned = sparsegpt_sweep(live_weight, factor, blocks, segments)
+        updated = torch.where(dead[:, None, :] & ~pruned, weight, updated)  # kept dead inputs: never seen non-zero
         self.errors[target.name] = reconstruction_error(weight, updated, hessian, int(stats["hessian_count"]))
         if order is not None:
             inverse = torch.argsort(order)
