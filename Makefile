@@ -11,7 +11,7 @@ venv: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,export]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,export,vision,timm,hf]'
 	touch $(INSTALLED)
 
 # The Debian package dataset-fashion-mnist holds the IDX files; install it when they are missing.

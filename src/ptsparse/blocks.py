@@ -2,8 +2,22 @@
 objectives compare between the sparse student and the dense teacher.
 
 Found automatically as the outermost modules that sit in a ``Sequential``/``ModuleList`` container and hold
-two or more prunable layers (``stages.0.1`` of the reference model, ``layer1.0`` of a torchvision ResNet,
-``blocks.3`` of a timm ViT, ``encoder.layer.5`` of a BERT), or named by the user with name globs.
+two or more prunable layers, refined to the repeated units inside them where a found module holds two or
+more such units itself (a timm ConvNeXt stage ``stages.0`` becomes ``stages.0.blocks.0``, ...). That gives:
+
+========================================  ==============================================
+model                                     blocks
+========================================  ==============================================
+the reference model                       ``stages.0.0`` ... ``stages.2.2``
+torchvision ResNet                        ``layer1.0`` ... ``layer4.1``
+torchvision MobileNetV2                   ``features.1`` ... ``features.17`` (inverted residuals)
+torchvision RegNet                        ``trunk_output.block1.block1-0`` ...
+timm ViT / DeiT                           ``blocks.0`` ... ``blocks.N``
+timm ConvNeXt, Swin                       ``stages.0.blocks.0`` ..., ``layers.0.blocks.0`` ...
+Hugging Face BERT / ViT (``hf:``)         ``hf.bert.encoder.layer.0`` ..., ``hf.vit.encoder.layer.0`` ...
+========================================  ==============================================
+
+Or named by the user with name globs (``blocks: ["layer*.*"]``), which replace the discovery.
 """
 
 from __future__ import annotations
@@ -41,15 +55,31 @@ def find_blocks(model: nn.Module, targets: Sequence[Target], names: Sequence[str
         chosen = [name for name in modules if name in chosen]  # module order
         return [name for name in chosen if not any(name.startswith(outer + ".") for outer in chosen)]
     target_names = [t.name for t in targets]
-    blocks: list[str] = []
+    # candidates: non-container modules inside a container that hold two or more prunable layers
+    candidates = []
     for name, module in modules.items():
-        if not name or isinstance(module, _CONTAINERS) or any(name.startswith(b + ".") for b in blocks):
+        if not name or isinstance(module, _CONTAINERS):
             continue
         parent = modules[name.rpartition(".")[0]]
         held = sum(1 for t in target_names if t.startswith(name + "."))
         if isinstance(parent, _CONTAINERS) and held >= 2:
-            blocks.append(name)
+            candidates.append(name)
+    blocks = _refine(_outermost(candidates), candidates)
     if not blocks:
         raise ConfigError("no blocks found automatically (modules inside a Sequential or ModuleList holding "
                           "two or more prunable layers); name them with `blocks`, e.g. ['layer*.*']")
     return blocks
+
+
+def _outermost(names: list[str]) -> list[str]:
+    """The names not inside another of ``names`` (module order kept)."""
+    return [name for name in names if not any(name.startswith(other + ".") for other in names if other != name)]
+
+
+def _refine(blocks: list[str], candidates: list[str]) -> list[str]:
+    """Replaces each block that holds two or more candidate units by those units (recursively)."""
+    refined = []
+    for block in blocks:
+        inner = _outermost([name for name in candidates if name.startswith(block + ".")])
+        refined += _refine(inner, candidates) if len(inner) >= 2 else [block]
+    return refined

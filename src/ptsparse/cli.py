@@ -54,23 +54,60 @@ def _config_from_args(args: argparse.Namespace) -> SparsityConfig:
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="fashion-mnist",
-                        help="fashion-mnist, or an image folder (class sub-folders; train/ and val/ if present)")
+                        help="fashion-mnist, an image folder (class sub-folders, or images without labels; train/ "
+                             "and val/ if present), or text:FILE (one sample per line, for hf: text models)")
     parser.add_argument("--data-dir", default=None,
                         help="directory of the Fashion-MNIST IDX files (default: $PTSPARSE_FASHION_MNIST_DIR "
                              "or /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="crop size for image folders (default: the model's own, e.g. 224 for torchvision "
+                             "ImageNet models; 28 for the reference model); the resize keeps its ratio to it")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="shorter side before the centre crop, for torchvision:, timm: and hf: models (default: "
+                             "the model's own, e.g. 232 for torchvision's V2 weights; 256 fits its V1 weights)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per text:FILE sample (default 128)")
+
+
+def _model_flags(parser: argparse.ArgumentParser, default: str = "reference") -> None:
+    parser.add_argument("--model", default=default,
+                        help="reference; torchvision:NAME, timm:NAME (random weights unless --weights; "
+                             "NAME,key=value passes constructor arguments) or hf:DIRECTORY (a local Hugging Face "
+                             "model); or a safetensors checkpoint / output directory written by ptsparse")
+    parser.add_argument("--weights", default=None,
+                        help="local weights for --model: a state dict in safetensors or a torch file "
+                             "(read with weights_only=True)")
+
+
+def _sources(args: argparse.Namespace, model, architecture: str | None, splits: tuple[str, ...]) -> list:
+    """The data of ``--data`` for each split, preprocessed as the model expects."""
+    from .data import load_source
+    from .models import zoo
+
+    data = str(args.data)
+    options: dict[str, Any] = {"root": args.data_dir}
+    if data.startswith("text:"):
+        options.update(tokenizer=zoo.load_tokenizer(architecture or str(args.model)), seq_len=args.seq_len)
+    elif data != "fashion-mnist" and architecture and zoo.is_spec(architecture):
+        options["transform"] = zoo.image_transform(architecture, model, args.image_size, args.resize)
+    elif args.image_size:
+        options["image_size"] = args.image_size
+    return [load_source(data, split, **options) for split in splits]
 
 
 def cmd_sparsify(args: argparse.Namespace) -> int:
-    from .data import load_source, sample_calibration
+    from .data import has_labels, sample_calibration
     from .models import resolve_model
     from .report import format_table
     from .sparsify import sparsify
 
     config = _config_from_args(args)
-    model, architecture = resolve_model(args.model)
-    source = load_source(args.data, "train", root=args.data_dir)
+    model, architecture = resolve_model(args.model, args.weights)
+    source, = _sources(args, model, architecture, ("train",))
     calibration = sample_calibration(source, config.calib_size, config.seed, config.calib_balanced)
-    eval_data = None if args.no_eval else load_source(args.data, "test", root=args.data_dir)
+    eval_data = None
+    if not args.no_eval and has_labels(source):  # images without class folders and text carry no labels
+        eval_data, = _sources(args, model, architecture, ("test",))
+        eval_data = eval_data if has_labels(eval_data) else None
     resume_dir = Path(args.out) / ".resume" if args.out else None
     if args.resume and resume_dir is None:
         raise ConfigError("--resume needs --out: the checkpoint of an interrupted run lives in OUT/.resume")
@@ -85,13 +122,21 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_source
+    from .data import has_labels
+    from .errors import DataError
     from .evaluate import accuracy
     from .export import load_model
+    from .models import resolve_model, zoo
     from .sparsify import sparsity_of
 
-    model, _ = load_model(args.model)
-    data = load_source(args.data, args.split, root=args.data_dir)
+    if zoo.is_spec(str(args.model)) or args.weights:
+        model, architecture = resolve_model(args.model, args.weights)
+    else:
+        model, metadata = load_model(args.model)
+        architecture = metadata.get("architecture")
+    data, = _sources(args, model, architecture, (args.split,))
+    if not has_labels(data):
+        raise DataError(f"data {str(args.data)!r} carries no labels (no class folders); accuracy needs them")
     result = {"model": str(args.model), "data": str(args.data), "split": args.split,
               "accuracy": accuracy(model, data, device=args.device, show_progress=not args.quiet),
               "sparsity": sparsity_of(model)}
@@ -233,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sparsify", help="sparsify a model to a target sparsity")
-    p.add_argument("--model", default="reference", help="reference, or a safetensors checkpoint / output directory")
+    _model_flags(p)
     _data_flags(p)
     p.add_argument("--config", default=None, help="YAML or JSON file with the same keys as the flags")
     p.add_argument("--out", default=None, help="directory for model.safetensors, config.yaml and report.json")
@@ -245,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_sparsify)
 
     p = sub.add_parser("eval", help="accuracy and sparsity of a model")
-    p.add_argument("--model", default="reference", help="reference, or a safetensors checkpoint / output directory")
+    _model_flags(p)
     _data_flags(p)
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--device", default="cpu")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ptsparse.data import (Calibration, FashionMNIST, ImageFolder, TensorSource, as_calibration, load_source,
-                           sample_calibration, sample_indices)
+from ptsparse.data import (Calibration, FashionMNIST, ImageFolder, ImageTransform, TensorSource, TextLines,
+                           as_calibration, has_labels, load_source, sample_calibration, sample_indices)
 from ptsparse.data.fashion_mnist import read_idx
 from ptsparse.errors import CalibrationError, DataError
 
@@ -273,6 +273,99 @@ def test_sample_calibration_from_image_folder(image_root):
     calibration = sample_calibration(ImageFolder(image_root, crop=8), 2, seed=0, balanced=True)
     assert calibration.inputs.shape == (2, 1, 8, 8)
     assert sorted(calibration.labels.tolist()) == [0, 1]
+
+
+def test_image_transform_resizes_the_shorter_side_then_centre_crops():
+    from PIL import Image
+
+    # a 40x20 image: left half black, right half white; shorter side 20 -> 10, so 20x10, centre 10x10 crop
+    array = np.zeros((20, 40, 3), dtype=np.uint8)
+    array[:, 20:] = 255
+    x = ImageTransform(crop=10, resize=10, channels=3, mean=(0.5,), std=(0.5,), interpolation="nearest")(
+        Image.fromarray(array))
+    assert x.shape == (3, 10, 10)
+    assert torch.equal(x[:, :, :5], -torch.ones(3, 10, 5)) and torch.equal(x[:, :, 5:], torch.ones(3, 10, 5))
+    assert ImageTransform(crop=8, resize=12, channels=1).describe()["resize"] == 12
+
+
+@pytest.mark.parametrize("bad", [dict(crop=0), dict(crop=8, channels=2), dict(crop=8, interpolation="cubic"),
+                                 dict(crop=8, channels=3, mean=(0.1, 0.2))])
+def test_image_transform_rejects_bad_settings(bad):
+    with pytest.raises(DataError):
+        ImageTransform(**bad)
+
+
+def test_image_folder_with_a_model_transform(image_root):
+    seen = []
+
+    def transform(image):
+        seen.append(image.mode)
+        return torch.zeros(3, 5, 5)
+
+    data = ImageFolder(image_root, transform=transform)
+    x, label = data[0]
+    assert x.shape == (3, 5, 5) and label == 0 and seen == ["RGB"]  # given the image in RGB
+    assert load_source(image_root, transform=transform)[3][0].shape == (3, 5, 5)
+    with pytest.raises(DataError, match="not a tensor"):
+        ImageFolder(image_root, transform=lambda image: image)[0]
+
+
+def test_flat_image_folder_has_no_labels(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (10, 12), (i * 50, 0, 0)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "readme.txt").write_text("not an image")
+    data = ImageFolder(tmp_path, crop=8, channels=3)
+    assert len(data) == 3 and data.classes == [] and data.labels.tolist() == [-1, -1, -1]
+    assert data[1][1] == -1 and not has_labels(data)
+    calibration = sample_calibration(data, 2, seed=0)
+    assert calibration.inputs.shape == (2, 3, 8, 8) and calibration.labels is None
+    with pytest.raises(CalibrationError, match="label"):
+        sample_calibration(data, 2, seed=0, balanced=True)
+
+
+def test_has_labels(image_root):
+    assert has_labels(ImageFolder(image_root, crop=4))
+    assert has_labels(TensorSource(torch.zeros(2, 3), torch.tensor([0, 1])))
+    assert not has_labels(TensorSource(torch.zeros(2, 3)))
+
+
+def fake_tokenizer(lines, seq_len):
+    """Token ids = word lengths, padded with 0: a stand-in for a Hugging Face tokenizer."""
+    ids = torch.zeros(len(lines), seq_len, dtype=torch.long)
+    for row, line in enumerate(lines):
+        lengths = [len(word) for word in line.split()][:seq_len]
+        ids[row, :len(lengths)] = torch.tensor(lengths)
+    return ids
+
+
+def test_text_lines_one_sample_per_line(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("a bb ccc\n\n  \ndddd e\nf gg hhh iiii jjjjj\n")
+    data = TextLines(path, fake_tokenizer, seq_len=4)
+    assert len(data) == 3 and data.lines[1] == "dddd e" and not has_labels(data)
+    assert data[0][0].tolist() == [1, 2, 3, 0] and data[0][1] == -1
+    assert data[2][0].tolist() == [1, 2, 3, 4]  # truncated to seq_len
+    via_source = load_source(f"text:{path}", tokenizer=fake_tokenizer, seq_len=4)
+    calibration = sample_calibration(via_source, 3, seed=0)
+    assert calibration.inputs.dtype == torch.int64 and calibration.inputs.shape == (3, 4)
+    assert calibration.labels is None
+
+
+def test_text_errors(tmp_path):
+    with pytest.raises(DataError, match="tokenizer"):
+        load_source(f"text:{tmp_path / 'x.txt'}")
+    with pytest.raises(DataError, match="does not exist"):
+        TextLines(tmp_path / "absent.txt", fake_tokenizer)
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="no non-blank line"):
+        TextLines(tmp_path / "blank.txt", fake_tokenizer)
+    (tmp_path / "ok.txt").write_text("a b\n")
+    with pytest.raises(DataError, match="sequence length"):
+        TextLines(tmp_path / "ok.txt", fake_tokenizer, seq_len=1)
+    with pytest.raises(DataError, match="shape"):
+        TextLines(tmp_path / "ok.txt", lambda lines, n: torch.zeros(len(lines), n + 1), seq_len=4)
 
 
 # Fashion-MNIST IDX files ------------------------------------------------------------------------------

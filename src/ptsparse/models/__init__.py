@@ -1,8 +1,13 @@
-"""Models by name: the bundled reference model, and checkpoints written by ptsparse.
+"""Models by name: the bundled reference model, torchvision / timm / Hugging Face models, and checkpoints
+written by ptsparse.
 
-``--model`` accepts ``reference`` (the committed, trained ResNet-20 for Fashion-MNIST) or the path of a
-safetensors checkpoint whose metadata names a registered architecture (every checkpoint ptsparse writes
+``--model`` accepts ``reference`` (the committed, trained ResNet-20 for Fashion-MNIST), a model spec
+``torchvision:NAME``, ``timm:NAME`` or ``hf:DIRECTORY`` (:mod:`ptsparse.models.zoo`, optional extras), the
+path of a safetensors checkpoint whose metadata names an architecture (every checkpoint ptsparse writes
 does), or a sparsify output directory.
+
+Architectures are the registered names (``reference_resnet20``) and every model spec: a result sparsified
+from ``torchvision:resnet18`` records that string, and :func:`load_checkpoint` rebuilds the model from it.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -18,9 +24,27 @@ from torch import nn
 from .._registry import Registry
 from ..checkpoint import load_into, load_state, resize_modules
 from ..errors import CheckpointError
+from . import zoo
 from .reference import ReferenceResNet, reference_resnet
 
-ARCHITECTURES: Registry[Callable[[], nn.Module]] = Registry("architecture")
+
+class Architectures(Registry):
+    """The registry of architecture names, which also resolves every ``torchvision:``, ``timm:`` and ``hf:``
+    spec to a constructor of that model (random weights; a checkpoint's own are loaded into it)."""
+
+    def get(self, name: str) -> Callable[[], nn.Module]:
+        if zoo.is_spec(name) and not super().__contains__(name):
+            return partial(zoo.build_model, name, load_weights=False)
+        return super().get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or zoo.is_spec(name)
+
+    def names(self) -> list[str]:
+        return super().names() + list(zoo.SPEC_FORMS)
+
+
+ARCHITECTURES: Registry[Callable[[], nn.Module]] = Architectures("architecture")
 ARCHITECTURES.register("reference_resnet20")(reference_resnet)
 
 REFERENCE_WEIGHTS = "reference_resnet20.safetensors"
@@ -71,16 +95,40 @@ def load_reference() -> ReferenceResNet:
     return model
 
 
-def resolve_model(spec: str | os.PathLike) -> tuple[nn.Module, str]:
-    """``--model``: ``"reference"`` or a checkpoint path; returns the model and its architecture name."""
+def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None) -> tuple[nn.Module, str]:
+    """``--model`` (and ``--weights``): the model (eval mode) and its architecture name.
+
+    Args:
+        spec: ``"reference"``; ``"torchvision:NAME"``, ``"timm:NAME"`` (random weights unless ``weights``) or
+            ``"hf:DIRECTORY"`` (its own weights if it has any), see :mod:`ptsparse.models.zoo`; or a checkpoint
+            path / output directory written by ptsparse.
+        weights: a local state dict (safetensors, or a torch file read with ``weights_only=True``) loaded
+            into the model.
+
+    Returns:
+        The model and the architecture to record: the canonical spec for torchvision / timm / hf models.
+
+    Raises:
+        CheckpointError: no such model or checkpoint, or the weights do not fit it.
+        MissingExtraError: the optional package of a spec is not installed (the message names the pip command).
+        ModelError: a spec names no known model.
+    """
     if str(spec) == "reference":
-        return load_reference(), "reference_resnet20"
-    path = Path(spec)
-    if not path.exists():
-        raise CheckpointError(f"model {str(spec)!r} is neither 'reference' nor an existing checkpoint path")
-    model, metadata = load_checkpoint(path)
-    return model, metadata["architecture"]
+        model, architecture = load_reference(), "reference_resnet20"
+    elif zoo.is_spec(str(spec)):
+        architecture = zoo.canonical_spec(str(spec))
+        model = zoo.build_model(architecture)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise CheckpointError(f"model {str(spec)!r} is neither 'reference' nor an existing checkpoint path "
+                                  f"(nor a model spec: {', '.join(zoo.SPEC_FORMS)})")
+        model, metadata = load_checkpoint(path)
+        architecture = metadata["architecture"]
+    if weights is not None:
+        zoo.load_weights(model, weights)
+    return model.eval(), architecture
 
 
-__all__ = ["ARCHITECTURES", "ReferenceResNet", "load_checkpoint", "load_reference", "reference_metadata",
+__all__ = ["ARCHITECTURES", "Architectures", "ReferenceResNet", "load_checkpoint", "load_reference", "reference_metadata",
            "reference_resnet", "reference_weights_path", "resolve_model"]

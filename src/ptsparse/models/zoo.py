@@ -1,0 +1,467 @@
+"""Models from torchvision, timm and Hugging Face transformers, named by a spec string, and their preprocessing.
+
+Specs (``--model``, :func:`ptsparse.models.resolve_model`):
+
+``torchvision:NAME[,key=value...]``
+    ``torchvision.models.get_model(NAME, weights=None, **kwargs)``: a classification model with random weights
+    (``resnet18``, ``mobilenet_v2``, ``regnet_y_400mf``, ...). Needs ``pip install 'ptsparse[vision]'``.
+``timm:NAME[,key=value...]``
+    ``timm.create_model(NAME, pretrained=False, **kwargs)``. Needs ``pip install 'ptsparse[timm]'``.
+``hf:DIRECTORY``
+    A local Hugging Face directory holding ``config.json`` (and, if present, its weights), loaded with
+    ``local_files_only=True``: an image classifier (ViT, ...) or a sequence classifier (BERT, ...). The model is
+    wrapped in :class:`HFLogits`, so its module names start with ``hf.`` (``hf.bert.encoder.layer.0``).
+    Needs ``pip install 'ptsparse[hf]'``.
+
+``key=value`` pairs go to the constructor (``torchvision:resnet50,num_classes=10``,
+``timm:vit_tiny_patch16_224,img_size=64,num_classes=10``); values are Python literals, else strings.
+Nothing is downloaded: weights come from the ``hf:`` directory or a local file (:func:`load_weights`,
+``--weights``). The canonical spec (:func:`canonical_spec`) is what a saved result records as its
+architecture, so ``ptsparse.load`` rebuilds the same model (``hf:`` records the directory's absolute path,
+whose ``config.json`` must still be there).
+
+Every model returns a plain logits tensor, as the distillation objectives and accuracy expect.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ModelError
+
+try:  # one exception type for every missing optional package (ptsparse.export uses it too)
+    from ..export._extras import MissingExtraError
+except ImportError:  # pragma: no cover - the export package is part of ptsparse
+    from ..errors import PtsparseError
+
+    class MissingExtraError(PtsparseError, ImportError):
+        """A feature needs an optional package that is not installed."""
+
+PREFIXES = ("torchvision", "timm", "hf")
+SPEC_FORMS = ("torchvision:NAME", "timm:NAME", "hf:DIRECTORY")
+HF_PREFIX = "hf"  # the attribute of HFLogits holding the Hugging Face model: its submodules are named "hf.*"
+
+def install_hint(extra: str) -> str:
+    return f"pip install 'ptsparse[{extra}]'"
+
+
+def require(module: str, extra: str, what: str) -> ModuleType:
+    """Imports ``module`` or raises :class:`MissingExtraError` naming the ``pip install`` command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{what} needs the package {module!r}, which is not installed; run: "
+                                f"{install_hint(extra)}") from None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed model spec: ``kind`` (torchvision, timm, hf), ``name`` (model name or directory), ``kwargs``."""
+
+    kind: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        extra = "".join(f",{key}={value!r}" if isinstance(value, str) else f",{key}={value}"
+                        for key, value in sorted(self.kwargs.items()))
+        return f"{self.kind}:{self.name}{extra}"
+
+
+def is_spec(spec: object) -> bool:
+    """Whether ``spec`` names a model of torchvision, timm or Hugging Face (``kind:...``)."""
+    return isinstance(spec, str) and spec.partition(":")[0] in PREFIXES and bool(spec.partition(":")[2])
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Splits on commas outside brackets and quotes (``a,b=(1, 2),c='x,y'`` -> 3 parts)."""
+    parts, depth, quote, start = [], 0, None, 0
+    for position, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:position])
+            start = position + 1
+    return parts + [text[start:]]
+
+
+def parse_spec(spec: str) -> Spec:
+    """``"timm:vit_tiny_patch16_224,img_size=64"`` -> ``Spec("timm", "vit_tiny_patch16_224", {"img_size": 64})``.
+
+    Raises:
+        ModelError: not a ``torchvision:``, ``timm:`` or ``hf:`` spec, or a malformed ``key=value``.
+    """
+    kind, _, rest = str(spec).partition(":")
+    if kind not in PREFIXES or not rest:
+        raise ModelError(f"model {str(spec)!r} is not one of {', '.join(SPEC_FORMS)}")
+    if kind == "hf":
+        return Spec(kind, str(Path(rest).expanduser().resolve()))
+    name, *pairs = _split_top_level(rest)
+    kwargs = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip().isidentifier():
+            raise ModelError(f"model {str(spec)!r}: {pair!r} is not key=value (e.g. {kind}:{name},num_classes=10)")
+        kwargs[key.strip()] = _literal(value.strip())
+    return Spec(kind, name.strip(), kwargs)
+
+
+def canonical_spec(spec: str) -> str:
+    """The spec a saved result records as its architecture (sorted kwargs, absolute ``hf:`` path)."""
+    return str(parse_spec(spec))
+
+
+# --- building --------------------------------------------------------------------------------------------
+
+# Models whose training-mode forward returns auxiliary outputs besides the logits unless told not to.
+_TORCHVISION_DEFAULTS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                         "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+
+def _torchvision(spec: Spec) -> nn.Module:
+    require("torchvision", "vision", f"model {spec}")
+    tv_models = require("torchvision.models", "vision", f"model {spec}")
+    names = tv_models.list_models(module=tv_models)
+    if spec.name not in names:
+        raise ModelError(f"unknown torchvision classification model {spec.name!r}; choose one of: {', '.join(names)}")
+    kwargs = {**_TORCHVISION_DEFAULTS.get(spec.name, {}), **spec.kwargs}
+    try:
+        return tv_models.get_model(spec.name, weights=None, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"cannot build {spec}: {error}") from None
+
+
+def _timm(spec: Spec) -> nn.Module:
+    timm = require("timm", "timm", f"model {spec}")
+    if not timm.is_model(spec.name):
+        raise ModelError(f"unknown timm model {spec.name!r}; `timm.list_models()` lists them")
+    try:
+        return timm.create_model(spec.name, pretrained=False, **spec.kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as error:
+        raise ModelError(f"cannot build {spec}: {error}") from None
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face classifier that takes one tensor and returns its ``.logits``.
+
+    Floating inputs are ``pixel_values`` (images); integer inputs are ``input_ids`` (text), with an attention
+    mask that hides the pad token (``config.pad_token_id``) when the config has one.
+
+    Attributes:
+        hf: the wrapped model (so its submodules are named ``hf.<name>``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.hf = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            return self.hf(pixel_values=x).logits
+        pad = getattr(self.hf.config, "pad_token_id", None)
+        mask = (x != pad).long() if pad is not None else None
+        return self.hf(input_ids=x, attention_mask=mask).logits
+
+
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _hf_model_class(transformers: ModuleType, config, directory: str) -> Any:
+    from transformers.models.auto import modeling_auto
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None and name.endswith(("ForImageClassification", "ForSequenceClassification")):
+            return cls
+    if type(config) in modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+        return transformers.AutoModelForImageClassification
+    if type(config) in modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        return transformers.AutoModelForSequenceClassification
+    raise ModelError(f"hf:{directory}: model type {config.model_type!r} has no image or sequence classification "
+                     "head in transformers; ptsparse needs a model that returns class logits")
+
+
+def _hf(spec: Spec, load_weights: bool) -> nn.Module:
+    transformers = require("transformers", "hf", f"model hf:{spec.name}")
+    directory = Path(spec.name)
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"hf:{directory} is not a directory holding a Hugging Face config.json")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"hf:{directory}: cannot read config.json: {str(error).splitlines()[0]}") from None
+    cls = _hf_model_class(transformers, config, str(directory))
+    try:
+        if load_weights and any((directory / name).is_file() for name in _HF_WEIGHTS):
+            model = cls.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
+        else:  # a config alone (or rebuilding a saved result, whose own weights are loaded next)
+            model = (cls.from_config(config) if hasattr(cls, "from_config") else cls(config)).float()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelError(f"hf:{directory}: cannot load the model: {str(error).splitlines()[0]}") from None
+    return HFLogits(model)
+
+
+def build_model(spec: str, load_weights: bool = True) -> nn.Module:
+    """Builds the model a spec names (eval mode). No weights are downloaded.
+
+    Args:
+        spec: ``torchvision:NAME[,k=v...]``, ``timm:NAME[,k=v...]`` or ``hf:DIRECTORY``.
+        load_weights: for ``hf:``, load the weights found in the directory (else the config's random
+            initialisation). torchvision and timm models always start from random weights.
+
+    Raises:
+        MissingExtraError: the optional package is not installed (the message names the pip command).
+        ModelError: the spec is malformed or names no known model.
+    """
+    parsed = parse_spec(spec)
+    if parsed.kind == "torchvision":
+        model = _torchvision(parsed)
+    elif parsed.kind == "timm":
+        model = _timm(parsed)
+    else:
+        model = _hf(parsed, load_weights)
+    return model.eval()
+
+
+def _state_dict_from(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded torch file (plain, or under ``state_dict`` / ``model`` / ``module``)."""
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        if isinstance(obj, nn.Module):
+            return obj.state_dict()
+        if isinstance(obj, dict):
+            nested = [obj[k] for k in ("state_dict", "model_state_dict", "model", "module", "state") if k in obj]
+            if nested:
+                obj = nested[0]
+                continue
+        break
+    raise CheckpointError(f"weights {path} hold no state dict (a mapping of names to tensors, possibly under "
+                          "'state_dict' or 'model')")
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file, or a torch file read with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, would need unpickling arbitrary objects, or holds
+            no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            if path.suffix == ".safetensors":
+                raise CheckpointError(f"weights {path} are corrupt or not safetensors: {error}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"weights {path} cannot be read as safetensors or with torch.load(weights_only=True) "
+                              f"(ptsparse never unpickles arbitrary objects): {reason}") from None
+    return _state_dict_from(obj, path)
+
+
+_AUXILIARY = ("aux1.", "aux2.", "AuxLogits.")
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if state and all(key.startswith(prefix) for key in state):
+        return {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Loads a local state dict into ``model`` in place (names and shapes must match), eval mode.
+
+    ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes are removed; for a
+    Hugging Face model (:class:`HFLogits`) the keys may be given with or without the ``hf.`` prefix.
+
+    Raises:
+        CheckpointError: the file cannot be read or does not match the model (the first differences named).
+    """
+    from ..checkpoint import load_into
+
+    state = _strip(_strip(read_weights(path), "module."), "_orig_mod.")
+    own = model.state_dict()
+    # torchvision's GoogLeNet / Inception v3 checkpoints hold auxiliary heads that ptsparse builds without
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(_AUXILIARY)}
+    if isinstance(model, HFLogits) and not any(key.startswith(HF_PREFIX + ".") for key in state):
+        state = {f"{HF_PREFIX}.{key}": value for key, value in state.items()}
+    return load_into(model, state, source=f"weights {path}").eval()
+
+
+# --- preprocessing ---------------------------------------------------------------------------------------
+
+class HFImageTransform:
+    """A Hugging Face image processor as a transform: PIL image -> ``pixel_values`` tensor ``(C, H, W)``."""
+
+    def __init__(self, processor: Any, overrides: dict | None = None) -> None:
+        self.processor, self.overrides = processor, dict(overrides or {})
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt", **self.overrides)["pixel_values"][0]
+
+    def describe(self) -> dict:
+        return {"processor": type(self.processor).__name__, **self.overrides}
+
+
+def _torchvision_transform(spec: Spec, image_size: int | None, resize: int | None):
+    from ..data import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+
+    crop, shorter, mean, std, interpolation = 224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+    try:  # the default weights' own evaluation transform: metadata in torchvision, nothing downloaded
+        tv_models = importlib.import_module("torchvision.models")
+        preset = tv_models.get_model_weights(spec.name).DEFAULT.transforms()
+        crop, shorter = int(preset.crop_size[0]), int(preset.resize_size[0])
+        mean, std = tuple(preset.mean), tuple(preset.std)
+        interpolation = str(preset.interpolation.value)
+    except (ImportError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    wanted = image_size or spec.kwargs.get("image_size")
+    if wanted:  # keep the model's resize / crop ratio
+        shorter, crop = max(int(wanted), round(int(wanted) * shorter / crop)), int(wanted)
+    return ImageTransform(crop=crop, resize=resize or shorter, channels=3, mean=mean, std=std,
+                          interpolation=interpolation)
+
+
+def _timm_transform(spec: Spec, model: nn.Module | None, image_size: int | None, resize: int | None):
+    require("timm", "timm", f"preprocessing of {spec}")
+    timm_data = require("timm.data", "timm", f"preprocessing of {spec}")
+    if model is None:
+        model = build_model(str(spec))
+    config = timm_data.resolve_data_config({}, model=model)
+    wanted = image_size or spec.kwargs.get("img_size")
+    if wanted is None:  # a model built at another size than its pretrained config says
+        patch = getattr(model, "patch_embed", None)
+        size = getattr(patch, "img_size", None)
+        if isinstance(size, (tuple, list)) and len(size) == 2 and tuple(size) != tuple(config["input_size"][1:]):
+            config["input_size"] = (config["input_size"][0], *size)
+    else:
+        size = tuple(wanted) if isinstance(wanted, (tuple, list)) else (int(wanted), int(wanted))
+        config["input_size"] = (config["input_size"][0], *size)
+    if resize:
+        config["crop_pct"] = min(config["input_size"][1:]) / resize
+        config["crop_mode"] = "center"
+    return timm_data.create_transform(**config)
+
+
+def _hf_transform(spec: Spec, model: nn.Module | None, image_size: int | None, resize: int | None):
+    from ..data import ImageTransform
+
+    transformers = require("transformers", "hf", f"preprocessing of hf:{spec.name}")
+    directory = Path(spec.name)
+    if (directory / "preprocessor_config.json").is_file():
+        try:
+            processor = transformers.AutoImageProcessor.from_pretrained(str(directory), local_files_only=True)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelError(f"hf:{directory}: cannot read preprocessor_config.json: "
+                             f"{str(error).splitlines()[0]}") from None
+        size = dict(getattr(processor, "size", None) or {})
+        cropped = bool(getattr(processor, "do_center_crop", False))
+        overrides = {}
+        if "shortest_edge" in size:
+            if resize or image_size:
+                crop = image_size or min((getattr(processor, "crop_size", None) or {}).values() or [224])
+                overrides["size"] = {"shortest_edge": resize or (round(image_size * size["shortest_edge"] / crop)
+                                                                 if cropped else image_size)}
+            if image_size and cropped:
+                overrides["crop_size"] = {"height": image_size, "width": image_size}
+        elif resize:
+            raise ModelError(f"hf:{directory}: its image processor resizes straight to {size}; a separate resize "
+                             "before cropping does not apply (use the image size alone)")
+        elif image_size:
+            overrides["size"] = {"height": image_size, "width": image_size}
+        return HFImageTransform(processor, overrides)
+    # no processor config: the model's image size, scaled to [-1, 1] as ViT's processor does by default
+    config = (model.hf.config if isinstance(model, HFLogits) else
+              transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True))
+    size = image_size or getattr(config, "image_size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    return ImageTransform(crop=size, resize=resize or size, channels=getattr(config, "num_channels", 3),
+                          mean=(0.5,), std=(0.5,), interpolation="bilinear")
+
+
+def image_transform(spec: str, model: nn.Module | None = None, image_size: int | None = None,
+                    resize: int | None = None) -> Callable:
+    """The evaluation transform (PIL image -> tensor) of the model ``spec`` names.
+
+    torchvision: the ``DEFAULT`` weights' transform metadata (e.g. resize 256 or 232, centre crop 224, ImageNet
+    mean and std; read from torchvision, not downloaded) as a :class:`~ptsparse.data.ImageTransform`.
+    timm: ``create_transform(**resolve_data_config({}, model=model))`` at the size the model was built for.
+    ``hf:``: the directory's image processor (``preprocessor_config.json``), else a resize to the config's
+    ``image_size`` with mean and std 0.5.
+
+    Args:
+        spec: the model spec (a saved result's architecture works too).
+        model: the built model (timm reads its config from it); built from ``spec`` when needed.
+        image_size: the crop size to use instead of the model's (the resize keeps its ratio to the crop).
+        resize: the shorter side before cropping, instead of the model's (for weights trained with another
+            recipe than the ``DEFAULT`` one, e.g. 256 for torchvision's V1 weights).
+
+    Raises:
+        ModelError: ``resize`` for a Hugging Face processor that resizes straight to a fixed size.
+    """
+    parsed = parse_spec(spec)
+    for name, value in (("image size", image_size), ("resize", resize)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ModelError(f"{name} must be a positive integer, got {value!r}")
+    if image_size and resize and resize < image_size:
+        raise ModelError(f"resize {resize} is smaller than the crop {image_size}")
+    if parsed.kind == "torchvision":
+        return _torchvision_transform(parsed, image_size, resize)
+    if parsed.kind == "timm":
+        return _timm_transform(parsed, model, image_size, resize)
+    return _hf_transform(parsed, model, image_size, resize)
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer saved in an ``hf:`` directory (``local_files_only=True``).
+
+    Raises:
+        ModelError: ``spec`` is not ``hf:``, or its directory holds no tokenizer.
+    """
+    parsed = parse_spec(spec)
+    if parsed.kind != "hf":
+        raise ModelError(f"text data needs a Hugging Face model with a tokenizer (--model hf:DIR), not {spec}")
+    transformers = require("transformers", "hf", f"the tokenizer of hf:{parsed.name}")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(parsed.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"hf:{parsed.name} holds no usable tokenizer: {str(error).strip().splitlines()[0]}") from None
+
+
+__all__ = ["HFImageTransform", "HFLogits", "HF_PREFIX", "MissingExtraError", "PREFIXES", "SPEC_FORMS",
+           "Spec", "build_model", "canonical_spec", "image_transform", "install_hint", "is_spec", "load_tokenizer",
+           "load_weights", "parse_spec", "read_weights"]
