@@ -253,3 +253,20 @@ def test_channel_iee_swaps_whole_channels_within_the_flops_budget(monkeypatch):
     smaller, report = remove_channels(result.model, x)
     assert report["mac_reduction"] >= 0.5
     assert torch.allclose(smaller(x), result.model(x), atol=1e-4)
+
+
+def test_interrupted_channel_iee_run_resumes_bit_identically(tmp_path):
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    model = ptsparse.models.reference_resnet().eval()
+    calib = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    settings = dict(method="iee", pattern="channel", sparsity=0.5, iterations=24, batch_size=16, iee_exploit_steps=4,
+                    iee_improve_steps=3, iee_explore_steps=3, iee_alpha=0.3, iee_end=0.9, checkpoint_every=2,
+                    calib_size=48, progress=False)
+    full = ptsparse.sparsify(model, calib, **settings)
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_after(model, calib, settings, tmp_path / "run", stop_at=18)
+    resumed = ptsparse.sparsify(model, calib, checkpoint_dir=tmp_path / "run", resume=True, **settings)
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert full.report["recovery"]["iee_cycles"] == resumed.report["recovery"]["iee_cycles"]
