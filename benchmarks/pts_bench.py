@@ -53,6 +53,8 @@ ABLATION_RUNS: dict[str, dict] = {
     "unipts-no_dst": {"method": "unipts", "dynamics": "static"},
     "iee-no_reactivate": {"method": "iee", "iee_reactivate": False},
     "iee-taylor": {"method": "iee", "iee_criterion": "taylor"},
+    "iee-alpha0.05": {"method": "iee", "iee_alpha": 0.05},
+    "iee-alpha0.3": {"method": "iee", "iee_alpha": 0.3},
     "magnitude_kd-dst": {"method": "magnitude_kd", "dynamics": "dst"},  # plain DST on the same masks and budget
     "iee-fcpts": {"method": "iee", "allocation": "fcpts"},  # IEE on FCPTS's learned allocation
     "unipts-iee": {"method": "unipts", "dynamics": "iee"},  # UniPTS with IEE in place of its DST
@@ -250,16 +252,22 @@ def unipts_section(reports: list[dict]) -> str:
     return text
 
 
-IEE_COMPARISON = {  # run -> what it is, for the IEE comparison table
-    "magnitude_kd": "ERK, static masks",
-    "magnitude_kd-dst": "ERK, plain DST (per-layer top-k every step, straight-through, SR-STE decay)",
-    "iee": "ERK, IEE (magnitude)",
-    "iee-taylor": "ERK, IEE with the \\|w * g\\| criterion",
-    "iee-no_reactivate": "ERK, IEE without reactivation (prune/grow by magnitude only)",
-    "fcpts": "FCPTS (learned thresholds)",
-    "iee-fcpts": "FCPTS's learned allocation, IEE",
-    "unipts": "UniPTS (search, base decay, DST)",
-    "unipts-iee": "UniPTS with IEE in place of DST",
+# run -> (what it is, the same run with static masks, the same run with plain DST), for the IEE comparison
+IEE_COMPARISON = {
+    "magnitude_kd": ("ERK, static masks", None, None),
+    "magnitude_kd-dst": ("ERK, plain DST (per-layer top-k every step, straight-through, SR-STE decay)",
+                         "magnitude_kd", None),
+    "iee": ("ERK, IEE (magnitude)", "magnitude_kd", "magnitude_kd-dst"),
+    "iee-taylor": ("ERK, IEE with the \\|w * g\\| criterion", "magnitude_kd", "magnitude_kd-dst"),
+    "iee-no_reactivate": ("ERK, IEE without reactivation (prune/grow by magnitude only)", "magnitude_kd",
+                          "magnitude_kd-dst"),
+    "iee-alpha0.05": ("ERK, IEE with swap fraction 0.05", "magnitude_kd", "magnitude_kd-dst"),
+    "iee-alpha0.3": ("ERK, IEE with swap fraction 0.3", "magnitude_kd", "magnitude_kd-dst"),
+    "fcpts": ("FCPTS (learned thresholds)", None, None),
+    "iee-fcpts": ("FCPTS's learned allocation, IEE", None, None),
+    "unipts-no_dst": ("UniPTS search and base decay, static masks", None, None),
+    "unipts": ("UniPTS (search, base decay, DST)", "unipts-no_dst", None),
+    "unipts-iee": ("UniPTS search and base decay, IEE in place of DST", "unipts-no_dst", "unipts"),
 }
 
 
@@ -284,27 +292,29 @@ def iee_section(reports: list[dict]) -> str:
             + comparison_table(reports, ["magnitude_kd", "magnitude_kd-dst", "fcpts", "unipts", "iee"]) + "\n\n")
     sparsities = IEE_COMPARISON_SPARSITIES
     lines = ["| run | masks and dynamics | " + " | ".join(f"{s:g}" for s in sparsities)
-             + " | vs static | vs plain DST | mean survival of regrown units to the end | wall time (s) |",
+             + " | vs the same run with static masks | vs the same run with plain DST | mean survival of regrown "
+             "units to the end | wall time (s) |",
              "|---" * (len(sparsities) + 6) + "|"]
-    for name, what in IEE_COMPARISON.items():
+    for name, (what, static, dst) in IEE_COMPARISON.items():
         rows = [by_key.get((name, s)) for s in sparsities]
         if not any(rows):
             continue
         cells = [f"{100 * r['sparse_accuracy']:.2f}" if r else "-" for r in rows]
 
-        def delta(base: str) -> str:
-            parts = [f"{100 * (r['sparse_accuracy'] - by_key[(base, s)]['sparse_accuracy']):+.2f}"
-                     for r, s in zip(rows, sparsities) if r and (base, s) in by_key]
-            return " / ".join(parts) if name != base else ""
+        def delta(base: str | None) -> str:
+            parts = [f"{100 * (r['sparse_accuracy'] - by_key[(base, s)]['sparse_accuracy']):+.2f}" if r and
+                     (base, s) in by_key else "-" for r, s in zip(rows, sparsities)]
+            return " / ".join(parts) if base else ""
 
         survival = [_mean([c["survival_end"] for c in r["recovery"].get("iee_cycles", []) if "survival_end" in c])
                     for r in rows if r]
-        times = " / ".join(f"{r['wall_time_s']:.0f}" for r in rows if r)
+        times = " / ".join(f"{r['wall_time_s']:.0f}" if r else "-" for r in rows)
         survival_text = " / ".join(f"{v:.2f}" for v in survival if v == v) or "-"
         lines.append(f"| {name} | {what} | " + " | ".join(cells)
-                     + f" | {delta('magnitude_kd')} | {delta('magnitude_kd-dst')} | {survival_text} | {times} |")
-    text += ("Comparison and ablation (same calibration set, steps and seed; deltas per sparsity column that has "
-             "both runs):\n\n" + "\n".join(lines) + "\n\n")
+                     + f" | {delta(static)} | {delta(dst)} | {survival_text} | {times} |")
+    text += ("Comparison and ablation (same calibration set, steps and seed; deltas per sparsity column, "
+             f"{' / '.join(f'{s:g}' for s in sparsities)}; `magnitude_kd` is ERK with static masks, `unipts-no_dst` "
+             "UniPTS with static masks):\n\n" + "\n".join(lines) + "\n\n")
     cycles = by_key.get(("iee", 0.9), {}).get("recovery", {}).get("iee_cycles")
     if cycles:
         text += ("Cycle diagnostics of `iee` at 0.9 (IoU of the masks before the prune and after the grow; survival: "
