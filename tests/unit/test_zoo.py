@@ -398,3 +398,11 @@ def test_flat_folder_is_unlabelled(images, tmp_path):
     data = ImageFolder(flat, crop=16, channels=3)
     assert len(data) == 3 and data.classes == [] and not has_labels(data)
     assert sample_calibration(data, 3, 0).labels is None
+
+
+def test_exports_know_the_input_shape_of_image_model_specs():
+    pytest.importorskip("torchvision")
+    from ptsparse.export import input_shape_for
+
+    assert input_shape_for("torchvision:resnet18") == (3, 224, 224)
+    assert input_shape_for("torchvision:resnet18", (3, 64, 64)) == (3, 64, 64)

@@ -50,7 +50,8 @@ def check_format(name: str) -> str:
 
 
 def input_shape_for(architecture: str | None, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """One sample's input shape: ``given``, else the registered architecture's.
+    """One sample's input shape: ``given``, else the registered architecture's (an image model spec's: what its
+    preprocessing makes of an image, e.g. ``(3, 224, 224)``).
 
     Raises:
         ConfigError: neither is known.
@@ -59,6 +60,10 @@ def input_shape_for(architecture: str | None, given: tuple[int, ...] | None = No
         return tuple(given)
     if architecture in INPUT_SHAPES:
         return INPUT_SHAPES[architecture]
+    from ..models import zoo
+
+    if zoo.is_spec(architecture) and (shape := zoo.image_input_shape(architecture)) is not None:
+        return shape
     raise ConfigError(f"no input shape is known for architecture {architecture!r}; give one, e.g. --input-shape 3 224 224")
 
 

@@ -446,6 +446,18 @@ def image_transform(spec: str, model: nn.Module | None = None, image_size: int |
     return _hf_transform(parsed, model, image_size, resize)
 
 
+def image_input_shape(spec: str) -> tuple[int, ...] | None:
+    """One sample's input shape for the image model ``spec`` names (its transform applied to a blank image),
+    or ``None`` for a model without an image transform (a text model)."""
+    from PIL import Image
+
+    try:
+        transform = image_transform(spec)
+    except ModelError:
+        return None
+    return tuple(transform(Image.new("RGB", (320, 320))).shape)
+
+
 def load_tokenizer(spec: str) -> Any:
     """The tokenizer saved in an ``hf:`` directory (``local_files_only=True``).
 
