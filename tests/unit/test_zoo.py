@@ -406,3 +406,22 @@ def test_exports_know_the_input_shape_of_image_model_specs():
 
     assert input_shape_for("torchvision:resnet18") == (3, 224, 224)
     assert input_shape_for("torchvision:resnet18", (3, 64, 64)) == (3, 64, 64)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "knapsack"])
+def test_channel_pruned_mobilenet_v2_exports_a_smaller_working_model(images, allocation):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("torch_pruning")
+    from ptsparse.export.channels import remove_channels
+    from ptsparse.export.latency import count_params
+
+    model, architecture = resolve_model("torchvision:mobilenet_v2,num_classes=2")
+    calib = calibration(architecture, model, images, image_size=64)
+    result = ptsparse.sparsify(model, calib, method="taylor", sparsity=0.3, allocation=allocation, batch_size=8,
+                               progress=False, architecture=architecture)
+    x = calib.inputs[:4]
+    smaller, report = remove_channels(result.model, x)
+    assert count_params(smaller) < count_params(result.model) and report["channels_removed"] > 0
+    if allocation == "knapsack":
+        assert report["mac_reduction"] >= 0.3
+    assert torch.allclose(smaller(x), result.model(x), atol=1e-4)
