@@ -178,3 +178,23 @@ def test_sparsify_with_wanda_hits_the_exact_count(tiny_cnn, calib_images, alloca
     assert sum(int((~mask).sum()) for mask in result.masks.values()) == round(0.5 * total)
     assert sum(int((t.weight == 0).sum()) for t in find_targets(result.model)) == round(0.5 * total)
     assert result.report["criterion"] == "wanda"
+
+
+def test_statistics_passes_stop_after_the_layer_and_match_full_passes(tiny_cnn, calib_images):
+    from ptsparse.criteria.statistics import gather_statistics
+    from ptsparse.data import as_calibration
+    from ptsparse.targets import find_targets
+
+    stem = next(t for t in find_targets(tiny_cnn) if t.name == "stem")
+    calibration = as_calibration(calib_images)
+    classifier_calls = []
+    handle = tiny_cnn.fc.register_forward_hook(lambda m, i, o: classifier_calls.append(len(i[0])))
+    try:
+        early = gather_statistics(tiny_cnn, stem, calibration, ["input_norms", "hessian"], batch_size=16)
+        assert classifier_calls == [16]  # the first batch runs in full; the other two stop after the stem
+        whole = gather_statistics(tiny_cnn, stem, calibration, ["input_norms", "hessian"], batch_size=48)
+    finally:
+        handle.remove()
+    assert early["input_count"] == whole["input_count"]
+    assert torch.allclose(early["input_sq_norms"], whole["input_sq_norms"], rtol=1e-5)
+    assert torch.allclose(early["hessian"], whole["hessian"], rtol=1e-4, atol=1e-6)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Calibration
+from ..data.calibration import StopForward
 from ..errors import ConfigError
 from ..targets import Target
 
@@ -180,12 +181,28 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
         except ConfigError as error:
             raise ConfigError(f"layer {target.name}: {error}") from None
 
+    # Once a first full batch has shown that every target runs exactly once per forward, later batches stop
+    # as soon as the last of them has run, so the layers after it cost nothing (a layer-by-layer criterion
+    # runs half the network per layer on average). A target that runs twice keeps full passes.
+    calls: dict[str, int] = {}
+    progress = {"batches": 0, "stop_early": False}
+
+    def on_batch(module: nn.Module, inputs: tuple) -> None:
+        if progress["batches"] == 1:
+            progress["stop_early"] = len(calls) == len(states) and all(n == 1 for n in calls.values())
+        progress["batches"] += 1
+        calls.clear()
+
     def hook(layer: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         for name in names:
             states[layer][name] = STATISTICS[name][1](states[layer][name], module, inputs[0].detach())
+        calls[layer] = calls.get(layer, 0) + 1
+        if progress["stop_early"] and len(calls) == len(states):
+            raise StopForward
 
     handles = [target.module.register_forward_hook(lambda m, i, o, layer=target.name: hook(layer, m, i, o))
                for target in targets]
+    handles.append(model.register_forward_pre_hook(on_batch))
     try:
         calibration.feed(model, batch_size, device, batch_statistics=True)
     finally:

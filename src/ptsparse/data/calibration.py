@@ -97,6 +97,9 @@ class Calibration:
              batch_statistics: bool = False) -> None:
         """Runs every batch through ``model`` in eval mode (for its hooks), restoring its state afterwards.
 
+        A hook that has what it needs from a batch may raise :class:`StopForward`: the rest of that
+        batch's forward pass is skipped.
+
         Args:
             batch_statistics: normalise BatchNorm layers with each batch's own statistics instead of
                 their running ones (which belong to the dense model and drift once layers are pruned);
@@ -111,12 +114,19 @@ class Calibration:
                 norm.train()
         try:
             for x, _ in self.batches(batch_size):
-                model(x.to(device))
+                try:
+                    model(x.to(device))
+                except StopForward:
+                    pass
         finally:
             for norm, state in zip(norms, saved):
                 norm.load_state_dict(state)
             for module, mode in modes.items():
                 module.training = mode
+
+
+class StopForward(Exception):
+    """Raised by a forward hook to end the current forward pass of :meth:`Calibration.feed` early."""
 
 
 def _stack_items(source: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
