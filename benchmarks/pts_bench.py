@@ -314,7 +314,8 @@ def iee_section(reports: list[dict]) -> str:
                      + f" | {delta(static)} | {delta(dst)} | {survival_text} | {times} |")
     text += ("Comparison and ablation (same calibration set, steps and seed; deltas per sparsity column, "
              f"{' / '.join(f'{s:g}' for s in sparsities)}; `magnitude_kd` is ERK with static masks, `unipts-no_dst` "
-             "UniPTS with static masks):\n\n" + "\n".join(lines) + "\n\n")
+             "UniPTS with static masks). The IEE rows and their comparisons ran as two benchmark processes of one "
+             "thread each beside other jobs, so their wall times are not comparable between rows:\n\n" + "\n".join(lines) + "\n\n")
     cycles = by_key.get(("iee", 0.9), {}).get("recovery", {}).get("iee_cycles")
     if cycles:
         text += ("Cycle diagnostics of `iee` at 0.9 (IoU of the masks before the prune and after the grow; survival: "
