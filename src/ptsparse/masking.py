@@ -56,14 +56,17 @@ def attach_masks(targets: list[Target], masks: Mapping[str, torch.Tensor]) -> No
         parametrize.register_parametrization(target.module, "weight", WeightMask(mask.to(target.weight.device)))
 
 
+def weight_mask(module: nn.Module, name: str = "weight") -> WeightMask | None:
+    """The :class:`WeightMask` parametrizing ``module.<name>``, or ``None``."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    return next((p for p in getattr(module.parametrizations, name) if isinstance(p, WeightMask)), None)
+
+
 def mask_of(module: nn.Module) -> torch.Tensor | None:
     """The mask attached to ``module.weight``, or ``None``."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    for parametrization in module.parametrizations.weight:
-        if isinstance(parametrization, WeightMask):
-            return parametrization.mask
-    return None
+    parametrization = weight_mask(module)
+    return None if parametrization is None else parametrization.mask
 
 
 def masks_of(targets: list[Target]) -> dict[str, torch.Tensor]:

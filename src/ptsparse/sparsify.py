@@ -241,7 +241,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         if allocation.needs_context else None
     counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets, context)
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
-                config.progress)
+                config.progress, scores=scores)
 
     recovery = {"kind": "none"}
     if teacher is not None:

@@ -239,10 +239,10 @@ def test_latency_table_interpolates_exactly(reference, monkeypatch):
     """With layer times bilinear in (kept out, kept in), as MACs are, the interpolated cost is exact."""
     model, macs = reference
 
-    def fake_time(module, shape, *args) -> float:
-        return count_macs(module, torch.zeros(1, *shape))["macs"] / 1e6
+    def fake_time(module, shape, *args) -> dict[str, float]:
+        return {"median_ms": count_macs(module, torch.zeros(1, *shape))["macs"] / 1e6}
 
-    monkeypatch.setattr(knapsack, "_time_layer", fake_time)
+    monkeypatch.setattr(knapsack, "measure_latency", fake_time)
     costs = ChannelCosts.trace(model, find_targets(model), reference_inputs(2), cost="latency", points=3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..export.coupling import PRODUCER_TYPES, ChannelGroup, build_dependency_graph, eval_mode, iter_groups
-from ..export.latency import CONV_TYPES, _synchronize, _time_runs
+from ..export.latency import CONV_TYPES, measure_latency, output_positions
 from .base import ALLOCATIONS, AllocationContext, LayerBudget
 
 COSTS = ("macs", "latency")
@@ -210,10 +210,10 @@ def _trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, _Layer]:
     names = {module: name for name, module in model.named_modules()}
 
     def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        positions = output_positions(module, output)
         if isinstance(module, CONV_TYPES):
-            positions, in_features, groups = output[0, 0].numel(), module.in_channels, module.groups
+            in_features, groups = module.in_channels, module.groups
         else:
-            positions = output[0].numel() // module.out_features if output.dim() > 1 else 1
             in_features, groups = module.in_features, 1
         name = names[module]
         if name in layers:  # a module called more than once
@@ -258,7 +258,7 @@ def _latency_table(layer: _Layer, device: torch.device, batch_size: int, points:
                 module, shape = _standalone(layer, int(out), int(inputs))
                 key = repr(module), shape
                 if key not in timings:
-                    timings[key] = _time_layer(module, shape, device, batch_size, warmup, repeats)
+                    timings[key] = measure_latency(module, shape, batch_size, device, warmup, repeats)["median_ms"]
                 times[i, j] = timings[key]
     return out_grid, in_grid, times
 
@@ -271,20 +271,6 @@ def _standalone(layer: _Layer, out: int, inputs: int) -> tuple[nn.Module, tuple[
                              module.groups, module.bias is not None, module.padding_mode),
                 (inputs, *layer.input_shape[1:]))
     return nn.Linear(inputs, out, module.bias is not None), (*layer.input_shape[:-1], inputs)
-
-
-@torch.inference_mode()
-def _time_layer(module: nn.Module, shape: tuple[int, ...], device: torch.device, batch_size: int, warmup: int,
-                repeats: int) -> float:
-    """Median milliseconds of ``module`` on a random batch of inputs of one-sample shape ``shape``."""
-    module = module.to(device).eval()
-    x = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-
-    def run() -> None:
-        module(x)
-        _synchronize(device)
-
-    return _time_runs(run, batch_size, warmup, repeats)["median_ms"]
 
 
 def _bilinear(xs: torch.Tensor, ys: torch.Tensor, table: torch.Tensor, x: torch.Tensor,
@@ -421,6 +407,17 @@ def _fill(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float,
         kept[min(options)[2]] += 1
 
 
+def unit_minimums(costs: ChannelCosts, budgets: Mapping[str, LayerBudget]) -> list[int]:
+    """Fewest channels each unit may keep: all of a ``fixed`` unit or of one holding a layer capped at 0 (the
+    output layer, for the channel pattern), else what its members' caps allow; at least one."""
+    low = []
+    for unit, size, fixed in zip(costs.units, costs.sizes, costs.fixed):
+        members = [budgets[name] for name in unit.members if name in budgets]
+        removable = 0 if fixed else min((b.max_prune // b.unit for b in members), default=size)
+        low.append(max(size - removable, 1))
+    return low
+
+
 @ALLOCATIONS.register("knapsack")
 class Knapsack:
     """Channel counts per coupled unit that keep the most importance within a MACs or latency budget.
@@ -462,15 +459,13 @@ class Knapsack:
         budgets = {layer.name: layer for layer in layers}
         costs = ChannelCosts.trace(model, list(budgets), example, self.cost, context.device, context.batch_size)
         self.costs = costs
-        values, low = [], []
-        for unit, size, fixed in zip(costs.units, costs.sizes, costs.fixed):
+        values = []
+        for unit in costs.units:
             importance = sum(scores[name].flatten(1).float().mean(1)[list(channels)].double()
                              for name, channels in unit.members.items()) / len(unit.members)
             ranked = importance.clamp(min=0).sort(descending=True).values
             values.append(torch.cat([torch.zeros(1, dtype=torch.float64), ranked.cumsum(0)]))
-            members = [budgets[name] for name in unit.members]
-            removable = 0 if fixed else min(b.max_prune // b.unit for b in members)
-            low.append(max(size - removable, 1))
+        low = unit_minimums(costs, budgets)
         capacity = (1.0 - sparsity) * costs.dense_cost
         try:
             kept = solve_knapsack(values, costs, capacity, low, costs.sizes)

@@ -28,17 +28,20 @@ from .statistics import gather_statistics
 
 def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int], pattern: Pattern,
                 criterion: Criterion, calibration: Calibration | None, batch_size: int = 64,
-                device: str | torch.device = "cpu", show_progress: bool = False) -> dict[str, torch.Tensor]:
+                device: str | torch.device = "cpu", show_progress: bool = False,
+                scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Chooses and attaches a mask for every target; returns the masks by layer name.
 
     Args:
         targets: the layers, in execution order (data-driven criteria rely on it).
         counts: weights to prune per layer.
+        scores: ``criterion.scores`` of the unpruned model when the caller has them already (an allocation
+            that ranks scores), so a whole-model criterion (Taylor) does not score twice.
     """
     masks: dict[str, torch.Tensor] = {}
     whole_model_scores = None
     if criterion.requires_data and not criterion.statistics:
-        whole_model_scores = criterion.scores(model, targets, calibration)
+        whole_model_scores = dict(scores) if scores is not None else criterion.scores(model, targets, calibration)
     for target in progress(targets, show_progress and bool(criterion.statistics), "prune layers"):
         stats = {}
         if whole_model_scores is not None:

@@ -26,6 +26,16 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def output_positions(module: nn.Module, output: torch.Tensor) -> int:
+    """Positions of one sample's output at which a Conv/Linear layer applies its weights: MACs = weights * this.
+
+    A convolution: its output positions per channel. A Linear layer: every leading position of its input.
+    """
+    if isinstance(module, CONV_TYPES):
+        return output[0, 0].numel()
+    return output[0].numel() // module.out_features if output.dim() > 1 else 1
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per sample of the model's Conv and Linear layers.
@@ -40,15 +50,9 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     totals = {"macs": 0, "nonzero_macs": 0}
 
     def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        weight = module.weight
-        if isinstance(module, CONV_TYPES):
-            positions = output[0, 0].numel()  # output positions per channel, one sample
-            totals["macs"] += positions * weight.numel()
-            totals["nonzero_macs"] += positions * int(weight.count_nonzero())
-        else:  # Linear: weight rows are applied at every leading position of the input
-            positions = output[0].numel() // module.out_features if output.dim() > 1 else 1
-            totals["macs"] += positions * weight.numel()
-            totals["nonzero_macs"] += positions * int(weight.count_nonzero())
+        positions = output_positions(module, output)
+        totals["macs"] += positions * module.weight.numel()
+        totals["nonzero_macs"] += positions * int(module.weight.count_nonzero())
 
     hooks = [m.register_forward_hook(on_output) for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
     was_training = model.training

@@ -16,14 +16,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..masking import WeightMask, mask_of
+from ..masking import mask_of, weight_mask
 from ..patterns import Unstructured
 from ..targets import Target
 from .dynamics import DYNAMICS, Dynamics, TrainState
-
-
-def _weight_mask(module: nn.Module) -> WeightMask:
-    return next(p for p in module.parametrizations.weight if isinstance(p, WeightMask))
 
 
 @DYNAMICS.register("dst")
@@ -55,7 +51,7 @@ class DynamicSparseTraining(Dynamics):
         for target in targets:
             if mask_of(target.module) is None:
                 raise ConfigError(f"dynamics 'dst' needs a mask on layer {target.name}; prune the model first")
-            _weight_mask(target.module).straight_through = True
+            weight_mask(target.module).straight_through = True
             self.layers.append((target.name, target.module))
             self.initial[target.name] = mask_of(target.module).clone()
 
@@ -82,7 +78,7 @@ class DynamicSparseTraining(Dynamics):
     def on_end(self, state: TrainState) -> None:
         self.update_masks()
         for _, module in self.layers:
-            _weight_mask(module).straight_through = False
+            weight_mask(module).straight_through = False
 
     def summary(self) -> dict[str, Any]:
         """Share of each layer's kept weights that were not kept at the start (0: the masks never moved)."""

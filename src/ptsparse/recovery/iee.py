@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..masking import WeightMask, mask_of
+from ..masking import mask_of, weight_mask
 from ..patterns import lowest, parse_pattern
 from ..targets import Target
 from .dynamics import DYNAMICS, Dynamics, TrainState
@@ -134,7 +134,7 @@ class WeightUnits:
     def set_straight_through(self, on: bool) -> None:
         """Dense gradients in the masked forward, so pruned weights can be scored without reactivation."""
         for module in self.modules.values():
-            next(p for p in module.parametrizations.weight if isinstance(p, WeightMask)).straight_through = on
+            weight_mask(module).straight_through = on
 
     @torch.no_grad()
     def show(self, dense: bool) -> None:
@@ -146,11 +146,12 @@ class WeightUnits:
     def holding(self, active: bool) -> Iterator[None]:
         """Writes the active (``True``) or the pruned (``False``) entries back after the step inside."""
         with torch.no_grad():
-            held = {name: self.weight(name)[self.active[name] == active].clone() for name in self.modules}
+            where = {name: self.active[name] if active else ~self.active[name] for name in self.modules}
+            held = {name: self.weight(name)[where[name]].clone() for name in self.modules}
         yield
         with torch.no_grad():
             for name in self.modules:
-                self.weight(name)[self.active[name] == active] = held[name]
+                self.weight(name)[where[name]] = held[name]
 
     @torch.no_grad()
     def accumulate(self) -> None:
@@ -338,8 +339,8 @@ class ExploitExplore(Dynamics):
         entry = self.cycle_log[-1]
         dropped = entry.pop("_dropped")
         entry["grown"] = _count(grown)
-        entry["iou"] = _overlap(self.before_prune, active) / max(1, _count(self.before_prune) + _count(active)
-                                                                 - _overlap(self.before_prune, active))
+        kept_through = _overlap(self.before_prune, active)
+        entry["iou"] = kept_through / max(1, _count(self.before_prune) + _count(active) - kept_through)
         entry["regrown_just_pruned"] = _overlap(grown, dropped) / max(1, _count(grown))
         if self.grown:
             self.cycle_log[-2]["survival_next"] = _overlap(self.grown[-1], active) / max(1, _count(self.grown[-1]))

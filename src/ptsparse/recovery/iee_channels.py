@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..allocation.knapsack import ChannelCosts, solve_knapsack
+from ..allocation.knapsack import ChannelCosts, solve_knapsack, unit_minimums
 from ..criteria.taylor import following_norms
 from ..errors import ConfigError
-from ..masking import WeightMask, mask_of
+from ..masking import WeightMask, mask_of, weight_mask
 from ..targets import Target
 from .iee import Masks, reset_optimizer_entries
 
@@ -52,7 +52,7 @@ class _Entry:
 
     @property
     def mask(self) -> WeightMask:
-        return next(p for p in getattr(self.module.parametrizations, self.parameter) if isinstance(p, WeightMask))
+        return weight_mask(self.module, self.parameter)
 
     def rows(self, channels: torch.Tensor) -> torch.Tensor:
         """A mask of the tensor's shape, True on the rows of the unit channels where ``channels`` is True."""
@@ -100,7 +100,6 @@ class ChannelUnits:
                     keep = torch.ones_like(getattr(owner, parameter), dtype=torch.bool)
                     parametrize.register_parametrization(owner, parameter, WeightMask(keep))
                     self.entries.append(_Entry(owner, parameter, index, rows_of_unit, gate))
-        self.fixed = list(self.costs.fixed)
         self.budget: float | None = None
         self.scores_sum: list[torch.Tensor] = []
         self.show(dense=False)
@@ -138,8 +137,8 @@ class ChannelUnits:
         for entry in self.entries:
             stored = entry.stored
             if entry.gate and stored.grad is not None:
-                gates[entry.unit] += (stored * stored.grad).flatten(1).sum(1)[entry.channels].double() \
-                    if stored.dim() > 1 else (stored * stored.grad)[entry.channels].double()
+                per_row = (stored * stored.grad).reshape(len(stored), -1).sum(1)
+                gates[entry.unit] += per_row[entry.channels].double()
         if not self.scores_sum:
             self.scores_sum = [torch.zeros_like(gate) for gate in gates]
         for total, gate in zip(self.scores_sum, gates):
@@ -160,16 +159,6 @@ class ChannelUnits:
                 norm += entry.stored.detach().flatten(1).pow(2).sum(1)[entry.channels].double().cpu()
         return norm.sqrt()
 
-    def _bounds(self, budgets) -> list[int]:
-        """Fewest channels each unit may keep: all for fixed or capped-at-0 units, else what the caps allow."""
-        caps = {budget.name: budget for budget in budgets}
-        low = []
-        for index, (unit, size) in enumerate(zip(self.costs.units, self.costs.sizes)):
-            members = [caps[name] for name in unit.members if name in caps]
-            removable = 0 if self.fixed[index] else min((b.max_prune // b.unit for b in members), default=size)
-            low.append(max(size - removable, 1))
-        return low
-
     def _set_active(self, kept: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> Masks:
         """Installs new unit masks, zeroing optimizer state of every channel that changed; returns the changes."""
         changed = {}
@@ -182,46 +171,42 @@ class ChannelUnits:
 
     @torch.no_grad()
     def prune(self, fraction: float, state) -> Masks:
-        actives = [self.active[key].cpu() for key in self.keys]
-        counts = [int(a.sum()) for a in actives]
+        """Knapsack over the active channels with the budget lowered by ``fraction`` of it."""
+        counts = [int(self.active[key].sum()) for key in self.keys]
         if self.budget is None:
             self.budget = self.costs.cost(counts)
-        low = [min(lo, c) for lo, c in zip(self._bounds(state.budgets), counts)]
-        values, orders = [], []
-        for index, active in enumerate(actives):
-            scores = self.scores(index).masked_fill(~active, float("-inf"))
-            order = scores.sort(descending=True, stable=True).indices
-            ranked = scores[order].clamp(min=0)[: counts[index]]
-            values.append(torch.cat([torch.zeros(1, dtype=torch.float64), ranked.cumsum(0),
-                                     ranked.sum().expand(len(active) - counts[index])]))
-            orders.append(order)
-        capacity = (1.0 - fraction) * self.budget
-        kept = solve_knapsack(values, self.costs, max(capacity, self.costs.cost(low)), low, counts, start=counts)
-        masks = []
-        for index, (order, k) in enumerate(zip(orders, kept)):
-            mask = torch.zeros_like(actives[index])
-            mask[order[:k]] = True
-            masks.append(mask.to(self.active[self.keys[index]].device))
-        return self._set_active(masks, state.optimizer)
+        budgets = {budget.name: budget for budget in state.budgets}
+        low = [min(lo, c) for lo, c in zip(unit_minimums(self.costs, budgets), counts)]
+        capacity = max((1.0 - fraction) * self.budget, self.costs.cost(low))
+        return self._choose(candidates_active=True, capacity=capacity, low=low, high=counts, state=state)
 
     @torch.no_grad()
     def grow(self, state) -> Masks:
+        """Knapsack over the explored (pruned) channels that refills the budget; active channels stay."""
+        counts = [int(self.active[key].sum()) for key in self.keys]
+        capacity = max(self.budget, self.costs.cost(counts))
+        return self._choose(candidates_active=False, capacity=capacity, low=counts, high=self.costs.sizes,
+                            state=state)
+
+    def _choose(self, candidates_active: bool, capacity: float, low: list[int], high: list[int], state) -> Masks:
+        """Each unit keeps its channels outside the candidates plus its best candidates, as many as the knapsack
+        picks: pruning ranks the active channels (nothing else is kept), growing the pruned ones."""
         actives = [self.active[key].cpu() for key in self.keys]
-        counts = [int(a.sum()) for a in actives]
-        values, orders = [], []
+        values, orders, kept_anyway = [], [], []
         for index, active in enumerate(actives):
-            scores = self.scores(index).masked_fill(active, float("-inf"))
-            order = scores.sort(descending=True, stable=True).indices
-            candidates = len(active) - counts[index]
-            ranked = scores[order].clamp(min=0)[:candidates]
-            values.append(torch.cat([torch.zeros(counts[index] + 1, dtype=torch.float64), ranked.cumsum(0)]))
-            orders.append(order)
-        kept = solve_knapsack(values, self.costs, max(self.budget, self.costs.cost(counts)), counts,
-                              self.costs.sizes, start=counts)
+            candidates = active if candidates_active else ~active
+            always = active & ~candidates
+            order = self.scores(index).masked_fill(~candidates, float("-inf")).sort(descending=True, stable=True)
+            ranked = order.values[: int(candidates.sum())].clamp(min=0)
+            value = torch.cat([torch.zeros(int(always.sum()) + 1, dtype=torch.float64), ranked.cumsum(0)])
+            values.append(torch.cat([value, value[-1].expand(len(active) + 1 - len(value))]))
+            orders.append(order.indices)
+            kept_anyway.append(always)
+        kept = solve_knapsack(values, self.costs, capacity, low, high, start=[int(a.sum()) for a in actives])
         masks = []
-        for index, (order, k) in enumerate(zip(orders, kept)):
-            mask = actives[index].clone()
-            mask[order[: k - counts[index]]] = True
+        for index, (order, always, k) in enumerate(zip(orders, kept_anyway, kept)):
+            mask = always.clone()
+            mask[order[: k - int(always.sum())]] = True
             masks.append(mask.to(self.active[self.keys[index]].device))
         return self._set_active(masks, state.optimizer)
 
