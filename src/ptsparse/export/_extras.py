@@ -1,6 +1,6 @@
-"""Optional dependencies of the export features, imported only when a feature needs them.
+"""Optional dependencies, imported only when a feature needs them: the export features' and the model zoos'.
 
-The core package imports without them; ``pip install 'ptsparse[export]'`` installs all of them.
+The core package imports without them; ``pip install 'ptsparse[export]'`` installs the export ones.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ class MissingExtraError(PtsparseError, ImportError):
     """A feature needs an optional package that is not installed."""
 
 
-def require(module: str, feature: str) -> ModuleType:
+def require(module: str, feature: str, extra: str = "export") -> ModuleType:
     """Imports ``module`` or raises an error naming the ``pip install`` command.
 
     Args:
         module: import name, e.g. ``"torch_pruning"``.
         feature: what needs it, for the message (``"channel removal"``).
+        extra: the ptsparse extra that installs it (``export``, ``vision``, ``timm``, ``hf``).
 
     Raises:
         MissingExtraError: the package is not installed.
@@ -40,5 +41,5 @@ def require(module: str, feature: str) -> ModuleType:
     except ImportError:
         package = _DISTRIBUTIONS.get(module, module)
         raise MissingExtraError(
-            f"{feature} needs the package {package!r}, which is not installed; run: {INSTALL_HINT}"
+            f"{feature} needs the package {package!r}, which is not installed; run: pip install 'ptsparse[{extra}]'"
         ) from None

@@ -38,30 +38,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ModelError
-
-try:  # one exception type for every missing optional package (ptsparse.export uses it too)
-    from ..export._extras import MissingExtraError
-except ImportError:  # pragma: no cover - the export package is part of ptsparse
-    from ..errors import PtsparseError
-
-    class MissingExtraError(PtsparseError, ImportError):
-        """A feature needs an optional package that is not installed."""
+from ..export._extras import MissingExtraError, require
 
 PREFIXES = ("torchvision", "timm", "hf")
 SPEC_FORMS = ("torchvision:NAME", "timm:NAME", "hf:DIRECTORY")
 HF_PREFIX = "hf"  # the attribute of HFLogits holding the Hugging Face model: its submodules are named "hf.*"
-
-def install_hint(extra: str) -> str:
-    return f"pip install 'ptsparse[{extra}]'"
-
-
-def require(module: str, extra: str, what: str) -> ModuleType:
-    """Imports ``module`` or raises :class:`MissingExtraError` naming the ``pip install`` command."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(f"{what} needs the package {module!r}, which is not installed; run: "
-                                f"{install_hint(extra)}") from None
 
 
 @dataclass(frozen=True)
@@ -142,8 +123,8 @@ _TORCHVISION_DEFAULTS = {"googlenet": {"aux_logits": False, "init_weights": True
 
 
 def _torchvision(spec: Spec) -> nn.Module:
-    require("torchvision", "vision", f"model {spec}")
-    tv_models = require("torchvision.models", "vision", f"model {spec}")
+    require("torchvision", f"model {spec}", extra="vision")
+    tv_models = require("torchvision.models", f"model {spec}", extra="vision")
     names = tv_models.list_models(module=tv_models)
     if spec.name not in names:
         raise ModelError(f"unknown torchvision classification model {spec.name!r}; choose one of: {', '.join(names)}")
@@ -155,7 +136,7 @@ def _torchvision(spec: Spec) -> nn.Module:
 
 
 def _timm(spec: Spec) -> nn.Module:
-    timm = require("timm", "timm", f"model {spec}")
+    timm = require("timm", f"model {spec}", extra="timm")
     if not timm.is_model(spec.name):
         raise ModelError(f"unknown timm model {spec.name!r}; `timm.list_models()` lists them")
     try:
@@ -205,7 +186,7 @@ def _hf_model_class(transformers: ModuleType, config, directory: str) -> Any:
 
 
 def _hf(spec: Spec, load_weights: bool) -> nn.Module:
-    transformers = require("transformers", "hf", f"model hf:{spec.name}")
+    transformers = require("transformers", f"model hf:{spec.name}", extra="hf")
     directory = Path(spec.name)
     if not (directory / "config.json").is_file():
         raise ModelError(f"hf:{directory} is not a directory holding a Hugging Face config.json")
@@ -357,8 +338,8 @@ def _torchvision_transform(spec: Spec, image_size: int | None, resize: int | Non
 
 
 def _timm_transform(spec: Spec, model: nn.Module | None, image_size: int | None, resize: int | None):
-    require("timm", "timm", f"preprocessing of {spec}")
-    timm_data = require("timm.data", "timm", f"preprocessing of {spec}")
+    require("timm", f"preprocessing of {spec}", extra="timm")
+    timm_data = require("timm.data", f"preprocessing of {spec}", extra="timm")
     if model is None:
         model = build_model(str(spec))
     config = timm_data.resolve_data_config({}, model=model)
@@ -380,7 +361,7 @@ def _timm_transform(spec: Spec, model: nn.Module | None, image_size: int | None,
 def _hf_transform(spec: Spec, model: nn.Module | None, image_size: int | None, resize: int | None):
     from ..data import ImageTransform
 
-    transformers = require("transformers", "hf", f"preprocessing of hf:{spec.name}")
+    transformers = require("transformers", f"preprocessing of hf:{spec.name}", extra="hf")
     directory = Path(spec.name)
     if (directory / "preprocessor_config.json").is_file():
         try:
@@ -467,7 +448,7 @@ def load_tokenizer(spec: str) -> Any:
     parsed = parse_spec(spec)
     if parsed.kind != "hf":
         raise ModelError(f"text data needs a Hugging Face model with a tokenizer (--model hf:DIR), not {spec}")
-    transformers = require("transformers", "hf", f"the tokenizer of hf:{parsed.name}")
+    transformers = require("transformers", f"the tokenizer of hf:{parsed.name}", extra="hf")
     try:
         return transformers.AutoTokenizer.from_pretrained(parsed.name, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -475,5 +456,5 @@ def load_tokenizer(spec: str) -> Any:
 
 
 __all__ = ["HFImageTransform", "HFLogits", "HF_PREFIX", "MissingExtraError", "PREFIXES", "SPEC_FORMS",
-           "Spec", "build_model", "canonical_spec", "image_transform", "install_hint", "is_spec", "load_tokenizer",
+           "Spec", "build_model", "canonical_spec", "image_transform", "is_spec", "load_tokenizer",
            "load_weights", "parse_spec", "read_weights"]
