@@ -5,7 +5,11 @@
   highest. For convolutions the groups run along the input channels at a fixed kernel position, the
   layout sparse tensor cores expect (``baselines.md`` §6).
 * ``channel``: prune whole output channels, scored by the mean of their weights' scores (a channel
-  criterion repeats its channel score over the weights, so the mean is that score).
+  criterion repeats its channel score over the weights, so the mean is that score). The q/k/v projections
+  of attention modules (:mod:`ptsparse.attention`) prune whole heads instead: a head's unit is its rows in
+  that layer, its score the mean of their scores, and separate q, k and v layers prune the same heads.
+
+``mask`` and ``unit_size`` take the layer's qualified name, which only the channel pattern reads.
 
 Ties are broken by position (the earlier weight is pruned first), so masks are deterministic.
 """
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
+from .attention import AttentionHeads
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,10 +42,10 @@ class Unstructured:
     name: str = "unstructured"
     kind = "unstructured"
 
-    def unit_size(self, shape: torch.Size) -> int:
+    def unit_size(self, shape: torch.Size, layer: str | None = None) -> int:
         return 1
 
-    def mask(self, scores: torch.Tensor, prune: int) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, prune: int, layer: str | None = None) -> torch.Tensor:
         keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
         keep[lowest(scores, prune)] = False
         return keep.view(scores.shape)
@@ -47,22 +53,49 @@ class Unstructured:
 
 @dataclass(frozen=True)
 class Channel:
-    """Whole output channels (rows of a Linear weight, filters of a convolution) are pruned."""
+    """Whole output channels (rows of a Linear weight, filters of a convolution) are pruned.
+
+    Args:
+        heads: attention projection layer name -> its module's heads (:func:`ptsparse.attention.heads_by_layer`
+            of the run's targets). Those layers prune whole heads: the unit is one head's rows, and heads are
+            ranked by the mean of their rows' scores. The projections of one attention module get equal head
+            counts (:meth:`attention_of` keys them; see :func:`~ptsparse.allocation.exact_counts`) and prune
+            the same heads: the first of them masked ranks its heads, and each prunes the lowest-ranked of that
+            order (our reading, as for the Taylor criterion's coupled channels: a per-layer criterion sees one
+            layer's scores at a time).
+    """
 
     name: str = "channel"
+    heads: Mapping[str, AttentionHeads] = field(default_factory=dict, compare=False, repr=False)
+    _head_order: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
     kind = "channel"
 
-    def unit_size(self, shape: torch.Size) -> int:
-        return shape.numel() // shape[0]
+    def unit_size(self, shape: torch.Size, layer: str | None = None) -> int:
+        rows = self.heads[layer].rows_per_head(layer) if layer in self.heads else 1
+        return rows * (shape.numel() // shape[0])
+
+    def attention_of(self, layer: str) -> str | None:
+        """The attention module whose whole heads ``layer`` prunes, or ``None`` for an ordinary layer."""
+        attention = self.heads.get(layer)
+        return attention.name if attention is not None else None
 
     def channel_scores(self, scores: torch.Tensor) -> torch.Tensor:
         return scores.flatten(1).float().mean(1)
 
-    def mask(self, scores: torch.Tensor, prune: int) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, prune: int, layer: str | None = None) -> torch.Tensor:
         per_channel = self.channel_scores(scores)
-        channels = prune // self.unit_size(scores.shape)
+        units = prune // self.unit_size(scores.shape, layer)
         keep = torch.ones(len(per_channel), dtype=torch.bool, device=scores.device)
-        keep[lowest(per_channel, channels)] = False
+        if layer in self.heads:
+            attention = self.heads[layer]
+            rows = attention.rows(layer).to(scores.device)
+            order = self._head_order.get(attention.name)
+            if order is None:
+                order = lowest(per_channel[rows].mean(1), attention.num_heads)
+                self._head_order[attention.name] = order
+            keep[rows[order[:units]].flatten()] = False
+        else:
+            keep[lowest(per_channel, units)] = False
         return keep.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores).clone()
 
 
@@ -88,7 +121,7 @@ class NM:
     def name(self) -> str:
         return f"{self.n}:{self.m}"
 
-    def unit_size(self, shape: torch.Size) -> int:
+    def unit_size(self, shape: torch.Size, layer: str | None = None) -> int:
         return 1
 
     def eligible(self, shape: torch.Size) -> bool:
@@ -105,7 +138,7 @@ class NM:
         full, rest = divmod(inputs, self.m)
         return positions * (full * (self.m - self.n) + max(0, rest - self.n))
 
-    def mask(self, scores: torch.Tensor, prune: int | None = None) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, prune: int | None = None, layer: str | None = None) -> torch.Tensor:
         shape = scores.shape
         if not self.eligible(shape):
             return torch.ones(shape, dtype=torch.bool, device=scores.device)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .allocation import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
+from .attention import find_attention, heads_by_layer
 from .checkpoint import save_state, write_json
 from .config import SparsityConfig, resolve_config
 from .criteria import CRITERIA, prune_model
@@ -122,8 +123,10 @@ def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
     return ordered, {name for name, out in outputs.items() if out is result}
 
 
-def layer_budgets(targets: list[Target], config: SparsityConfig, unit_of, protected: set[str]) -> list[LayerBudget]:
-    """Caps per layer: ``max_sparsity``, the tightest matching ``layer_caps`` glob, 0 for ``protected``."""
+def layer_budgets(targets: list[Target], config: SparsityConfig, pattern: Pattern,
+                  protected: set[str]) -> list[LayerBudget]:
+    """Caps per layer: ``max_sparsity``, the tightest matching ``layer_caps`` glob, 0 for ``protected``; each
+    layer's unit (and attention module, whose heads it prunes under the channel pattern) come from ``pattern``."""
     budgets = []
     for target in targets:
         cap = config.max_sparsity
@@ -132,7 +135,9 @@ def layer_budgets(targets: list[Target], config: SparsityConfig, unit_of, protec
                 cap = min(cap, limit)
         if target.name in protected:
             cap = 0.0
-        budgets.append(LayerBudget(target.name, tuple(target.shape), cap, unit_of(target.shape)))
+        attention = pattern.attention_of(target.name) if isinstance(pattern, Channel) else None
+        budgets.append(LayerBudget(target.name, tuple(target.shape), cap, pattern.unit_size(target.shape, target.name),
+                                   attention))
     return budgets
 
 
@@ -224,7 +229,10 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     targets = find_targets(student, config.layer_types, config.include, config.exclude)
     targets, output_layers = probe(student, targets, calibration, device)
     pattern = parse_pattern(config.pattern, config.nm_fallback)
-    protected = output_layers if isinstance(pattern, Channel) else set()  # pruning output units drops classes
+    protected = set()
+    if isinstance(pattern, Channel):
+        protected = output_layers  # pruning output units drops classes
+        pattern = Channel(heads=heads_by_layer(find_attention(student, [t.name for t in targets])))
 
     def evaluate(network: nn.Module) -> float | None:
         if eval_data is None:
@@ -236,7 +244,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     criterion = CRITERIA.get(config.criterion).from_config(config)
     allocation = ALLOCATIONS.get(config.allocation).from_config(config)
     scores = criterion.scores(student, targets, calibration) if allocation.needs_scores else None
-    budgets = layer_budgets(targets, config, pattern.unit_size, protected)
+    budgets = layer_budgets(targets, config, pattern, protected)
     context = AllocationContext(student, targets, calibration, config.batch_size, device) \
         if allocation.needs_context else None
     counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets, context)

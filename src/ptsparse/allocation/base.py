@@ -31,13 +31,18 @@ class LayerBudget:
         name: qualified module name.
         shape: weight shape (``(out, in / groups, *kernel)`` for convolutions).
         cap: the largest sparsity this layer may get (0 keeps it dense).
-        unit: weights pruned together (1, or a whole output channel for the channel pattern).
+        unit: weights pruned together (1, or a whole output channel for the channel pattern, or a whole
+            attention head's rows for an attention projection under it).
+        attention: the attention module whose whole heads this layer prunes (a q/k/v projection under the
+            channel pattern, :mod:`ptsparse.attention`); the layers of one module get the same head count.
+            ``None`` for other layers.
     """
 
     name: str
     shape: tuple[int, ...]
     cap: float = 1.0
     unit: int = 1
+    attention: str | None = None
 
     @property
     def numel(self) -> int:
@@ -92,6 +97,41 @@ class Allocation(Protocol):
 ALLOCATIONS: Registry[type] = Registry("allocation")
 
 
+@dataclass(frozen=True)
+class _Block:
+    """Layers whose counts move together: one layer, or the projections of one attention module (a head each)."""
+
+    layers: tuple[LayerBudget, ...]
+
+    @property
+    def name(self) -> str:
+        return self.layers[0].name
+
+    @property
+    def numel(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def unit(self) -> int:
+        return sum(layer.unit for layer in self.layers)
+
+    @property
+    def max_prune(self) -> int:
+        return min(layer.max_prune // layer.unit for layer in self.layers) * self.unit
+
+    @property
+    def heads(self) -> bool:
+        return self.layers[0].attention is not None
+
+
+def _blocks(layers: Sequence[LayerBudget]) -> list[_Block]:
+    grouped: dict[tuple[str, str], list[LayerBudget]] = {}
+    for layer in layers:
+        key = ("attention", layer.attention) if layer.attention is not None else ("layer", layer.name)
+        grouped.setdefault(key, []).append(layer)
+    return [_Block(tuple(members)) for members in grouped.values()]
+
+
 def target_count(layers: Sequence[LayerBudget], sparsity: float) -> int:
     """Weights to prune in all: ``round(sparsity * total)``.
 
@@ -100,7 +140,7 @@ def target_count(layers: Sequence[LayerBudget], sparsity: float) -> int:
     """
     total = sum(layer.numel for layer in layers)
     wanted = round(sparsity * total)
-    room = sum(layer.max_prune for layer in layers)
+    room = sum(block.max_prune for block in _blocks(layers))
     if wanted > room:
         raise ConfigError(
             f"sparsity {sparsity} is infeasible: the layer caps allow at most {room / total:.6f} "
@@ -117,10 +157,39 @@ def exact_counts(layers: Sequence[LayerBudget], ratios: Mapping[str, float], wan
     each rounding up at most once and never past its cap. With units of one weight the total is exact
     and every layer is within one weight of its ideal. With channel units every layer is within one
     channel of its ideal and the total falls short by less than one channel.
+
+    Attention heads (layers with an ``attention`` module) are units too large to round this way (one head can
+    be thousands of weights), so they are placed first: the projections of one module as one block (its ideal
+    the sum of theirs, one head of each per step) rounded to the nearest whole head within the caps and what
+    is wanted. The other layers then share what is left, their ideals scaled in proportion, and are rounded as
+    above; the total again falls short by less than one of their channels.
     """
-    ideal = {l.name: min(max(ratios[l.name], 0.0), 1.0) * l.numel for l in layers}
-    counts = {l.name: min(int(ideal[l.name] + 1e-9) // l.unit * l.unit, l.max_prune) for l in layers}
-    by_name = {l.name: l for l in layers}
+    blocks = _blocks(layers)
+    ideal = {b.name: sum(min(max(ratios[l.name], 0.0), 1.0) * l.numel for l in b.layers) for b in blocks}
+    heads = [b for b in blocks if b.heads]
+    rest = [b for b in blocks if not b.heads]
+    if not heads or not rest:
+        return _per_layer(blocks, _placed(blocks, ideal, wanted))
+    counts = {b.name: min(round(ideal[b.name] / b.unit) * b.unit, b.max_prune) for b in heads}
+    while sum(counts.values()) > wanted:  # rounding up overshot: take back where it overshot most
+        block = max((b for b in heads if counts[b.name] > 0), key=lambda b: counts[b.name] - ideal[b.name])
+        counts[block.name] -= block.unit
+    left = wanted - sum(counts.values())
+    share = sum(ideal[b.name] for b in rest)
+    scale = left / share if share > 0 else 0.0
+    counts.update(_placed(rest, {b.name: ideal[b.name] * scale for b in rest}, left))
+    return _per_layer(blocks, counts)
+
+
+def _per_layer(blocks: Sequence[_Block], counts: Mapping[str, int]) -> dict[str, int]:
+    """Each block's count as its layers' counts (a block of projections: the same heads in each)."""
+    return {layer.name: counts[block.name] // block.unit * layer.unit for block in blocks for layer in block.layers}
+
+
+def _placed(blocks: Sequence[_Block], ideal: Mapping[str, float], wanted: int) -> dict[str, int]:
+    """Largest-remainder rounding of ``ideal`` weights per block to whole units (see :func:`exact_counts`)."""
+    counts = {b.name: min(int(ideal[b.name] + 1e-9) // b.unit * b.unit, b.max_prune) for b in blocks}
+    by_name = {b.name: b for b in blocks}
     placed = sum(counts.values())
     while placed > wanted:  # float error can overshoot by a unit: take back where the remainder is smallest
         name = min((n for n in counts if counts[n] > 0), key=lambda n: ideal[n] - counts[n])

@@ -28,4 +28,4 @@ class Magnitude:
 
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor:
-        return pattern.mask(target.weight.detach().abs(), count)
+        return pattern.mask(target.weight.detach().abs(), count, target.name)

@@ -18,7 +18,9 @@ unit. The unit's score is the sum of its members' scores (every gate writing int
 member receives it, and the first member pruned (execution order) chooses the unit's channels with its
 own allocated count; the other members prune the same channels, so a member's count follows its unit
 (under a uniform allocation, within one channel of its own allocation; a member allocated nothing, e.g.
-capped at 0, stays whole). A pruned channel's bias and its following BatchNorm's weight and bias are
+capped at 0, stays whole). The q/k/v projections of an attention module (:mod:`ptsparse.attention`) are
+pruned by whole heads: a unit's channels are then heads, a head's score in a member the mean of its rows'
+scores (summed over the members, as for any unit), and every row of a head receives it. A pruned channel's bias and its following BatchNorm's weight and bias are
 zeroed, so the channel outputs exactly 0 (not the bias or the BatchNorm's shift) and removing it
 (``ptsparse export --format channels``) leaves the outputs as they are. Recovery that trains biases and
 BatchNorm (``recovery: distill``) can move them off zero again; channel removal then keeps such a channel.
@@ -26,16 +28,22 @@ BatchNorm (``recovery: distill``) can move them off zero again; channel removal 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import find_attention, heads_by_layer
 from ..data import Calibration
 from ..errors import ConfigError
 from ..masking import zero_channels
 from ..patterns import Channel, Pattern
 from ..targets import Target
 from .base import CRITERIA
+
+if TYPE_CHECKING:
+    from ..export.coupling import ChannelGroup
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -94,7 +102,7 @@ class Taylor:
 
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None) -> dict[str, torch.Tensor]:
-        from ..export.coupling import channel_groups
+        from ..export.coupling import channel_groups, head_groups
 
         device = next(model.parameters()).device
         example = calibration.inputs[:2].to(device)
@@ -121,12 +129,13 @@ class Taylor:
                 module.training = mode
         channel = {name: total / batches for name, total in totals.items()}
         self._units = {}
-        for group in channel_groups(model, example, [t.name for t in targets]):
-            unit = ChannelUnit(group.members, sum(channel[n][torch.tensor(m, device=device)]
-                                                   for n, m in group.members.items()))
-            for name, indices in group.members.items():
+        names = [t.name for t in targets]
+        heads = heads_by_layer(find_attention(model, names))
+        for group in head_groups(channel_groups(model, example, names), heads):
+            unit = ChannelUnit(group, sum(channel[n][group.rows(n).to(device)].mean(1) for n in group.members))
+            for name in group.members:
                 channel[name] = channel[name].clone()
-                channel[name][torch.tensor(indices, device=device)] = unit.scores
+                channel[name][group.rows(name).to(device)] = unit.scores[:, None]
                 self._units[name] = unit
         return {t.name: channel[t.name].view(-1, *([1] * (len(t.shape) - 1))).expand(t.shape).clone()
                 for t in targets}
@@ -147,10 +156,10 @@ class Taylor:
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor:
         unit = self._units.get(target.name)
-        if not isinstance(pattern, Channel) or unit is None or len(unit.members) == 1:
-            keep = pattern.mask(stats["scores"], count)
+        if not isinstance(pattern, Channel) or unit is None or len(unit.group.members) == 1:
+            keep = pattern.mask(stats["scores"], count, target.name)
         else:
-            keep = unit.mask(target.name, target.shape, count // pattern.unit_size(target.shape))
+            keep = unit.mask(target.name, target.shape, count // pattern.unit_size(target.shape, target.name))
         if isinstance(pattern, Channel):
             kept_channels = keep.flatten(1).any(1)
             zero_channels(target.module, kept_channels, ("bias",))
@@ -160,15 +169,15 @@ class Taylor:
 
 
 class ChannelUnit:
-    """Coupled output channels of several layers, pruned together (see the module docstring).
+    """Coupled output channels (or attention heads) of several layers, pruned together (see the module docstring).
 
     Args:
-        members: layer name -> its output channel for each unit channel.
+        group: the coupled channels: each member's rows per unit channel.
         scores: the unit's score per unit channel (the sum of its members' scores).
     """
 
-    def __init__(self, members: dict[str, tuple[int, ...]], scores: torch.Tensor) -> None:
-        self.members, self.scores = members, scores
+    def __init__(self, group: ChannelGroup, scores: torch.Tensor) -> None:
+        self.group, self.scores = group, scores
         self.pruned: torch.Tensor | None = None  # unit channels, chosen by the first member pruned
 
     def mask(self, name: str, shape: torch.Size, channels: int) -> torch.Tensor:
@@ -178,6 +187,6 @@ class ChannelUnit:
             return keep.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
         if self.pruned is None:
             self.pruned = torch.sort(self.scores.float(), stable=True).indices[:channels]
-        indices = torch.tensor(self.members[name], device=self.scores.device)
-        keep[indices[self.pruned]] = False
+        rows = self.group.rows(name).to(self.scores.device)
+        keep[rows[self.pruned].flatten()] = False
         return keep.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()

@@ -87,4 +87,4 @@ class Wanda:
         scores = wanda_scores(target.weight, stats["input_sq_norms"])
         if isinstance(pattern, Unstructured) and self.compare == "row":
             return row_mask(scores, count)
-        return pattern.mask(scores, count)
+        return pattern.mask(scores, count, target.name)

@@ -5,17 +5,20 @@ the other: layers whose outputs are added (residual streams), a depthwise convol
 parts of a concatenation. torch-pruning traces the model once and groups every such dependency
 (``DependencyGraph.get_all_groups``); a :class:`ChannelGroup` keeps, of each group, the prunable layers
 that *produce* its channels and which of their output channels each group channel is.
+:func:`head_groups` turns the groups of attention projections into groups whose channels are whole heads
+(:mod:`ptsparse.attention`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..attention import AttentionHeads
 from ..errors import ExportError
 from ._extras import require
 
@@ -29,11 +32,53 @@ class ChannelGroup:
     Attributes:
         size: channels in the group.
         members: layer name -> its output channel for each of the group's channels (so
-            ``members[name][c]`` is the channel of ``name`` that group channel ``c`` is).
+            ``members[name][c]`` is the channel of ``name`` that group channel ``c`` is); with ``width`` > 1,
+            its ``width`` output channels (rows) for each group channel, one after the other.
+        width: output rows of each member per group channel: 1, or a head's rows when the group's channels
+            are attention heads (:func:`head_groups`).
     """
 
     size: int
     members: dict[str, tuple[int, ...]]
+    width: int = 1
+
+    def rows(self, name: str) -> torch.Tensor:
+        """Output rows of member ``name`` per group channel, a ``(size, width)`` index tensor."""
+        return torch.tensor(self.members[name]).view(self.size, self.width)
+
+
+def head_group(attention: AttentionHeads, layers: Sequence[str]) -> ChannelGroup:
+    """The heads of ``attention`` as a group of channels of its projections ``layers``."""
+    return ChannelGroup(attention.num_heads,
+                        {name: tuple(row for head in attention.projections[name] for row in head) for name in layers},
+                        attention.rows_per_head(layers[0]))
+
+
+def head_groups(groups: Sequence[ChannelGroup], heads: Mapping[str, AttentionHeads]) -> list[ChannelGroup]:
+    """``groups`` with the channels of attention projections taken as whole heads.
+
+    A group whose members are all projections of one attention module (torch-pruning couples the rows of
+    separate q, k and v layers) becomes the group of its heads. A projection in a group with other layers,
+    which the recognised layouts do not give, leaves that group and forms a head group of its own.
+
+    Args:
+        groups: coupled channel groups (:func:`channel_groups`).
+        heads: projection layer name -> its attention heads (:func:`ptsparse.attention.heads_by_layer`).
+    """
+    result = []
+    for group in groups:
+        projections = [name for name in group.members if name in heads]
+        owners = {heads[name].name for name in projections}
+        if not projections:
+            result.append(group)
+        elif len(projections) == len(group.members) and len(owners) == 1:
+            result.append(head_group(heads[projections[0]], projections))
+        else:
+            others = {n: m for n, m in group.members.items() if n not in heads}
+            if others:
+                result.append(ChannelGroup(group.size, others))
+            result += [head_group(heads[name], [name]) for name in projections]
+    return result
 
 
 @contextmanager
