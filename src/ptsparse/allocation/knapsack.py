@@ -2,7 +2,10 @@
 
 Cost model. A *unit* is a set of coupled output channels (torch-pruning's dependency groups, see
 :mod:`ptsparse.export.coupling`) that holds at least one target layer; a target coupled to nothing is a unit of
-its own. When unit ``u`` keeps ``kept[u]`` of its ``sizes[u]`` channels, every Conv/Linear layer of the model
+its own. The q/k/v projections of an attention module (:mod:`ptsparse.attention`) form units whose channels
+are whole heads (when :meth:`ChannelCosts.trace` is given the heads): removing a head removes its rows in every
+member and the output projection's input columns it feeds. When unit ``u`` keeps ``kept[u]`` of its ``sizes[u]``
+channels, every Conv/Linear layer of the model
 (targets or not) keeps the output channels of the unit it produces (all of them if it produces none) and the
 input channels of the units that feed it (all of them for the model input and other producers). Its MACs are
 ``c_out * (c_in / groups) * kernel volume * output positions``, what :func:`~ptsparse.export.latency.count_macs`
@@ -20,7 +23,8 @@ result always meets the budget.
 
 Allocation (``knapsack``). ``sparsity`` is the fraction of the dense cost removed. Each unit's channel
 importance is the mean over its members of their channel scores: the ``taylor`` criterion gives every member
-the unit's summed score, so this is that sum. Its ratios are exact channel counts (``exact = True``); the
+the unit's summed score, so this is that sum. A head's score in a member is the sum of its rows' scores (it
+keeps all of them). Its ratios are exact channel counts (``exact = True``); the
 weight sparsity they give follows from the cost budget.
 """
 
@@ -34,8 +38,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..attention import AttentionHeads, find_attention, heads_by_layer
 from ..errors import ConfigError
-from ..export.coupling import PRODUCER_TYPES, ChannelGroup, build_dependency_graph, eval_mode, iter_groups
+from ..export.coupling import (PRODUCER_TYPES, ChannelGroup, build_dependency_graph, eval_mode, head_group,
+                               head_groups, iter_groups)
 from ..export.latency import CONV_TYPES, measure_latency, output_positions
 from .base import ALLOCATIONS, AllocationContext, LayerBudget
 
@@ -55,6 +61,7 @@ class _Layer:
     input_shape: tuple[int, ...]  # one sample's input (for timing)
     calls: int = 1
     out_unit: int | None = None
+    out_per_channel: int = 1  # output rows per channel of its unit (a head's rows)
     in_units: list[tuple[int, float]] = field(default_factory=list)  # (unit, inputs per unit channel)
     table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # out grid, in grid, times (ms)
 
@@ -98,7 +105,7 @@ class ChannelCosts:
     @classmethod
     def trace(cls, model: nn.Module, targets: Sequence, example: torch.Tensor, cost: str = "macs",
               device: str | torch.device = "cpu", batch_size: int = 64, points: int = 6, warmup: int = 3,
-              repeats: int = 7) -> ChannelCosts:
+              repeats: int = 7, heads: Mapping[str, AttentionHeads] | None = None) -> ChannelCosts:
         """Traces the model's layers and channel couplings (and times its layers for ``cost="latency"``).
 
         Args:
@@ -110,6 +117,8 @@ class ChannelCosts:
             batch_size: batch of the latency measurements.
             points: grid points per channel dimension of a latency table (the full count and 1 included).
             warmup, repeats: untimed and timed runs per latency measurement (the median counts).
+            heads: attention projection name -> its heads (:func:`ptsparse.attention.heads_by_layer`): those
+                layers form units of whole heads. ``None``: every unit's channels are single rows.
 
         Raises:
             ConfigError: ``cost`` is not ``macs`` or ``latency``.
@@ -125,15 +134,18 @@ class ChannelCosts:
         modules = {module: name for name, module in model.named_modules()}
         found: list[tuple[ChannelGroup, ChannelGroup | None, list]] = []  # (unit, all producers, group items)
         covered: set[str] = set()
+        heads = dict(heads or {})
         for group, channels in iter_groups(graph, model):
             members = {n: m for n, m in channels.members.items() if n in names and n not in covered}
             if not members:
                 continue
-            found.append((ChannelGroup(channels.size, members), channels, group.items))
-            covered.update(members)
-        found += [(ChannelGroup(_out_channels(model.get_submodule(n)),
-                                {n: tuple(range(_out_channels(model.get_submodule(n))))}), None, [])
-                  for n in sorted(names - covered)]  # a target torch-pruning does not see stays a unit of its own
+            for unit in head_groups([ChannelGroup(channels.size, members)], heads):
+                found.append((unit, channels, group.items))
+                covered.update(unit.members)
+        for n in sorted(names - covered):  # a target torch-pruning does not see stays a unit of its own
+            rows = _out_channels(model.get_submodule(n))
+            found.append((head_group(heads[n], [n]) if n in heads else ChannelGroup(rows, {n: tuple(range(rows))}),
+                          None, []))
 
         def first_run(entry) -> int:
             return min(order.get(n, len(order)) for n in entry[0].members)
@@ -142,12 +154,13 @@ class ChannelCosts:
         units, fixed = [], []
         for u, (unit, channels, items) in enumerate(found):
             members = dict(sorted(unit.members.items(), key=lambda item: order.get(item[0], len(order))))
-            units.append(ChannelGroup(unit.size, members))
-            producers = members if channels is None else channels.members
+            units.append(ChannelGroup(unit.size, members, unit.width))
+            producers = members if channels is None else {n: m for n, m in channels.members.items()
+                                                           if n in members or n not in heads}
             fixed.append(any(n not in members for n in producers))
             for name in producers:
                 if name in layers:
-                    layers[name].out_unit = u
+                    layers[name].out_unit, layers[name].out_per_channel = u, unit.width
             for item in items:
                 name = modules.get(item.dep.target.module)
                 if name in layers and graph.is_in_channel_pruning_fn(item.dep.handler):
@@ -179,7 +192,7 @@ class ChannelCosts:
 
     def _layer_cost(self, layer: _Layer, removed: Sequence[Any]) -> torch.Tensor:
         """One layer's cost when unit ``u`` has lost ``removed[u]`` channels (numbers or one tensor)."""
-        out = layer.out_channels - (removed[layer.out_unit] if layer.out_unit is not None else 0)
+        out = layer.out_channels - (removed[layer.out_unit] * layer.out_per_channel if layer.out_unit is not None else 0)
         inputs = layer.in_features - sum((removed[u] * per_channel for u, per_channel in layer.in_units), 0.0)
         out = torch.as_tensor(out, dtype=torch.float64)
         inputs = torch.as_tensor(inputs, dtype=torch.float64)
@@ -457,12 +470,14 @@ class Knapsack:
         model = context.model
         example = context.calibration.inputs[:2].to(next(model.parameters()).device)
         budgets = {layer.name: layer for layer in layers}
-        costs = ChannelCosts.trace(model, list(budgets), example, self.cost, context.device, context.batch_size)
+        heads = heads_by_layer(find_attention(model, list(budgets)))
+        costs = ChannelCosts.trace(model, list(budgets), example, self.cost, context.device, context.batch_size,
+                                   heads=heads)
         self.costs = costs
         values = []
         for unit in costs.units:
-            importance = sum(scores[name].flatten(1).float().mean(1)[list(channels)].double()
-                             for name, channels in unit.members.items()) / len(unit.members)
+            importance = sum(scores[name].flatten(1).float().mean(1)[unit.rows(name)].sum(1).double()
+                             for name in unit.members) / len(unit.members)
             ranked = importance.clamp(min=0).sort(descending=True).values
             values.append(torch.cat([torch.zeros(1, dtype=torch.float64), ranked.cumsum(0)]))
         low = unit_minimums(costs, budgets)
