@@ -96,7 +96,8 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict |
 
 # Size attributes of the layers channel removal resizes, and which of them a weight's shape determines.
 _SIZE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                    "normalized_shape", "num_channels", "num_groups", "embedding_dim")
+                    "normalized_shape", "num_channels", "num_groups", "embedding_dim",
+                    "num_heads", "attn_dim", "num_attention_heads", "all_head_size")  # heads: ptsparse.attention
 
 
 def module_sizes(model: nn.Module) -> dict[str, dict[str, object]]:

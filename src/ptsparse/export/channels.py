@@ -8,6 +8,11 @@ dead channels go, so the smaller model computes what the masked model computes; 
 layer but alive in a coupled one (a residual stream pruned layer by layer) stays and is counted in the
 report. The result is checked: it must give the masked model's outputs on the example inputs.
 
+Attention (:mod:`ptsparse.attention`): a q/k/v projection loses whole heads only, those dead in q, k and v
+alike (torch-pruning removes the output projection's input columns with them), and the module's head count
+(timm ``num_heads``/``attn_dim``, Hugging Face ``num_attention_heads``/``all_head_size``) is set to the heads
+left; the rows per head stay. A head pruned in part keeps all its rows.
+
 The output layer keeps its outputs. The model passed in is never modified.
 """
 
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attention import find_attention, heads_by_layer, update_head_counts, whole_heads
 from ..checkpoint import module_sizes, save_state
 from ..errors import ExportError
 from .coupling import PRODUCER_TYPES, build_dependency_graph, eval_mode, iter_groups
@@ -105,6 +111,8 @@ def remove_channels(model: nn.Module, example: torch.Tensor, rtol: float = 1e-4,
     params, macs = count_params(smaller), count_macs(smaller, example[:1])["macs"]
     graph = build_dependency_graph(smaller, example)
     ignored = _output_layers(smaller, example)
+    attentions = find_attention(smaller)
+    heads = heads_by_layer(attentions)
     groups, kept_zeroed = [], 0
     for group, channels in iter_groups(graph, smaller, ignored):
         dead = torch.ones(channels.size, dtype=torch.bool)
@@ -123,9 +131,10 @@ def remove_channels(model: nn.Module, example: torch.Tensor, rtol: float = 1e-4,
         for name, mapping in channels.members.items():
             weight = graph.model.get_submodule(name).weight
             zeroed |= weight.detach().flatten(1).eq(0).all(1)[torch.tensor(mapping)]
+        dead = whole_heads(dead, channels.members, heads)
         removable = dead.nonzero().flatten()
         if len(removable) == channels.size:
-            removable = removable[1:]  # a layer keeps at least one channel
+            removable = removable[1:]  # a layer keeps at least one channel (an attention, one head: whole_heads)
         kept_zeroed += int((zeroed & ~dead).sum())
         if len(removable) == 0:
             continue
@@ -135,6 +144,7 @@ def remove_channels(model: nn.Module, example: torch.Tensor, rtol: float = 1e-4,
             continue
         pruning_group.prune()
         groups.append({"layers": sorted(channels.members), "channels": channels.size, "removed": len(removable)})
+    update_head_counts(attentions)
     smaller.zero_grad(set_to_none=True)
     outputs = _forward_naming_failures(smaller, example)
     if outputs.shape != reference.shape or not torch.allclose(outputs, reference, rtol=rtol, atol=atol):
