@@ -55,8 +55,9 @@ def bert(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bert")
     (directory / "vocab.txt").write_text("\n".join(WORDS) + "\n")
     transformers.BertTokenizer(str(directory / "vocab.txt")).save_pretrained(str(directory))
-    transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                            vocab_size=len(WORDS), max_position_embeddings=32, num_labels=3).save_pretrained(str(directory))
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=len(WORDS), max_position_embeddings=32, num_labels=3)
+    config.save_pretrained(str(directory))
     lines = ["the cat sat on the mat", "a dog ran fast", "big red dog", "", "small slow cat on a mat"]
     (directory / "text.txt").write_text("\n".join(lines * 4) + "\n")
     torch.manual_seed(0)

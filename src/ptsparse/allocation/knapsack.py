@@ -192,7 +192,9 @@ class ChannelCosts:
 
     def _layer_cost(self, layer: _Layer, removed: Sequence[Any]) -> torch.Tensor:
         """One layer's cost when unit ``u`` has lost ``removed[u]`` channels (numbers or one tensor)."""
-        out = layer.out_channels - (removed[layer.out_unit] * layer.out_per_channel if layer.out_unit is not None else 0)
+        out = layer.out_channels
+        if layer.out_unit is not None:
+            out = out - removed[layer.out_unit] * layer.out_per_channel
         inputs = layer.in_features - sum((removed[u] * per_channel for u, per_channel in layer.in_units), 0.0)
         out = torch.as_tensor(out, dtype=torch.float64)
         inputs = torch.as_tensor(inputs, dtype=torch.float64)

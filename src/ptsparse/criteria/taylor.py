@@ -20,10 +20,11 @@ own allocated count; the other members prune the same channels, so a member's co
 (under a uniform allocation, within one channel of its own allocation; a member allocated nothing, e.g.
 capped at 0, stays whole). The q/k/v projections of an attention module (:mod:`ptsparse.attention`) are
 pruned by whole heads: a unit's channels are then heads, a head's score in a member the mean of its rows'
-scores (summed over the members, as for any unit), and every row of a head receives it. A pruned channel's bias and its following BatchNorm's weight and bias are
-zeroed, so the channel outputs exactly 0 (not the bias or the BatchNorm's shift) and removing it
-(``ptsparse export --format channels``) leaves the outputs as they are. Recovery that trains biases and
-BatchNorm (``recovery: distill``) can move them off zero again; channel removal then keeps such a channel.
+scores (summed over the members, as for any unit), and every row of a head receives it. A pruned
+channel's bias and its following BatchNorm's weight and bias are zeroed, so the channel outputs exactly 0
+(not the bias or the BatchNorm's shift) and removing it (``ptsparse export --format channels``) leaves the
+outputs as they are. Recovery that trains biases and BatchNorm (``recovery: distill``) can move them off
+zero again; channel removal then keeps such a channel.
 """
 
 from __future__ import annotations
