@@ -10,6 +10,10 @@ since the dense model's running statistics no longer fit the pruned layers befor
 Wanda at 70% on the reference model fell to 29% accuracy, against 87% for magnitude).
 A data-driven criterion without per-layer statistics (Taylor) scores the dense model once, before any
 layer is pruned, and each layer's ``prune_layer`` receives its scores as ``stats["scores"]``.
+
+Inside a chain of blocks (:mod:`ptsparse.criteria.block_inputs`), a layer's pass runs only its block on
+cached block inputs, which computes the same statistics at a fraction of the cost; other layers (a stem,
+a classifier) get full passes.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ from ..masking import attach_masks
 from ..patterns import Pattern
 from ..targets import Target
 from .base import Criterion
+from .block_inputs import BlockInputs, Chain, find_chains
 from .statistics import gather_statistics
 
 
 def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int], pattern: Pattern,
                 criterion: Criterion, calibration: Calibration | None, batch_size: int = 64,
                 device: str | torch.device = "cpu", show_progress: bool = False,
-                scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                scores: dict[str, torch.Tensor] | None = None, offload: bool = False,
+                cache_block_inputs: bool = True) -> dict[str, torch.Tensor]:
     """Chooses and attaches a mask for every target; returns the masks by layer name.
 
     Args:
@@ -37,19 +43,42 @@ def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int],
         counts: weights to prune per layer.
         scores: ``criterion.scores`` of the unpruned model when the caller has them already (an allocation
             that ranks scores), so a whole-model criterion (Taylor) does not score twice.
+        offload: keep cached block inputs on the CPU rather than on ``device``.
+        cache_block_inputs: run a layer's statistics pass on its block's cached inputs where the model has
+            chains of blocks (``False`` runs every pass through the whole model; same statistics).
     """
     masks: dict[str, torch.Tensor] = {}
     whole_model_scores = None
     if criterion.requires_data and not criterion.statistics:
         whole_model_scores = dict(scores) if scores is not None else criterion.scores(model, targets, calibration)
+    chains = find_chains(model, targets, calibration, batch_size, device) \
+        if criterion.statistics and cache_block_inputs else []
+    block_inputs: BlockInputs | None = None
     for target in progress(targets, show_progress and bool(criterion.statistics), "prune layers"):
         stats = {}
         if whole_model_scores is not None:
             stats = {"scores": whole_model_scores.pop(target.name)}
         elif criterion.statistics:
-            stats = gather_statistics(model, target, calibration, criterion.statistics, batch_size, device)
+            block_inputs = _inputs_for(target, chains, block_inputs, model, calibration, batch_size, device, offload)
+            stats = gather_statistics(model, target, calibration, criterion.statistics, batch_size, device,
+                                      block_inputs)
         with torch.no_grad():
             masks[target.name] = criterion.prune_layer(target, stats, counts[target.name], pattern)
         attach_masks([target], {target.name: masks[target.name]})
         del stats
     return masks
+
+
+def _inputs_for(target: Target, chains: list[Chain], held: BlockInputs | None, model: nn.Module,
+                calibration: Calibration, batch_size: int, device: str | torch.device,
+                offload: bool) -> BlockInputs | None:
+    """The cached inputs of the block holding ``target`` (advancing or capturing them), or ``None``."""
+    for chain in chains:
+        position = chain.index_of(target.name)
+        if position is None:
+            continue
+        if held is None or held.chain is not chain or held.position > position:
+            held = BlockInputs.capture(model, chain, calibration, batch_size, device, "cpu" if offload else device)
+        held.advance(position)
+        return held
+    return None

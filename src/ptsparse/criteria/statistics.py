@@ -29,6 +29,7 @@ from ..data import Calibration
 from ..data.calibration import StopForward
 from ..errors import ConfigError
 from ..targets import Target
+from .block_inputs import BlockInputs
 
 Make = Callable[[nn.Module], dict[str, torch.Tensor]]
 Accumulate = Callable[[dict[str, torch.Tensor], nn.Module, torch.Tensor], dict[str, torch.Tensor]]
@@ -161,9 +162,13 @@ STATISTICS: dict[str, tuple[Make, Accumulate]] = {
 
 @torch.no_grad()
 def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibration: Calibration,
-                          names: Sequence[str], batch_size: int = 64,
-                          device: str | torch.device = "cpu") -> dict[str, dict[str, torch.Tensor]]:
+                          names: Sequence[str], batch_size: int = 64, device: str | torch.device = "cpu",
+                          block_inputs: BlockInputs | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Accumulates ``names`` over the inputs of every target in one pass of the calibration set.
+
+    Args:
+        block_inputs: the cached inputs of the block holding every target; the pass then runs that block
+            alone instead of the model.
 
     Returns:
         By layer name, the accumulated states of every requested statistic, merged into one dict.
@@ -202,9 +207,13 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
 
     handles = [target.module.register_forward_hook(lambda m, i, o, layer=target.name: hook(layer, m, i, o))
                for target in targets]
-    handles.append(model.register_forward_pre_hook(on_batch))
+    runner = model if block_inputs is None else block_inputs.module
+    handles.append(runner.register_forward_pre_hook(on_batch))
     try:
-        calibration.feed(model, batch_size, device, batch_statistics=True)
+        if block_inputs is None:
+            calibration.feed(model, batch_size, device, batch_statistics=True)
+        else:
+            block_inputs.feed()
     finally:
         for handle in handles:
             handle.remove()
@@ -217,8 +226,10 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
 
 
 def gather_statistics(model: nn.Module, target: Target, calibration: Calibration, names: Sequence[str],
-                      batch_size: int = 64, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Runs the calibration set through ``model`` and accumulates ``names`` over ``target``'s inputs.
+                      batch_size: int = 64, device: str | torch.device = "cpu",
+                      block_inputs: BlockInputs | None = None) -> dict[str, torch.Tensor]:
+    """Runs the calibration set through ``model`` (or the cached block) and accumulates ``names`` over
+    ``target``'s inputs.
 
     Returns:
         The accumulated states of every requested statistic, merged into one dict.
@@ -226,4 +237,4 @@ def gather_statistics(model: nn.Module, target: Target, calibration: Calibration
     Raises:
         ConfigError: a statistic name is unknown, or the layer's type has no statistics.
     """
-    return gather_statistics_all(model, [target], calibration, names, batch_size, device)[target.name]
+    return gather_statistics_all(model, [target], calibration, names, batch_size, device, block_inputs)[target.name]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -102,27 +103,39 @@ class Calibration:
 
         Args:
             batch_statistics: normalise BatchNorm layers with each batch's own statistics instead of
-                their running ones (which belong to the dense model and drift once layers are pruned);
-                the running statistics are left untouched.
+                their running ones (see :func:`inference_mode`).
         """
-        modes = {module: module.training for module in model.modules()}
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        saved = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms] if batch_statistics else []
-        model.eval()
-        if batch_statistics:
-            for norm in norms:
-                norm.train()
-        try:
+        with inference_mode(model, batch_statistics):
             for x, _ in self.batches(batch_size):
                 try:
                     model(x.to(device))
                 except StopForward:
                     pass
-        finally:
-            for norm, state in zip(norms, saved):
-                norm.load_state_dict(state)
-            for module, mode in modes.items():
-                module.training = mode
+
+
+@contextmanager
+def inference_mode(module: torch.nn.Module, batch_statistics: bool = False) -> Iterator[None]:
+    """Puts ``module`` in eval mode for calibration passes and restores its modes (and statistics) after.
+
+    Args:
+        batch_statistics: BatchNorm layers normalise with each batch's own statistics instead of their
+            running ones (which belong to the dense model and drift once layers are pruned); the running
+            statistics are left untouched.
+    """
+    modes = {m: m.training for m in module.modules()}
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms] if batch_statistics else []
+    module.eval()
+    if batch_statistics:
+        for norm in norms:
+            norm.train()
+    try:
+        yield
+    finally:
+        for norm, state in zip(norms, saved):
+            norm.load_state_dict(state)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 class StopForward(Exception):

@@ -1,0 +1,218 @@
+"""Cached block inputs: a layer-by-layer criterion's pass over the calibration set runs one block, not the network.
+
+A *chain* is a run of blocks (:func:`ptsparse.blocks.find_blocks`: residual blocks, transformer layers)
+where each block's first input is the previous block's output, every other input (an attention mask,
+position embeddings) is one the chain's first block received too, and each block runs once per forward.
+For the layers inside a chain, the inputs of the current block are cached for every calibration batch
+(on the CPU with ``offload``); a layer's statistics pass runs that block alone on them, and once the
+block's layers are pruned its outputs become the next block's inputs. That computes what full passes
+through the partly pruned network compute (same batches, BatchNorm on batch statistics), at the cost of
+one block per layer instead of the network up to it, and holds one block's inputs at a time.
+
+The chains are checked on the first calibration batch by object identity, so a block fed by anything
+else (a skip connection from further back, a tensor computed between blocks) starts a new chain, and a
+model without blocks has none: its layers keep full passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..blocks import find_blocks
+from ..data.calibration import Calibration, StopForward, inference_mode
+from ..errors import ConfigError
+from ..targets import Target
+
+# How a chain block's other inputs are rebuilt: a value, or ("slot", key) naming an input of the chain's
+# first block (an int for a positional argument, a str for a keyword), or a tuple/list of those.
+_Slot = tuple[str, int | str]
+
+
+@dataclass
+class Chain:
+    """Blocks in order, each fed by the one before.
+
+    Attributes:
+        names: the blocks' qualified names.
+        modules: the blocks.
+        others: per block, its inputs after the first: ``(args[1:], kwargs)`` with every tensor replaced by
+            the slot of the first block's inputs it is.
+    """
+
+    names: list[str]
+    modules: list[nn.Module]
+    others: list[tuple[tuple, dict[str, Any]]]
+
+    def index_of(self, layer: str) -> int | None:
+        """Position of the block holding ``layer``, or ``None`` when no block of the chain does."""
+        for index, name in enumerate(self.names):
+            if layer.startswith(name + "."):
+                return index
+        return None
+
+
+def _first_output(output: Any) -> torch.Tensor | None:
+    """A block's output that the next block reads: the tensor, or the first item of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _as_slots(value: Any, slots: dict[int, int | str]) -> Any:
+    """``value`` with each tensor replaced by its slot in the chain's first inputs; ``KeyError`` if one is not."""
+    if isinstance(value, torch.Tensor):
+        return ("slot", slots[id(value)])
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_slots(item, slots) for item in value)
+    if isinstance(value, dict):
+        return {key: _as_slots(item, slots) for key, item in value.items()}
+    return value
+
+
+def _from_slots(value: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "slot":
+        key = value[1]
+        return args[key] if isinstance(key, int) else kwargs[key]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_from_slots(item, args, kwargs) for item in value)
+    if isinstance(value, dict):
+        return {key: _from_slots(item, args, kwargs) for key, item in value.items()}
+    return value
+
+
+def find_chains(model: nn.Module, targets: Sequence[Target], calibration: Calibration, batch_size: int = 64,
+                device: str | torch.device = "cpu") -> list[Chain]:
+    """The chains of blocks that hold targets, found on the first calibration batch (see the module docstring).
+
+    Returns:
+        The chains in execution order; empty when the model has no blocks.
+    """
+    try:
+        names = find_blocks(model, targets)
+    except ConfigError:
+        return []
+    modules = [model.get_submodule(name) for name in names]
+    calls: list[tuple[int, tuple, dict[str, Any], Any]] = []  # (block, args, kwargs, output) in call order
+
+    def record(index: int, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        calls.append((index, args, kwargs, output))
+
+    handles = [module.register_forward_hook(lambda m, a, k, o, i=i: record(i, m, a, k, o), with_kwargs=True)
+               for i, module in enumerate(modules)]
+    try:
+        first = next(calibration.batches(batch_size))[0].to(device)
+        with inference_mode(model, batch_statistics=True), torch.no_grad():
+            model(first)
+    finally:
+        for handle in handles:
+            handle.remove()
+    counts = [sum(1 for call in calls if call[0] == i) for i in range(len(modules))]
+
+    chains: list[Chain] = []
+    previous_output: torch.Tensor | None = None
+    slots: dict[int, int | str] = {}
+    for index, args, kwargs, output in calls:
+        if counts[index] != 1 or not args or not isinstance(args[0], torch.Tensor):
+            previous_output = None
+            continue
+        others = None
+        if chains and previous_output is not None and args[0] is previous_output:
+            try:
+                others = (_as_slots(args[1:], slots), _as_slots(kwargs, slots))
+            except KeyError:  # an input the chain's first block did not receive
+                others = None
+        if others is None:  # this block starts a new chain
+            slots = {id(value): position for position, value in enumerate(args) if isinstance(value, torch.Tensor)}
+            slots.update({id(value): key for key, value in kwargs.items() if isinstance(value, torch.Tensor)})
+            chains.append(Chain([], [], []))
+            others = (_as_slots(args[1:], slots), _as_slots(kwargs, slots))
+        chains[-1].names.append(names[index])
+        chains[-1].modules.append(modules[index])
+        chains[-1].others.append(others)
+        previous_output = _first_output(output)
+    return chains
+
+
+class BlockInputs:
+    """The inputs of one block of a chain for every calibration batch, advanced block by block.
+
+    Args:
+        chain: the chain.
+        inputs: per batch, the first block's ``(args, kwargs)``, tensors on ``storage``.
+        device: where the blocks run.
+        storage: where the cached inputs are kept (``"cpu"`` to offload them from an accelerator).
+    """
+
+    def __init__(self, chain: Chain, inputs: list[tuple[tuple, dict[str, Any]]], device: str | torch.device,
+                 storage: str | torch.device) -> None:
+        self.chain, self.device, self.storage = chain, device, storage
+        self.position = 0
+        self._start = inputs  # the first block's inputs (its other tensors feed every block's)
+        self._current = [args[0] for args, _ in inputs]
+
+    @classmethod
+    def capture(cls, model: nn.Module, chain: Chain, calibration: Calibration, batch_size: int = 64,
+                device: str | torch.device = "cpu", storage: str | torch.device | None = None) -> BlockInputs:
+        """Runs the calibration set up to the chain's first block and keeps that block's inputs."""
+        storage = device if storage is None else storage
+        inputs: list[tuple[tuple, dict[str, Any]]] = []
+
+        def keep(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            inputs.append((_moved(args, storage), _moved(kwargs, storage)))
+            raise StopForward
+
+        handle = chain.modules[0].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            calibration.feed(model, batch_size, device, batch_statistics=True)
+        finally:
+            handle.remove()
+        return cls(chain, inputs, device, storage)
+
+    @property
+    def module(self) -> nn.Module:
+        """The block whose inputs are held."""
+        return self.chain.modules[self.position]
+
+    def _batches(self) -> Iterator[tuple[tuple, dict[str, Any]]]:
+        args_rest, kwargs = self.chain.others[self.position]
+        for main, (start_args, start_kwargs) in zip(self._current, self._start):
+            args = (main, *_from_slots(args_rest, start_args, start_kwargs))
+            yield _moved(args, self.device), _moved(_from_slots(kwargs, start_args, start_kwargs), self.device)
+
+    @torch.no_grad()
+    def feed(self) -> None:
+        """Runs the held block on every cached batch (for hooks; :class:`StopForward` ends a batch early)."""
+        with inference_mode(self.module, batch_statistics=True):
+            for args, kwargs in self._batches():
+                try:
+                    self.module(*args, **kwargs)
+                except StopForward:
+                    pass
+
+    @torch.no_grad()
+    def advance(self, position: int) -> None:
+        """Runs the blocks from the held one up to ``position`` (excluded); their outputs become the inputs."""
+        while self.position < position:
+            outputs = []
+            with inference_mode(self.module, batch_statistics=True):
+                for args, kwargs in self._batches():
+                    outputs.append(_first_output(self.module(*args, **kwargs)).to(self.storage))
+            self._current = outputs
+            self.position += 1
+
+
+def _moved(value: Any, device: str | torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _moved(item, device) for key, item in value.items()}
+    return value
