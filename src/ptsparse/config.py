@@ -122,6 +122,10 @@ class SparsityConfig:
     teacher_bn: str = field(default="eval", metadata=_help(
         "dense teacher's BatchNorm mode: eval, or train as FCPTS's and UniPTS's code"))
     augment: str = field(default="none", metadata=_help("calibration augmentation during distill: none or flip"))
+    precision: str = field(default="fp32", metadata=_help(
+        "distill arithmetic: fp32, or bf16 (autocast mixed precision: less memory, faster on recent GPUs)"))
+    grad_checkpointing: bool = field(default=False, metadata=_help(
+        "distill: recompute each block's activations during backward instead of storing them (less memory)"))
     checkpoint_every: int = field(default=100, metadata=_help(
         "distill steps between resumable checkpoints (0: none)"))
     layer_iterations: int = field(default=2000, metadata=_help("layerwise: Adam steps per layer"))
@@ -135,6 +139,8 @@ class SparsityConfig:
     include: tuple = field(default=("*",), metadata=_help("name globs of the layers to sparsify"))
     exclude: tuple = field(default=(), metadata=_help("name globs of layers left dense and not counted"))
     # data and run
+    offload: bool = field(default=False, metadata=_help(
+        "wanda/sparsegpt: keep the cached inputs of the block being pruned in CPU memory, not on --device"))
     calib_size: int = field(default=1024, metadata=_help("calibration samples drawn from --data"))
     calib_balanced: bool = field(default=False, metadata=_help("draw the same number of samples per class"))
     batch_size: int = field(default=64, metadata=_help("calibration batch size"))
@@ -165,6 +171,7 @@ class SparsityConfig:
         from .allocation.unipts_search import FITNESSES
         from .recovery import DYNAMICS, OBJECTIVES, RECOVERIES
         from .recovery.bridge import DENSITIES
+        from .recovery.memory import PRECISIONS
         from .recovery.thresholds import PENALTIES, SCORE_GRADS
         from .targets import resolve_layer_types
 
@@ -225,7 +232,8 @@ class SparsityConfig:
                               ("teacher_bn", ("eval", "train")), ("augment", ("none", "flip")),
                               ("penalty", PENALTIES), ("density", DENSITIES), ("search_fitness", FITNESSES),
                               ("score_grad", SCORE_GRADS), ("knapsack_cost", ("macs", "latency")),
-                              ("iee_criterion", ("magnitude", "taylor"))):
+                              ("iee_criterion", ("magnitude", "taylor")),
+                              ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not allowed; choose from {', '.join(allowed)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -233,7 +241,7 @@ class SparsityConfig:
         if not (self.device == "cpu" or str(self.device).startswith("cuda")):
             raise ConfigError(f"device {self.device!r} is not allowed; choose cpu or cuda[:N]")
         for name in ("calib_balanced", "bn_recalibration", "progress", "weight_correction", "bias_correction",
-                     "iee_reactivate"):
+                     "iee_reactivate", "offload", "grad_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

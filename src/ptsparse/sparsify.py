@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from .allocation import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
 from .attention import find_attention, heads_by_layer
+from .blocks import find_blocks
 from .checkpoint import save_state, write_json
 from .config import SparsityConfig, resolve_config
 from .criteria import CRITERIA, prune_model
@@ -185,6 +186,7 @@ def run_recovery(student: nn.Module, teacher: nn.Module, targets: list[Target], 
         student, teacher, targets, calibration, schedule, OBJECTIVES.get(config.objective).from_config(config),
         dynamics, budgets=budgets, sparsity=target_sparsity, teacher_bn=config.teacher_bn, device=device,
         checkpoint_dir=checkpoint_dir, resume=resume, run_id={"config": config.to_dict(), "calib": calibration.hash},
+        recompute_blocks=find_blocks(student, targets, config.blocks) if config.grad_checkpointing else (),
         show_progress=config.progress)
     return {"kind": "distill", "iterations": schedule.iterations, "warmup_iterations": schedule.warmup_iterations,
             "objective": config.objective, "dynamics": config.dynamics, "teacher_bn": config.teacher_bn,
@@ -249,7 +251,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         if allocation.needs_context else None
     counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets, context)
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
-                config.progress, scores=scores)
+                config.progress, scores=scores, offload=config.offload)
 
     recovery = {"kind": "none"}
     if teacher is not None:

@@ -29,6 +29,7 @@ from ..errors import CheckpointError, ConfigError
 from ..allocation import LayerBudget
 from ..targets import Target, count_zeros
 from .dynamics import Dynamics, TrainState
+from .memory import autocast, checkpointed
 from .objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class TrainSchedule:
     augment: str = "none"
     seed: int = 0
     checkpoint_every: int = 0
+    precision: str = "fp32"
 
     @classmethod
     def from_config(cls, config, calib_size: int) -> TrainSchedule:
@@ -59,7 +61,8 @@ class TrainSchedule:
         warmup = config.warmup_iterations if config.warmup_iterations is not None else steps_per_epoch
         return cls(iterations=iterations, batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
                    momentum=config.momentum, weight_decay=config.weight_decay, warmup_iterations=warmup,
-                   augment=config.augment, seed=config.seed, checkpoint_every=config.checkpoint_every)
+                   augment=config.augment, seed=config.seed, checkpoint_every=config.checkpoint_every,
+                   precision=config.precision)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -127,7 +130,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
             budgets: Sequence[LayerBudget] | None = None, sparsity: float | None = None,
             teacher_bn: str = "eval", device: str | torch.device = "cpu",
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, run_id: dict | None = None,
-            show_progress: bool = False) -> list[dict[str, float]]:
+            recompute_blocks: Sequence[str] = (), show_progress: bool = False) -> list[dict[str, float]]:
     """Trains ``student`` (masks attached) to match ``teacher`` on the calibration inputs.
 
     Args:
@@ -141,6 +144,8 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
         resume: continue from the checkpoint in ``checkpoint_dir`` when there is one.
         run_id: what identifies the run besides the schedule (config, calibration hash); a checkpoint
             from another run is refused.
+        recompute_blocks: blocks of the student whose activations are recomputed during backward
+            (gradient checkpointing, :func:`~ptsparse.recovery.memory.checkpointed`).
 
     Returns:
         The loss terms (the objective's and the dynamics'), logged every 50 steps and at the last step.
@@ -173,29 +178,32 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     student_tap, teacher_tap = _FeatureTap(student, names), _FeatureTap(teacher, names)
     student.train()
     try:
-        steps = range(state.step, schedule.iterations)
-        for step in progress(steps, show_progress, "recovery", total=len(steps)):
-            state.step = step
-            x = batch_at(calibration, step, schedule).to(device)
-            with torch.no_grad():
-                teacher_out = teacher(x)
-            terms = objective(student(x), teacher_out, student_tap.features, teacher_tap.features,
-                              progress=step / schedule.iterations)
-            extra = dynamics.loss_terms(state)
-            if "loss" in extra:
-                extra["loss"] = terms["loss"] + extra["loss"]
-            terms.update(extra)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            dynamics.optimizer_step(state)
-            scheduler.step()
-            state.step = step + 1
-            dynamics.after_step(state)
-            if step % 50 == 0 or step + 1 == schedule.iterations:
-                history.append({"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}})
-            if checkpoint is not None and schedule.checkpoint_every and state.step % schedule.checkpoint_every == 0:
-                _save_checkpoint(checkpoint, fingerprint, state.step, student, optimizer, scheduler, dynamics,
-                                 history)
+        with checkpointed(student, recompute_blocks):
+            steps = range(state.step, schedule.iterations)
+            for step in progress(steps, show_progress, "recovery", total=len(steps)):
+                state.step = step
+                x = batch_at(calibration, step, schedule).to(device)
+                with autocast(schedule.precision, device):
+                    with torch.no_grad():
+                        teacher_out = teacher(x)
+                    terms = objective(student(x), teacher_out, student_tap.features, teacher_tap.features,
+                                      progress=step / schedule.iterations)
+                extra = dynamics.loss_terms(state)
+                if "loss" in extra:
+                    extra["loss"] = terms["loss"] + extra["loss"]
+                terms.update(extra)
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                dynamics.optimizer_step(state)
+                scheduler.step()
+                state.step = step + 1
+                dynamics.after_step(state)
+                if step % 50 == 0 or step + 1 == schedule.iterations:
+                    history.append({"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}})
+                due = schedule.checkpoint_every and state.step % schedule.checkpoint_every == 0
+                if checkpoint is not None and due:
+                    _save_checkpoint(checkpoint, fingerprint, state.step, student, optimizer, scheduler, dynamics,
+                                     history)
     finally:
         student_tap.remove()
         teacher_tap.remove()
