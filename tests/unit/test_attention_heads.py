@@ -222,3 +222,16 @@ def test_bert_prunes_the_same_whole_heads_in_query_key_and_value(bert, method):
         attention = layer.attention.self
         assert attention.num_attention_heads == 1 and attention.all_head_size == 16
         assert attention.query.out_features == attention.value.out_features == 16
+
+
+def test_channel_iee_moves_whole_heads_within_the_budget(timm_vit):
+    pytest.importorskip("torch_pruning")
+    model, calib = timm_vit
+    result = ptsparse.sparsify(model, calib, method="iee", pattern="channel", sparsity=0.3, batch_size=8,
+                               iterations=24, iee_exploit_steps=2, iee_improve_steps=2, iee_explore_steps=2,
+                               iee_alpha=0.5, progress=False)
+    pruned_heads(result.model)  # fails if a head is zero only in part
+    assert_whole_rows_elsewhere(result.model)
+    recovery = result.report["recovery"]
+    assert recovery["iee_cost_after"] <= recovery["iee_budget"] + 1e-6
+    assert any(cycle["swapped"] for cycle in recovery["iee_cycles"])

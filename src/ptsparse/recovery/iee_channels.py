@@ -13,7 +13,8 @@ budget is the cost of the masks the run started from, which the allocation fitte
 per-layer channel counts may move while the total cost never exceeds it. Scores per channel, summed over
 a unit's members: ``taylor`` accumulates ``|gamma * dL/dgamma + beta * dL/dbeta|`` (without a BatchNorm,
 ``|sum w * dL/dw + b * dL/db|`` over the filter) at every step of the phase; ``magnitude`` is the filter's
-L2 norm at the end of it.
+L2 norm at the end of it. On attention projections a unit channel is a whole head, its q, k and v rows
+(:mod:`ptsparse.attention`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..allocation.knapsack import ChannelCosts, solve_knapsack, unit_minimums
+from ..attention import find_attention, heads_by_layer
 from ..criteria.taylor import following_norms
 from ..errors import ConfigError
 from ..masking import WeightMask, mask_of, weight_mask
@@ -42,7 +44,7 @@ class _Entry:
     module: nn.Module
     parameter: str
     unit: int
-    channels: torch.Tensor  # row of the tensor for each unit channel
+    channels: torch.Tensor  # rows of the tensor for each unit channel, (channels, width): width > 1 for heads
     gate: bool  # part of the channel's Taylor gate (the BatchNorm's, or the layer's where none follows)
     filter: bool = False  # the member layer's weight (baked by the run; the others are baked here)
 
@@ -73,7 +75,8 @@ class ChannelUnits:
                 raise ConfigError(f"dynamics 'iee' needs a mask on layer {target.name}; prune the model first")
         self.criterion = criterion
         by_name = {t.name: t for t in targets}
-        self.costs = ChannelCosts.trace(model, targets, example, cost, example.device, batch_size)
+        heads = heads_by_layer(find_attention(model, [t.name for t in targets]))
+        self.costs = ChannelCosts.trace(model, targets, example, cost, example.device, batch_size, heads=heads)
         self.keys = [next(iter(unit.members)) for unit in self.costs.units]
         norms = following_norms(model, targets, example)
         teacher_modules = dict(teacher.named_modules()) if teacher is not None else {}
@@ -84,10 +87,10 @@ class ChannelUnits:
         for index, unit in enumerate(self.costs.units):
             key = self.keys[index]
             rows = mask_of(self.modules[key]).flatten(1).any(1)
-            self.active[key] = rows[torch.tensor(unit.members[key], device=rows.device)].clone()
-            for name, channels in unit.members.items():
+            self.active[key] = rows[unit.rows(key).to(rows.device)].any(1)
+            for name in unit.members:
                 module, norm = self.modules[name], norms.get(name)
-                rows_of_unit = torch.tensor(channels, device=module.weight.device)
+                rows_of_unit = unit.rows(name).to(module.weight.device)
                 self.entries.append(_Entry(module, "weight", index, rows_of_unit, gate=norm is None, filter=True))
                 owners = [(module, "bias", norm is None), (norm, "weight", True), (norm, "bias", True)]
                 for owner, parameter, gate in owners:
@@ -138,7 +141,7 @@ class ChannelUnits:
             stored = entry.stored
             if entry.gate and stored.grad is not None:
                 per_row = (stored * stored.grad).reshape(len(stored), -1).sum(1)
-                gates[entry.unit] += per_row[entry.channels].double()
+                gates[entry.unit] += per_row[entry.channels].sum(1).double()
         if not self.scores_sum:
             self.scores_sum = [torch.zeros_like(gate) for gate in gates]
         for total, gate in zip(self.scores_sum, gates):
@@ -156,7 +159,7 @@ class ChannelUnits:
         norm = torch.zeros(self.costs.sizes[unit], dtype=torch.float64)
         for entry in self.entries:
             if entry.unit == unit and entry.filter:
-                norm += entry.stored.detach().flatten(1).pow(2).sum(1)[entry.channels].double().cpu()
+                norm += entry.stored.detach().flatten(1).pow(2).sum(1)[entry.channels].sum(1).double().cpu()
         return norm.sqrt()
 
     def _set_active(self, kept: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> Masks:
