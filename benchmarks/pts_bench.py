@@ -22,7 +22,8 @@ from ptsparse.data import FashionMNIST, sample_calibration
 from ptsparse.models import load_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_bench import export_section  # noqa: E402  (a script beside this one)
+from export_bench import export_section  # noqa: E402  (scripts beside this one)
+from scale_bench import scale_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -365,6 +366,7 @@ def write_results() -> None:
         + unipts_section(reports)
         + iee_section(reports)
         + "\n" + export_section()
+        + scale_section()
     )
     write_text(HERE / "RESULTS.md", text)
 
