@@ -71,13 +71,34 @@ def assert_whole_channels(result, sparsity: float = 0.5) -> None:
 
 # --- torchvision ----------------------------------------------------------------------------------------
 
-TORCHVISION_METHODS = [
+# Every method preset, with its loops cut to a few steps (only that it runs and meets the target counts here).
+SEARCH = {"search_population": 4, "search_generations": 1, "search_parents": 2, "search_elites": 1,
+          "search_bn_samples": 8, "search_fit_samples": 8}
+EVERY_METHOD = [
     ("magnitude", {}),
     ("wanda", {}),
     ("sparsegpt", {}),
+    ("pot", {"layer_iterations": 2}),
     ("magnitude_kd", {"iterations": 2}),
+    ("fcpts", {"iterations": 2}),
+    ("unipts", {"iterations": 2, **SEARCH}),
+    ("iee", {"iterations": 2}),
     ("taylor", {"pattern": "channel"}),
 ]
+
+
+def assert_every_method_meets_the_target(model, calib, architecture: str | None = None) -> None:
+    from ptsparse.methods import METHODS
+
+    assert sorted(method for method, _ in EVERY_METHOD) == sorted(METHODS)
+    for method, options in EVERY_METHOD:
+        result = ptsparse.sparsify(model, calib, method=method, sparsity=0.5, batch_size=8, progress=False,
+                                   architecture=architecture, **options)
+        if method == "taylor":
+            assert_whole_channels(result)
+        else:
+            assert_exact(result)
+        assert result.model(calib.inputs[:2]).shape == model(calib.inputs[:2]).shape
 
 
 # 64x64, not 32x32: at 32x32 the last feature maps are 1x1, so 8 of the 9 taps of every 3x3 kernel there only
@@ -91,14 +112,7 @@ def test_torchvision_models_meet_the_target_for_every_method(images, name, size)
     assert architecture == spec and not model.training
     calib = calibration(architecture, model, images, image_size=size)
     assert calib.inputs.shape == (8, 3, size, size) and sorted(calib.labels.tolist()) == [0] * 4 + [1] * 4
-    for method, options in TORCHVISION_METHODS:
-        result = ptsparse.sparsify(model, calib, method=method, sparsity=0.5, batch_size=8, progress=False,
-                                   architecture=architecture, **options)
-        if method == "taylor":
-            assert_whole_channels(result)
-        else:
-            assert_exact(result)
-        assert result.model(calib.inputs[:2]).shape == (2, 2)
+    assert_every_method_meets_the_target(model, calib, architecture)
 
 
 def test_torchvision_result_reloads_by_architecture(images, tmp_path):
@@ -188,11 +202,9 @@ def test_timm_vit_preprocessing_follows_its_data_config(timm_vit):
     assert calib.inputs.shape == (8, 3, 32, 32)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda"])
-def test_timm_vit_meets_the_target(timm_vit, method):
+def test_timm_vit_meets_the_target_for_every_method(timm_vit):
     model, architecture, calib = timm_vit
-    result = ptsparse.sparsify(model, calib, method=method, sparsity=0.5, progress=False, architecture=architecture)
-    assert_exact(result)
+    assert_every_method_meets_the_target(model, calib, architecture)
 
 
 def test_timm_vit_2_4_on_linear_layers(timm_vit):
@@ -254,11 +266,14 @@ def test_bert_from_a_directory_takes_token_ids(bert, bert_dir):
     assert torch.allclose(model(torch.cat([ids, torch.zeros(1, 4, dtype=ids.dtype)], 1)), model(ids), atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda"])
-def test_bert_meets_the_target(bert, method, tmp_path):
+def test_bert_meets_the_target_for_every_method(bert):
     model, architecture, calib = bert
-    result = ptsparse.sparsify(model, calib, method=method, sparsity=0.5, progress=False, architecture=architecture)
-    assert_exact(result)
+    assert_every_method_meets_the_target(model, calib, architecture)
+
+
+def test_bert_result_reloads(bert, tmp_path):
+    model, architecture, calib = bert
+    result = ptsparse.sparsify(model, calib, method="wanda", sparsity=0.5, progress=False, architecture=architecture)
     ptsparse.save(result, tmp_path / "run")
     loaded = ptsparse.load(tmp_path / "run")
     assert isinstance(loaded, zoo.HFLogits)
