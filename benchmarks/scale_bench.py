@@ -96,7 +96,7 @@ def block_cache_run(criterion: str, args: argparse.Namespace) -> dict:
     model, _ = resolve_model(args.model)
     model = model.to(args.device).eval()
     calib = as_calibration(_images(args))
-    row = {"part": "block_cache", "criterion": criterion, **_setting(args)}
+    row = {"part": "block_cache", "criterion": criterion, "sparsity": args.sparsity, **_setting(args)}
     masks = {}
     for cached in (True, False):
         copied = copy.deepcopy(model)
@@ -137,13 +137,13 @@ def scale_section(directory: str | Path = RESULTS) -> str:
         text += "\n"
     cache = [r for r in rows if r["part"] == "block_cache"]
     if cache:
-        text += ("Layer-by-layer pruning at 0.9, each layer's statistics pass on its block's cached inputs against "
-                 "full passes through the network (same masks required):\n\n"
-                 "| model | image | calib | device | criterion | full passes s | cached s | speedup | same masks |\n"
-                 "|---|---|---|---|---|---|---|---|---|\n")
+        text += ("Layer-by-layer pruning (uniform per-layer sparsity, random weights), each layer's statistics pass "
+                 "on its block's cached inputs against full passes through the network (the same masks required):\n\n"
+                 "| model | image | calib | device | criterion | sparsity | full passes s | cached s | speedup | "
+                 "same masks |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for r in cache:
             text += (f"| {r['model']} | {r['image_size']} | {r['calib_size']} | {r['device_name']} | "
-                     f"{r['criterion']} | {r['full_pass_seconds']:.1f} | {r['cached_seconds']:.1f} | "
+                     f"{r['criterion']} | {r['sparsity']:g} | {r['full_pass_seconds']:.1f} | {r['cached_seconds']:.1f} | "
                      f"{r['speedup']:.2f}x | {'yes' if r['same_masks'] else 'NO'} |\n")
     return text
 
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--criteria", nargs="+", default=["wanda", "sparsegpt"], choices=("wanda", "sparsegpt"),
+                        help="block_cache: the layer-by-layer criteria timed")
     parser.add_argument("--iterations", type=int, default=None, help="distillation steps (default: the presets')")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--grad-checkpointing", action="store_true")
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             row = method_run(method, args)
             print(f"{method}: {row['seconds']:.1f} s, sparsity {row['achieved_sparsity']:.4f}", file=sys.stderr)
     else:
-        for criterion in ("wanda", "sparsegpt"):
+        for criterion in args.criteria:
             row = block_cache_run(criterion, args)
             print(f"{criterion}: full passes {row['full_pass_seconds']:.1f} s, cached {row['cached_seconds']:.1f} s, "
                   f"same masks {row['same_masks']}", file=sys.stderr)
