@@ -54,6 +54,21 @@ def calib_images() -> torch.Tensor:
     return torch.randn(48, 1, 12, 12, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> Path:
+    """An image folder: two classes of four random RGB images each (non-square, so resize and crop matter)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder") / "images"
+    generator = torch.Generator().manual_seed(0)
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(44, 52, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="RGB").save(root / label / f"{i}.png")
+    return root
+
+
 @pytest.fixture(autouse=True, scope="session")
 def no_stray_files():
     """Fails the run if a test leaves new files in the repository (tests must write under tmp_path)."""

@@ -25,21 +25,6 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "the a cat dog sat on m
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """Two classes of four random RGB images each."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("heads") / "images"
-    generator = torch.Generator().manual_seed(0)
-    for label in ("cat", "dog"):
-        (root / label).mkdir(parents=True)
-        for i in range(4):
-            pixels = (torch.rand(44, 52, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels, mode="RGB").save(root / label / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
 def timm_vit(images):
     pytest.importorskip("timm")
     torch.manual_seed(0)

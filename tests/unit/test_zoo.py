@@ -28,21 +28,6 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """Two classes of four random RGB images each (non-square, so resize and crop matter)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("zoo") / "images"
-    generator = torch.Generator().manual_seed(0)
-    for label in ("cat", "dog"):
-        (root / label).mkdir(parents=True)
-        for i in range(4):
-            pixels = (torch.rand(44, 52, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels, mode="RGB").save(root / label / f"{i}.png")
-    return root
-
-
 def calibration(spec: str, model, images: Path, image_size: int | None = None, size: int = 8):
     return sample_calibration(load_source(images, transform=zoo.image_transform(spec, model, image_size)), size, 0)
 
