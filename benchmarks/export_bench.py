@@ -36,7 +36,8 @@ from ptsparse.data import FashionMNIST, sample_calibration
 from ptsparse.evaluate import accuracy
 from ptsparse.export import dense_checkpoint_bytes, export_model
 from ptsparse.export.channels import remove_channels
-from ptsparse.export.latency import count_params, measure_latency
+from ptsparse.export.latency import count_params, measure_latency, measure_onnx_latency
+from ptsparse.export.onnx import export_onnx
 from ptsparse.models import load_reference
 
 HERE = Path(__file__).resolve().parent
@@ -128,6 +129,15 @@ def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int
     for batch in BATCH_SIZES:  # interleaved, so a burst of load on the machine hits both models alike
         latency["dense"][str(batch)] = measure_latency(dense, INPUT_SHAPE, batch, "cpu", warmup, repeats)
         latency["pruned"][str(batch)] = measure_latency(smaller, INPUT_SHAPE, batch, "cpu", warmup, repeats)
+    onnx_latency = {"dense": {}, "pruned": {}}
+    with tempfile.TemporaryDirectory() as directory:
+        paths = {"dense": Path(directory) / "dense.onnx", "pruned": Path(directory) / "pruned.onnx"}
+        export_onnx(dense, example, paths["dense"])
+        export_onnx(smaller, example, paths["pruned"])
+        for batch in BATCH_SIZES:
+            for name, path in paths.items():
+                onnx_latency[name][str(batch)] = measure_onnx_latency(path, INPUT_SHAPE, batch, warmup, repeats,
+                                                                      threads)
     row = {
         "part": "channels", "allocation": allocation, "target_mac_reduction": target,
         "channel_sparsity": result.report["achieved_sparsity"],
@@ -138,6 +148,9 @@ def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int
         "dense_accuracy": result.report["dense_accuracy"], "masked_accuracy": result.report["sparse_accuracy"],
         "pruned_accuracy": accuracy(smaller, test), "latency": latency,
         "speedup": {b: latency["dense"][b]["median_ms"] / latency["pruned"][b]["median_ms"] for b in latency["dense"]},
+        "onnxruntime_latency": onnx_latency,
+        "onnxruntime_speedup": {b: onnx_latency["dense"][b]["median_ms"] / onnx_latency["pruned"][b]["median_ms"]
+                                for b in onnx_latency["dense"]},
         "warmup": warmup, "repeats": repeats, **_machine(threads),
     }
     write_json(out / ("channels-" + ("" if allocation == "uniform" else f"{allocation}-") + f"{target:g}.json"), row)
@@ -181,18 +194,24 @@ def export_section(directory: str | Path = RESULTS) -> str:
                   "on the 10,000 test images; the removed model's accuracy equals the masked model's. Latency: median of "
                   f"{first['repeats']} runs after {first['warmup']} warm-up runs, {first['cpu']}, "
                   f"{first['threads']} threads, torch {first['torch']}.",
+                  "The onnxruntime columns time the same two models exported to ONNX (`--format onnx`), run by "
+                  "onnxruntime's CPU provider with the same threads, batch 64.",
                   "", "| allocation | target | weight sparsity | MAC reduction | params | accuracy (dense -> pruned) "
-                  "| b1 ms (dense / pruned) | b64 ms (dense / pruned) | speedup b1 | speedup b64 |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| b1 ms (dense / pruned) | b64 ms (dense / pruned) | speedup b1 | speedup b64 "
+                  "| onnxruntime b64 ms (dense / pruned) | onnxruntime speedup b64 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in channels:
             d, p = r["latency"]["dense"], r["latency"]["pruned"]
+            ort = r.get("onnxruntime_latency")
+            ort_cells = (f"{ort['dense']['64']['median_ms']:.1f} / {ort['pruned']['64']['median_ms']:.1f} | "
+                         f"{r['onnxruntime_speedup']['64']:.2f}x") if ort else "- | -"
             lines.append(
                 f"| {r.get('allocation', 'uniform')} | {r['target_mac_reduction']:.0%} | {r['channel_sparsity']:.4f} | "
                 f"{r['mac_reduction']:.1%} | "
                 f"{r['params']:,} -> {r['params_after']:,} | {100 * r['dense_accuracy']:.2f}% -> "
                 f"{100 * r['pruned_accuracy']:.2f}% | {d['1']['median_ms']:.2f} / {p['1']['median_ms']:.2f} | "
                 f"{d['64']['median_ms']:.1f} / {p['64']['median_ms']:.1f} | {r['speedup']['1']:.2f}x | "
-                f"{r['speedup']['64']:.2f}x |")
+                f"{r['speedup']['64']:.2f}x | {ort_cells} |")
     return "\n".join(lines) + "\n"
 
 
