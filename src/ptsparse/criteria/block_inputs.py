@@ -28,11 +28,6 @@ from ..data.calibration import Calibration, StopForward, inference_mode
 from ..errors import ConfigError
 from ..targets import Target
 
-# How a chain block's other inputs are rebuilt: a value, or ("slot", key) naming an input of the chain's
-# first block (an int for a positional argument, a str for a keyword), or a tuple/list of those.
-_Slot = tuple[str, int | str]
-
-
 @dataclass
 class Chain:
     """Blocks in order, each fed by the one before.
@@ -41,7 +36,8 @@ class Chain:
         names: the blocks' qualified names.
         modules: the blocks.
         others: per block, its inputs after the first: ``(args[1:], kwargs)`` with every tensor replaced by
-            the slot of the first block's inputs it is.
+            ``("slot", key)``, the input of the chain's first block it is (an int for a positional argument,
+            a str for a keyword).
     """
 
     names: list[str]
