@@ -478,7 +478,7 @@ class Knapsack:
         self.costs = costs
         values = []
         for unit in costs.units:
-            importance = sum(scores[name].flatten(1).float().mean(1)[unit.rows(name)].sum(1).double()
+            importance = sum(scores[name].flatten(1).float().mean(1).cpu()[unit.rows(name)].sum(1).double()
                              for name in unit.members) / len(unit.members)
             ranked = importance.clamp(min=0).sort(descending=True).values
             values.append(torch.cat([torch.zeros(1, dtype=torch.float64), ranked.cumsum(0)]))
