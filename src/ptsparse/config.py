@@ -31,6 +31,8 @@ class SparsityConfig:
     sparsity: float = field(default=0.5, metadata=_help(
         "global fraction of zero weights, in [0, 1) (allocation knapsack: the fraction of MACs or latency removed)"))
     pattern: str = field(default="unstructured", metadata=_help("unstructured, channel, or N:M such as 2:4"))
+    channel_multiple: int = field(default=1, metadata=_help(
+        "channel pattern: prune channels N at a time so kept widths stay multiples of N (8 suits onnxruntime)"))
     nm_fallback: str = field(default="skip", metadata=_help(
         "N:M layers whose inputs are not a multiple of M: skip (stay dense) or pad"))
     # the axes
@@ -205,7 +207,7 @@ class SparsityConfig:
         for name in ("calib_size", "batch_size", "layer_iterations", "sparsegpt_blocksize", "density_bins",
                      "kde_max_samples", "search_population", "search_parents", "search_bn_samples",
                      "search_fit_samples", "mask_update_every", "iee_exploit_steps", "iee_improve_steps",
-                     "iee_explore_steps"):
+                     "iee_explore_steps", "channel_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -225,6 +227,13 @@ class SparsityConfig:
         if dynamics.patterns is not None and pattern_kind not in dynamics.patterns:
             raise IncompatibleOptionsError(f"dynamics {self.dynamics!r} does not support pattern {self.pattern!r}; "
                                            f"use pattern {' or '.join(dynamics.patterns)}")
+        if self.channel_multiple > 1 and pattern_kind != "channel":
+            raise IncompatibleOptionsError(f"channel_multiple {self.channel_multiple} applies to pattern 'channel', "
+                                           f"not {self.pattern!r}")
+        if self.channel_multiple > 1 and (self.allocation == "knapsack" or self.dynamics == "iee"):
+            raise IncompatibleOptionsError(f"channel_multiple {self.channel_multiple} needs a per-layer allocation "
+                                           "(uniform, erk, global) and static masks; the knapsack and channel IEE "
+                                           "choose single channels")
         if self.dynamics != "static" and self.recovery != "distill":
             raise IncompatibleOptionsError(f"dynamics {self.dynamics!r} moves masks during distillation; it needs "
                                            f"recovery 'distill', not {self.recovery!r}")

@@ -234,7 +234,8 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     protected = set()
     if isinstance(pattern, Channel):
         protected = output_layers  # pruning output units drops classes
-        pattern = Channel(heads=heads_by_layer(find_attention(student, [t.name for t in targets])))
+        pattern = Channel(heads=heads_by_layer(find_attention(student, [t.name for t in targets])),
+                          multiple=config.channel_multiple)
 
     def evaluate(network: nn.Module) -> float | None:
         if eval_data is None:

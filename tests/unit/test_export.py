@@ -16,6 +16,7 @@ from ptsparse.export.compressed import decode_state, encode_state, pack_bits, un
 from ptsparse.export.latency import count_macs, count_params, measure_latency, speedup_warnings
 from ptsparse.export.semi_structured import is_two_four, to_semi_structured
 from ptsparse.models import load_reference
+from ptsparse.targets import find_targets
 
 ARCH = {"architecture": "reference_resnet20"}
 
@@ -190,6 +191,39 @@ def test_channel_removal_gives_a_smaller_model_with_the_same_outputs(reference_c
     loaded = ptsparse.load(path)
     assert count_params(loaded) == report["params_after"]
     assert torch.allclose(loaded(x), masked(x), rtol=1e-4, atol=1e-5)
+
+
+def pruned_in_eights(method: str):
+    result = ptsparse.sparsify(load_reference(), reference_inputs(64), method=method, pattern="channel",
+                               allocation="uniform", sparsity=0.3, channel_multiple=8, progress=False)
+    for target in find_targets(result.model)[:-1]:  # the classifier keeps its 10 classes
+        assert int((target.weight.detach().flatten(1) != 0).any(1).sum()) % 8 == 0, target.name
+    return result
+
+
+def test_channel_multiple_keeps_magnitude_widths_multiples():
+    pruned_in_eights("magnitude")
+
+
+def test_channel_multiple_exports_widths_that_are_multiples():
+    from ptsparse.export.channels import remove_channels
+
+    smaller, report = remove_channels(pruned_in_eights("taylor").model, reference_inputs(8))
+    assert report["channels_removed"] > 0
+    assert all(m.out_channels % 8 == 0 for m in smaller.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"pattern": "unstructured"}, "channel_multiple 8 applies to pattern 'channel', not 'unstructured'"),
+    ({"pattern": "channel", "allocation": "knapsack"}, "channel_multiple 8 needs a per-layer allocation"),
+])
+def test_channel_multiple_combinations_are_checked(options, message):
+    from ptsparse.errors import IncompatibleOptionsError
+
+    with pytest.raises(IncompatibleOptionsError, match=message):
+        ptsparse.SparsityConfig(channel_multiple=8, **options)
+    with pytest.raises(ConfigError, match="channel_multiple must be a positive integer, got 0"):
+        ptsparse.SparsityConfig(channel_multiple=0)
 
 
 def test_uncoupled_channel_masks_keep_the_channels_still_in_use():

@@ -233,6 +233,16 @@ def test_channel_ties_prune_earlier_channels():
 
 # parse_pattern --------------------------------------------------------------------------------------
 
+def test_channel_multiple_prunes_channels_in_groups_where_the_width_allows():
+    pattern = Channel(multiple=4)
+    assert pattern.unit_size(torch.Size([16, 2, 3, 3])) == 4 * 18
+    assert pattern.unit_size(torch.Size([10, 6])) == 6  # 10 channels: not a multiple of 4, single channels
+    scores = torch.arange(16 * 18, dtype=torch.float32).view(16, 2, 3, 3)
+    keep = pattern.mask(scores, 7 * 18)  # 7 channels' worth rounds down to one group of 4
+    assert keep.flatten(1).all(1).tolist() == [False] * 4 + [True] * 12
+    assert pattern.pruned_channels(9 * 18, scores.shape) == 8
+
+
 def test_parse_pattern_valid():
     assert parse_pattern("unstructured") == Unstructured()
     assert parse_pattern("channel") == Channel()

@@ -160,7 +160,7 @@ class Taylor:
         if not isinstance(pattern, Channel) or unit is None or len(unit.group.members) == 1:
             keep = pattern.mask(stats["scores"], count, target.name)
         else:
-            keep = unit.mask(target.name, target.shape, count // pattern.unit_size(target.shape, target.name))
+            keep = unit.mask(target.name, target.shape, pattern.pruned_channels(count, target.shape, target.name))
         if isinstance(pattern, Channel):
             kept_channels = keep.flatten(1).any(1)
             zero_channels(target.module, kept_channels, ("bias",))
