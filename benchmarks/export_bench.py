@@ -89,19 +89,20 @@ def size_run(sparsity: float, calib, out: Path) -> dict:
     return row
 
 
-def _mac_reduction(sparsity: float, calib, example) -> tuple[float, ptsparse.SparsifyResult]:
+def _mac_reduction(sparsity: float, calib, example, picks: dict) -> tuple[float, ptsparse.SparsifyResult]:
     result = ptsparse.sparsify(load_reference(), calib, method="taylor", sparsity=sparsity, progress=False,
-                               architecture="reference_resnet20", calib_size=len(calib))
+                               architecture="reference_resnet20", calib_size=len(calib), **picks)
     _, report = remove_channels(result.model, example)
     return report["mac_reduction"], result
 
 
-def channel_sparsity_for(target: float, calib, example, tolerance: float = 0.0025) -> float:
-    """The smallest channel sparsity (to ``tolerance``) whose channel-removed model saves ``target`` of the MACs."""
+def channel_sparsity_for(target: float, calib, example, picks: dict, tolerance: float = 0.0025) -> float:
+    """The smallest channel sparsity (to ``tolerance``) whose channel-removed model saves ``target`` of the MACs
+    (``picks``: further sparsify options)."""
     low, high = 0.0, 0.6  # 60% of the channels removes well over half the MACs
     while high - low > tolerance:
         middle = (low + high) / 2
-        reduction, _ = _mac_reduction(middle, calib, example)
+        reduction, _ = _mac_reduction(middle, calib, example, picks)
         low, high = (middle, high) if reduction < target else (low, middle)
         print(f"  channel sparsity {middle:.4f}: MAC reduction {reduction:.4f}", file=sys.stderr)
     return round(high, 4)
@@ -112,12 +113,14 @@ def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int
     """Latency and accuracy of the reference model after Taylor channel pruning to ``target`` MAC reduction.
 
     ``allocation``: ``uniform`` (the same fraction of channels in every layer, bisected to the target),
-    ``knapsack`` (channels chosen under the MAC budget) or ``knapsack-latency`` (under a latency table
-    measured on this CPU at batch 64; ``target`` is then the latency fraction removed).
+    ``uniform-x8`` (the same, channels pruned 8 at a time: ``channel_multiple=8``), ``knapsack`` (channels
+    chosen under the MAC budget) or ``knapsack-latency`` (under a latency table measured on this CPU at
+    batch 64; ``target`` is then the latency fraction removed).
     """
     example = torch.randn(8, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
-    if allocation == "uniform":
-        sparsity, picks = channel_sparsity_for(target, calib, example), {}
+    if allocation.startswith("uniform"):
+        picks = {"channel_multiple": 8} if allocation == "uniform-x8" else {}
+        sparsity = channel_sparsity_for(target, calib, example, picks)
     else:
         cost = "latency" if allocation == "knapsack-latency" else "macs"
         sparsity, picks = target, {"allocation": "knapsack", "knapsack_cost": cost}
@@ -187,7 +190,9 @@ def export_section(directory: str | Path = RESULTS) -> str:
         lines += ["", "Channel pruning with removal (`--method taylor`, then `ptsparse export --format channels`): "
                   "coupled channels (residual streams pruned as one), BatchNorm re-calibration, no fine-tuning. "
                   "Allocation `uniform`: the same fraction of channels in every layer, the smallest that reaches the "
-                  "MAC reduction target; `knapsack`: channels kept by the knapsack under the MAC budget "
+                  "MAC reduction target; `uniform-x8`: the same with channels pruned 8 at a time, so every kept "
+                  "width is a multiple of 8 (`--channel-multiple 8`); `knapsack`: channels kept by the knapsack "
+                  "under the MAC budget "
                   "(`--allocation knapsack`); `knapsack-latency`: under a per-layer latency table measured on this CPU "
                   "at batch 64 (`--knapsack-cost latency`), the target then being the latency removed. MACs of Conv "
                   "and Linear layers, counted after removal; the weight sparsity is over the counted layers. Accuracy "
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SIZE_SPARSITIES))
     parser.add_argument("--mac-reductions", nargs="+", type=float, default=list(MAC_REDUCTIONS))
     parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"],
-                        choices=["uniform", "knapsack", "knapsack-latency"], help="channel allocations to measure")
+                        choices=["uniform", "uniform-x8", "knapsack", "knapsack-latency"],
+                        help="channel allocations to measure")
     parser.add_argument("--warmup", type=int, default=20, help="untimed runs before timing")
     parser.add_argument("--repeats", type=int, default=100, help="timed runs; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
