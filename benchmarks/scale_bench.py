@@ -143,8 +143,8 @@ def scale_section(directory: str | Path = RESULTS) -> str:
                  "same masks |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for r in cache:
             text += (f"| {r['model']} | {r['image_size']} | {r['calib_size']} | {r['device_name']} | "
-                     f"{r['criterion']} | {r['sparsity']:g} | {r['full_pass_seconds']:.1f} | {r['cached_seconds']:.1f} | "
-                     f"{r['speedup']:.2f}x | {'yes' if r['same_masks'] else 'NO'} |\n")
+                     f"{r['criterion']} | {r['sparsity']:g} | {r['full_pass_seconds']:.1f} | "
+                     f"{r['cached_seconds']:.1f} | {r['speedup']:.2f}x | {'yes' if r['same_masks'] else 'NO'} |\n")
     return text
 
 
