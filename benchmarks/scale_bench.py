@@ -34,6 +34,7 @@ import ptsparse
 from ptsparse.checkpoint import write_json
 from ptsparse.criteria import CRITERIA, prune_model
 from ptsparse.data import as_calibration
+from ptsparse.export.latency import synchronize
 from ptsparse.models import resolve_model
 from ptsparse.patterns import Unstructured
 from ptsparse.targets import find_targets
@@ -47,11 +48,6 @@ def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(torch.device(device))
 
 
 def _setting(args: argparse.Namespace) -> dict:
@@ -72,11 +68,11 @@ def method_run(method: str, args: argparse.Namespace) -> dict:
                  "grad_checkpointing": args.grad_checkpointing, "offload": args.offload}
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(args.device))
-    _synchronize(args.device)
+    synchronize(args.device)
     start = time.perf_counter()
     result = ptsparse.sparsify(model, calib, method=method, sparsity=args.sparsity, device=args.device,
                                progress=False, architecture=architecture, **overrides)
-    _synchronize(args.device)
+    synchronize(args.device)
     seconds = time.perf_counter() - start
     recovery = result.report["recovery"]
     row = {"part": "methods", "method": method, "sparsity": args.sparsity, **_setting(args), **overrides,
@@ -102,11 +98,11 @@ def block_cache_run(criterion: str, args: argparse.Namespace) -> dict:
         copied = copy.deepcopy(model)
         targets = find_targets(copied)
         counts = {t.name: int(args.sparsity * t.numel) for t in targets}
-        _synchronize(args.device)
+        synchronize(args.device)
         start = time.perf_counter()
         masks[cached] = prune_model(copied, targets, counts, Unstructured(), CRITERIA.get(criterion)(), calib,
                                     device=args.device, cache_block_inputs=cached, offload=args.offload)
-        _synchronize(args.device)
+        synchronize(args.device)
         row["cached_seconds" if cached else "full_pass_seconds"] = time.perf_counter() - start
     row["same_masks"] = all(torch.equal(masks[True][k], masks[False][k]) for k in masks[True])
     row["speedup"] = row["full_pass_seconds"] / row["cached_seconds"]

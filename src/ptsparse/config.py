@@ -170,9 +170,11 @@ class SparsityConfig:
         from .criteria import CRITERIA
         from .methods import METHODS
         from .patterns import parse_pattern
+        from .allocation.knapsack import COSTS
         from .allocation.unipts_search import FITNESSES
         from .recovery import DYNAMICS, OBJECTIVES, RECOVERIES
         from .recovery.bridge import DENSITIES
+        from .recovery.iee import IEE_CRITERIA
         from .recovery.memory import PRECISIONS
         from .recovery.thresholds import PENALTIES, SCORE_GRADS
         from .targets import resolve_layer_types
@@ -240,8 +242,8 @@ class SparsityConfig:
         for name, allowed in (("recovery", RECOVERIES), ("optimizer", ("sgd", "adam")),
                               ("teacher_bn", ("eval", "train")), ("augment", ("none", "flip")),
                               ("penalty", PENALTIES), ("density", DENSITIES), ("search_fitness", FITNESSES),
-                              ("score_grad", SCORE_GRADS), ("knapsack_cost", ("macs", "latency")),
-                              ("iee_criterion", ("magnitude", "taylor")),
+                              ("score_grad", SCORE_GRADS), ("knapsack_cost", COSTS),
+                              ("iee_criterion", IEE_CRITERIA),
                               ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not allowed; choose from {', '.join(allowed)}")

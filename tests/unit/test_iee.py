@@ -12,7 +12,8 @@ from ptsparse.data import as_calibration
 from ptsparse.masking import attach_masks, mask_of
 from ptsparse.patterns import Unstructured
 from ptsparse.recovery import ExploitExplore, KDLogits, TrainSchedule, distill
-from ptsparse.recovery.iee import Cycles, norm_statistics
+from ptsparse.norms import norm_statistics
+from ptsparse.recovery.iee import Cycles
 from ptsparse.targets import count_zeros, find_targets
 
 

@@ -48,6 +48,12 @@ from .base import ALLOCATIONS, AllocationContext, LayerBudget
 COSTS = ("macs", "latency")
 
 
+def check_cost(cost: str) -> None:
+    """Raises :class:`ConfigError` unless ``cost`` is one of :data:`COSTS`."""
+    if cost not in COSTS:
+        raise ConfigError(f"knapsack_cost {cost!r} is not allowed; choose from {', '.join(COSTS)}")
+
+
 @dataclass
 class _Layer:
     """One Conv/Linear layer of the model, as the cost model sees it."""
@@ -125,8 +131,7 @@ class ChannelCosts:
             MissingExtraError: torch-pruning is not installed.
             ExportError: torch-pruning cannot trace the model.
         """
-        if cost not in COSTS:
-            raise ConfigError(f"knapsack_cost {cost!r} is not allowed; choose from {', '.join(COSTS)}")
+        check_cost(cost)
         names = {getattr(target, "name", target) for target in targets}
         layers = _trace_layers(model, example)
         order = {name: position for position, name in enumerate(layers)}
@@ -454,8 +459,7 @@ class Knapsack:
     exact = True  # ratios are whole channel counts that meet the cost budget; no weight-count rounding
 
     def __init__(self, cost: str = "macs") -> None:
-        if cost not in COSTS:
-            raise ConfigError(f"knapsack_cost {cost!r} is not allowed; choose from {', '.join(COSTS)}")
+        check_cost(cost)
         self.cost = cost
         self.costs: ChannelCosts | None = None
         self.report: dict[str, Any] = {}

@@ -16,7 +16,7 @@ model without blocks has none: its layers keep full passes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +36,7 @@ class Chain:
         names: the blocks' qualified names.
         modules: the blocks.
         others: per block, its inputs after the first: ``(args[1:], kwargs)`` with every tensor replaced by
-            ``("slot", key)``, the input of the chain's first block it is (an int for a positional argument,
-            a str for a keyword).
+            the :class:`Slot` of the chain's first block's input it is.
     """
 
     names: list[str]
@@ -61,26 +60,29 @@ def _first_output(output: Any) -> torch.Tensor | None:
     return None
 
 
-def _as_slots(value: Any, slots: dict[int, int | str]) -> Any:
-    """``value`` with each tensor replaced by its slot in the chain's first inputs; ``KeyError`` if one is not."""
-    if isinstance(value, torch.Tensor):
-        return ("slot", slots[id(value)])
+@dataclass(frozen=True)
+class Slot:
+    """An input of a chain's first block: an int for a positional argument, a str for a keyword."""
+
+    key: int | str
+
+    def of(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        return args[self.key] if isinstance(self.key, int) else kwargs[self.key]
+
+
+def _mapped(value: Any, leaf: type, change: Callable[[Any], Any]) -> Any:
+    """``value`` with every ``leaf`` inside its tuples, lists and dicts replaced by ``change(leaf)``."""
+    if isinstance(value, leaf):
+        return change(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_as_slots(item, slots) for item in value)
+        return type(value)(_mapped(item, leaf, change) for item in value)
     if isinstance(value, dict):
-        return {key: _as_slots(item, slots) for key, item in value.items()}
+        return {key: _mapped(item, leaf, change) for key, item in value.items()}
     return value
 
 
-def _from_slots(value: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-    if isinstance(value, tuple) and len(value) == 2 and value[0] == "slot":
-        key = value[1]
-        return args[key] if isinstance(key, int) else kwargs[key]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_from_slots(item, args, kwargs) for item in value)
-    if isinstance(value, dict):
-        return {key: _from_slots(item, args, kwargs) for key, item in value.items()}
-    return value
+def _moved(value: Any, device: str | torch.device) -> Any:
+    return _mapped(value, torch.Tensor, lambda tensor: tensor.to(device))
 
 
 def find_chains(model: nn.Module, targets: Sequence[Target], calibration: Calibration, batch_size: int = 64,
@@ -96,11 +98,7 @@ def find_chains(model: nn.Module, targets: Sequence[Target], calibration: Calibr
         return []
     modules = [model.get_submodule(name) for name in names]
     calls: list[tuple[int, tuple, dict[str, Any], Any]] = []  # (block, args, kwargs, output) in call order
-
-    def record(index: int, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        calls.append((index, args, kwargs, output))
-
-    handles = [module.register_forward_hook(lambda m, a, k, o, i=i: record(i, m, a, k, o), with_kwargs=True)
+    handles = [module.register_forward_hook(lambda m, a, k, o, i=i: calls.append((i, a, k, o)), with_kwargs=True)
                for i, module in enumerate(modules)]
     try:
         first = next(calibration.batches(batch_size))[0].to(device)
@@ -113,7 +111,12 @@ def find_chains(model: nn.Module, targets: Sequence[Target], calibration: Calibr
 
     chains: list[Chain] = []
     previous_output: torch.Tensor | None = None
-    slots: dict[int, int | str] = {}
+    slots: dict[int, Slot] = {}  # id of each tensor input of the chain's first block -> its slot
+
+    def as_slots(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """A block's other inputs with each tensor as its slot; ``KeyError`` if one is not a first-block input."""
+        return _mapped((args[1:], kwargs), torch.Tensor, lambda tensor: slots[id(tensor)])
+
     for index, args, kwargs, output in calls:
         if counts[index] != 1 or not args or not isinstance(args[0], torch.Tensor):
             previous_output = None
@@ -121,14 +124,14 @@ def find_chains(model: nn.Module, targets: Sequence[Target], calibration: Calibr
         others = None
         if chains and previous_output is not None and args[0] is previous_output:
             try:
-                others = (_as_slots(args[1:], slots), _as_slots(kwargs, slots))
+                others = as_slots(args, kwargs)
             except KeyError:  # an input the chain's first block did not receive
                 others = None
         if others is None:  # this block starts a new chain
-            slots = {id(value): position for position, value in enumerate(args) if isinstance(value, torch.Tensor)}
-            slots.update({id(value): key for key, value in kwargs.items() if isinstance(value, torch.Tensor)})
+            slots = {id(value): Slot(key) for key, value in [*enumerate(args), *kwargs.items()]
+                     if isinstance(value, torch.Tensor)}
             chains.append(Chain([], [], []))
-            others = (_as_slots(args[1:], slots), _as_slots(kwargs, slots))
+            others = as_slots(args, kwargs)
         chains[-1].names.append(names[index])
         chains[-1].modules.append(modules[index])
         chains[-1].others.append(others)
@@ -179,8 +182,8 @@ class BlockInputs:
     def _batches(self) -> Iterator[tuple[tuple, dict[str, Any]]]:
         args_rest, kwargs = self.chain.others[self.position]
         for main, (start_args, start_kwargs) in zip(self._current, self._start):
-            args = (main, *_from_slots(args_rest, start_args, start_kwargs))
-            yield _moved(args, self.device), _moved(_from_slots(kwargs, start_args, start_kwargs), self.device)
+            args, kwargs_now = _mapped((args_rest, kwargs), Slot, lambda slot: slot.of(start_args, start_kwargs))
+            yield _moved((main, *args), self.device), _moved(kwargs_now, self.device)
 
     @torch.no_grad()
     def feed(self) -> None:
@@ -202,13 +205,3 @@ class BlockInputs:
                     outputs.append(_first_output(self.module(*args, **kwargs)).to(self.storage))
             self._current = outputs
             self.position += 1
-
-
-def _moved(value: Any, device: str | torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_moved(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: _moved(item, device) for key, item in value.items()}
-    return value

@@ -39,6 +39,7 @@ from ..attention import find_attention, heads_by_layer
 from ..data import Calibration
 from ..errors import ConfigError
 from ..masking import zero_channels
+from ..norms import BATCH_NORMS
 from ..patterns import Channel, Pattern
 from ..targets import Target
 from .base import CRITERIA
@@ -46,7 +47,6 @@ from .base import CRITERIA
 if TYPE_CHECKING:
     from ..export.coupling import ChannelGroup
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def following_norms(model: nn.Module, targets: list[Target], example: torch.Tens
         if name is not None:
             consumers.setdefault(name, module)
 
-    hooks += [m.register_forward_pre_hook(on_norm) for m in model.modules() if isinstance(m, _NORMS)]
+    hooks += [m.register_forward_pre_hook(on_norm) for m in model.modules() if isinstance(m, BATCH_NORMS)]
     was_training = model.training
     model.eval()
     try:

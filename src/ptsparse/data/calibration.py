@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import CalibrationError
+from ..norms import BATCH_NORMS, kept_norm_statistics
 
 
 def sample_indices(
@@ -123,17 +124,15 @@ def inference_mode(module: torch.nn.Module, batch_statistics: bool = False) -> I
             statistics are left untouched.
     """
     modes = {m: m.training for m in module.modules()}
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms] if batch_statistics else []
     module.eval()
     if batch_statistics:
-        for norm in norms:
-            norm.train()
+        for norm in module.modules():
+            if isinstance(norm, BATCH_NORMS):
+                norm.train()
     try:
-        yield
+        with kept_norm_statistics(module) if batch_statistics else nullcontext():
+            yield
     finally:
-        for norm, state in zip(norms, saved):
-            norm.load_state_dict(state)
         for m, mode in modes.items():
             m.training = mode
 

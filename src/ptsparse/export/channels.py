@@ -28,11 +28,11 @@ from torch import nn
 from ..attention import find_attention, heads_by_layer, update_head_counts, whole_heads
 from ..checkpoint import module_sizes, save_state
 from ..errors import ExportError
+from ..norms import BATCH_NORMS
 from .coupling import PRODUCER_TYPES, build_dependency_graph, eval_mode, iter_groups
 from .latency import count_macs, count_params
 
 FORMAT = "channels"
-_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _channels_alive(module: nn.Module) -> torch.Tensor | None:
@@ -43,7 +43,7 @@ def _channels_alive(module: nn.Module) -> torch.Tensor | None:
             if module.bias is not None:
                 alive |= module.bias.ne(0)
             return alive
-        if isinstance(module, _NORM_TYPES) and module.track_running_stats and module.running_mean is not None:
+        if isinstance(module, BATCH_NORMS) and module.track_running_stats and module.running_mean is not None:
             # Eval-mode output for a zero input: the BatchNorm's shift.
             shift = -module.running_mean / torch.sqrt(module.running_var + module.eps)
             if module.weight is not None:

@@ -66,7 +66,9 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return totals
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: str | torch.device) -> None:
+    """Waits for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -92,7 +94,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
 
     def run() -> None:
         model(x)
-        _synchronize(device)
+        synchronize(device)
 
     return _time_runs(run, batch_size, warmup, repeats)
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..data import Calibration
+from ..norms import BATCH_NORMS
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @torch.no_grad()
@@ -21,7 +21,7 @@ def recalibrate_batchnorm(model: nn.Module, calibration: Calibration, batch_size
     Returns:
         The number of BatchNorm layers re-calibrated (0 if the model has none with running statistics).
     """
-    norms = [m for m in model.modules() if isinstance(m, _NORMS) and m.track_running_stats
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats
              and m.running_mean is not None]
     if not norms:
         return 0

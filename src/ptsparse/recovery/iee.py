@@ -41,6 +41,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..masking import mask_of, weight_mask
+from ..norms import norm_statistics, restore_norm_statistics
 from ..patterns import lowest, parse_pattern
 from ..targets import Target
 from .dynamics import DYNAMICS, Dynamics, TrainState
@@ -48,7 +49,6 @@ from .dynamics import DYNAMICS, Dynamics, TrainState
 log = logging.getLogger(__name__)
 
 IEE_CRITERIA = ("magnitude", "taylor")
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 Masks = dict[str, torch.Tensor]
 
@@ -89,18 +89,6 @@ def reset_optimizer_entries(optimizer: torch.optim.Optimizer, parameter: torch.T
     for value in optimizer.state.get(parameter, {}).values():
         if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
             value[where] = 0
-
-
-def norm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every BatchNorm's running statistics, by qualified buffer name."""
-    return {f"{name}.{key}": buffer.clone() for name, module in model.named_modules() if isinstance(module, _NORMS)
-            for key, buffer in module.named_buffers(recurse=False) if buffer is not None}
-
-
-@torch.no_grad()
-def restore_norm_statistics(model: nn.Module, statistics: dict[str, torch.Tensor]) -> None:
-    for name, value in statistics.items():
-        model.get_buffer(name).copy_(value)
 
 
 def _count(masks: Masks) -> int:

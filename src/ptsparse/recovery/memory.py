@@ -7,7 +7,7 @@
   needs a gradient scaler whose skipped steps the mask dynamics would have to follow.
 * ``grad_checkpointing`` wraps each block (:func:`ptsparse.blocks.find_blocks`) of the student in
   ``torch.utils.checkpoint``: its activations are recomputed in the backward pass instead of stored. The
-  recomputation runs with BatchNorm momentum 0, so running statistics are updated once per step, as
+  recomputation leaves BatchNorm running statistics as they were, so they are updated once per step, as
   without checkpointing.
 """
 
@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..norms import kept_norm_statistics
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -28,22 +30,6 @@ def autocast(precision: str, device: str | torch.device) -> AbstractContextManag
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-
-
-@contextmanager
-def _frozen_running_statistics(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in ``module`` normalise as usual but leave their running statistics unchanged."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
-    for norm in norms:
-        norm.momentum = 0.0
-    try:
-        yield
-    finally:
-        for norm, (momentum, tracked) in zip(norms, saved):
-            norm.momentum = momentum
-            if tracked is not None:
-                norm.num_batches_tracked.copy_(tracked)
 
 
 @contextmanager
@@ -62,7 +48,7 @@ def checkpointed(model: nn.Module, blocks: Sequence[str]) -> Iterator[None]:
             if not (_module.training and torch.is_grad_enabled()):
                 return _forward(*args, **kwargs)
             return checkpoint(_forward, *args, use_reentrant=False,
-                              context_fn=lambda: (nullcontext(), _frozen_running_statistics(_module)), **kwargs)
+                              context_fn=lambda: (nullcontext(), kept_norm_statistics(_module)), **kwargs)
 
         module.forward = checkpointed_forward
     try:
