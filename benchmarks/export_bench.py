@@ -36,8 +36,9 @@ from ptsparse.data import FashionMNIST, sample_calibration
 from ptsparse.evaluate import accuracy
 from ptsparse.export import dense_checkpoint_bytes, export_model
 from ptsparse.export.channels import remove_channels
-from ptsparse.export.latency import count_params, measure_latency, measure_onnx_latency
+from ptsparse.export.latency import measure_onnx_latency
 from ptsparse.export.onnx import export_onnx
+from ptsparse.graph.cost import count_params, measure_latency
 from ptsparse.models import load_reference
 
 HERE = Path(__file__).resolve().parent

@@ -45,8 +45,8 @@ RUNS: dict[str, dict] = {
 }
 # Ablations run at ABLATION_SPARSITIES only (``--sparsities`` overrides): one FCPTS knob changed at a time.
 ABLATION_RUNS: dict[str, dict] = {
-    "fcpts-kde": {"method": "fcpts", "density": "kde"},
-    "fcpts-ste": {"method": "fcpts", "score_grad": "ste"},
+    "fcpts-kde": {"method": "fcpts", "learned_thresholds_density": "kde"},
+    "fcpts-ste": {"method": "fcpts", "learned_thresholds_score_grad": "ste"},
     "fcpts-blocks": {"method": "fcpts", "objective": "kd_blocks"},
     "magnitude_kd-blocks": {"method": "magnitude_kd", "objective": "kd_blocks"},  # control: the block loss alone
     "unipts-no_search": {"method": "unipts", "allocation": "erk"},

@@ -34,7 +34,7 @@ import ptsparse
 from ptsparse.checkpoint import write_json
 from ptsparse.criteria import CRITERIA, prune_model
 from ptsparse.data import as_calibration
-from ptsparse.export.latency import synchronize
+from ptsparse.graph.cost import synchronize
 from ptsparse.models import resolve_model
 from ptsparse.patterns import Unstructured
 from ptsparse.targets import find_targets
@@ -64,8 +64,8 @@ def method_run(method: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model, architecture = resolve_model(args.model)
     calib = _images(args)
-    overrides = {"iterations": args.iterations, "precision": args.precision,
-                 "grad_checkpointing": args.grad_checkpointing, "offload": args.offload}
+    overrides = {"distill_iterations": args.iterations, "distill_precision": args.precision,
+                 "distill_grad_checkpointing": args.grad_checkpointing, "offload": args.offload}
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(args.device))
     synchronize(args.device)

@@ -149,6 +149,31 @@ def test_list_axes(capsys):
                                                                "unipts_search"]
 
 
+def test_list_details_come_from_the_parts(capsys):
+    out = run_cli(capsys, "list", "dynamics", "--details")[1]
+    assert "iee: " in out and "    --iee-alpha (default 0.1): " in out
+    assert run_cli(capsys, "list", "formats")[1].split() == ["channels", "compressed", "onnx"]
+
+
+def test_sparsify_help_groups_the_flags_by_axis(capsys):
+    with pytest.raises(SystemExit):
+        main(["sparsify", "--help"])
+    out = capsys.readouterr().out
+    groups = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    for axis in ("allocation", "criterion", "recovery", "objective", "dynamics", "pattern"):
+        assert any(axis in group for group in groups), axis
+    assert out.index("--iee-alpha") > out.index("dynamics")
+    assert "--lr " not in out  # moved keys are accepted but not listed
+
+
+def test_a_moved_flag_still_works_and_says_once_where_it_moved(capsys):
+    from ptsparse.cli import _config_from_args, build_parser
+
+    config = _config_from_args(build_parser().parse_args(["sparsify", "--method", "magnitude_kd", "--lr", "0.02"]))
+    assert config.distill_lr == 0.02
+    assert capsys.readouterr().err == "ptsparse: warning: config key 'lr' moved to distill_lr\n"
+
+
 def test_console_script_exits_2_without_traceback(tmp_path):
     env = dict(os.environ, PTSPARSE_FASHION_MNIST_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-m", "ptsparse.cli", "sparsify", "--sparsity", "2"],

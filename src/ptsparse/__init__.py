@@ -20,7 +20,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import load_into, load_state, resize_modules
+from . import export  # noqa: F401  (registers the export formats, and their checkpoint readers)
+from .checkpoint import load_into, load_state, shape_to_checkpoint
 from .config import SparsityConfig, resolve_config
 from .errors import PtsparseError
 from .models import load_checkpoint
@@ -56,8 +57,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     state, metadata = load_state(path)
     metadata = metadata or {}
     model = copy.deepcopy(model)
-    if metadata.get("format") == "channels":
-        resize_modules(model, metadata.get("modules", {}), state, source=f"checkpoint {path}")
+    shape_to_checkpoint(model, state, metadata, source=f"checkpoint {path}")
     return load_into(model, state, source=f"checkpoint {path}").eval()
 
 

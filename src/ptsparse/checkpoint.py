@@ -3,10 +3,10 @@
 Every write goes to a temporary file in the destination directory and is renamed into place, so an
 interrupted write never leaves a partial file under the final name.
 
-Besides plain state dicts, :func:`load_state` reads the two exported kinds (:mod:`ptsparse.export`):
-compressed checkpoints (bitmask + non-zero values, decoded back to the dense state dict) and
-channel-removed checkpoints, whose metadata lists the new sizes of the resized layers so that
-:func:`resize_modules` can shape a freshly built model to fit them.
+A checkpoint whose metadata names a ``format`` is read through that format's :class:`Reader` in
+:data:`READERS`: :func:`load_state` decodes its tensors into the state dict, and :func:`shape_to_checkpoint`
+shapes a freshly built model to fit it. The export formats register theirs (:mod:`ptsparse.export`, which
+``import ptsparse`` imports): compressed checkpoints are decoded, channel-removed ones resize the layers.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import os
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._registry import Registry
 from .errors import CheckpointError
 
 
@@ -68,6 +70,40 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict | None 
     save_state({name: tensor.clone() for name, tensor in model.state_dict().items()}, path, metadata)
 
 
+@dataclass(frozen=True)
+class Reader:
+    """How a checkpoint format is read back.
+
+    Attributes:
+        decode: ``decode(tensors, source)``: the stored tensors -> the state dict (``None``: they are the
+            state dict). ``source`` names the file in error messages.
+        fit: ``fit(model, state, metadata, source)``: shapes a freshly built model to the state dict, in
+            place, before it is loaded (``None``: the model fits as built).
+    """
+
+    decode: Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor]] | None = None
+    fit: Callable[[nn.Module, dict[str, torch.Tensor], dict, str], object] | None = None
+
+
+# The ``format`` of a checkpoint's metadata -> its reader; a checkpoint without a format is a plain state dict.
+READERS: Registry[Reader] = Registry("checkpoint format")
+
+
+def _reader(metadata: dict | None, source: str) -> Reader | None:
+    """The reader of a checkpoint's format; ``None`` for a plain state dict.
+
+    Raises:
+        CheckpointError: the format has no reader.
+    """
+    name = (metadata or {}).get("format")
+    if name is None:
+        return None
+    if name not in READERS:
+        raise CheckpointError(f"{source} is in format {name!r}, which ptsparse cannot read "
+                              f"(known: {', '.join(READERS.names())})")
+    return READERS.get(name)
+
+
 def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Loads a safetensors state dict and the metadata written by :func:`save_state`.
 
@@ -87,56 +123,23 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict |
         metadata = json.loads(header["ptsparse"]) if "ptsparse" in header else None
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {error}") from None
-    if metadata and metadata.get("format") == "compressed":
-        from .export.compressed import decode_state
-
-        state = decode_state(state, source=f"checkpoint {path}")
+    reader = _reader(metadata, f"checkpoint {path}")
+    if reader is not None and reader.decode is not None:
+        state = reader.decode(state, f"checkpoint {path}")
     return state, metadata
 
 
-# Size attributes of the layers channel removal resizes, and which of them a weight's shape determines.
-_SIZE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                    "normalized_shape", "num_channels", "num_groups", "embedding_dim",
-                    "num_heads", "attn_dim", "num_attention_heads", "all_head_size")  # heads: ptsparse.attention
-
-
-def module_sizes(model: nn.Module) -> dict[str, dict[str, object]]:
-    """The size attributes (``in_channels``, ``out_features``, ``num_features``, ...) of every module."""
-    sizes = {}
-    for name, module in model.named_modules():
-        found = {a: getattr(module, a) for a in _SIZE_ATTRIBUTES if isinstance(getattr(module, a, None), (int, tuple))}
-        if found:
-            sizes[name] = {a: list(v) if isinstance(v, tuple) else v for a, v in found.items()}
-    return sizes
-
-
-def resize_modules(model: nn.Module, sizes: dict[str, dict[str, object]], state: dict[str, torch.Tensor],
-                   source: str = "checkpoint") -> nn.Module:
-    """Shapes a freshly built model to a channel-removed checkpoint, in place.
-
-    Sets each listed module's size attributes and replaces its parameters and buffers by empty tensors
-    of the checkpoint's shapes (``load_into`` then fills them).
+def shape_to_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], metadata: dict | None,
+                        source: str = "checkpoint") -> nn.Module:
+    """Shapes a freshly built model to a checkpoint's state dict, in place, as its format's reader says
+    (a channel-removed checkpoint's layers are smaller than built).
 
     Raises:
-        CheckpointError: a listed module does not exist in the model.
+        CheckpointError: the format has no reader, or the model cannot take the checkpoint's shapes.
     """
-    modules = dict(model.named_modules())
-    for name, attributes in sizes.items():
-        module = modules.get(name)
-        if module is None:
-            raise CheckpointError(f"{source} resizes module {name!r}, which the model does not have")
-        for attribute, value in attributes.items():
-            setattr(module, attribute, tuple(value) if isinstance(value, list) else value)
-        prefix = f"{name}." if name else ""
-        for key, tensor in list(module.named_parameters(recurse=False)):
-            new = state.get(prefix + key)
-            if new is not None and new.shape != tensor.shape:
-                setattr(module, key, nn.Parameter(torch.empty_like(new, dtype=tensor.dtype),
-                                                  requires_grad=tensor.requires_grad))
-        for key, tensor in list(module.named_buffers(recurse=False)):
-            new = state.get(prefix + key)
-            if tensor is not None and new is not None and new.shape != tensor.shape:
-                setattr(module, key, torch.empty_like(new, dtype=tensor.dtype))
+    reader = _reader(metadata, source)
+    if reader is not None and reader.fit is not None:
+        reader.fit(model, state, metadata, source)
     return model
 
 

@@ -13,43 +13,67 @@ import json
 import logging
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import SparsityConfig, read_config_file, resolve_config
+from .config import AXES, FLAT_KEYS, MOVED_KEYS, RUN_FIELDS, SECTIONS, SparsityConfig, read_config_file, resolve_config
 from .errors import ConfigError, PtsparseError
+from .export import FORMATS
 
 log = logging.getLogger("ptsparse")
 
 
+def _add_flag(group, key: str, f: dataclasses.Field, help: str | None = None) -> None:
+    """The flag of config key ``key`` (``--calib-size`` for ``calib_size``), typed by its option's rule; its
+    default is ``None`` so only flags actually given override the config file and the preset."""
+    flag, kind = "--" + key.replace("_", "-"), f.metadata["rule"].kind
+    help = f.metadata["help"] if help is None else help
+    if kind is bool:
+        group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help)
+    elif kind is tuple:
+        group.add_argument(flag, dest=key, nargs="+", default=None, metavar="NAME", help=help)
+    else:
+        group.add_argument(flag, dest=key, type=kind, default=None, help=help)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (``--calib-size`` for ``calib_size``); defaults are ``None`` so only
-    flags actually given override the config file and the preset."""
-    group = parser.add_argument_group("configuration (also keys of --config)")
-    for f in dataclasses.fields(SparsityConfig):
-        if not f.metadata.get("cli", True):
+    """One flag per run field and per part option, grouped by axis; moved keys of earlier releases stay as
+    hidden flags."""
+    run = parser.add_argument_group("run (also keys of --config)")
+    for f in RUN_FIELDS:
+        if f.metadata["cli"]:
+            _add_flag(run, f.name, f)
+    for axis, registry in AXES.items():
+        parts = [registry.get(name).Settings for name in registry
+                 if getattr(registry.get(name), "Settings", None) is not None]
+        if not parts:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.metadata.get("type") or (type(f.default) if f.default is not dataclasses.MISSING
-                                           else type(f.default_factory()))
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f.metadata["help"])
-        elif kind is tuple:
-            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="NAME", help=f.metadata["help"])
-        else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, help=f.metadata["help"])
+        group = parser.add_argument_group(
+            f"{axis} options (of the part --{axis} picks; in --config flat, or nested as PART: {{OPTION: value}})")
+        for settings in parts:
+            for f in dataclasses.fields(settings):
+                _add_flag(group, f"{settings.part}_{f.name}", f)
+    for key, (target, *_) in MOVED_KEYS.items():
+        part, name = FLAT_KEYS[target]
+        _add_flag(parser, key, next(f for f in dataclasses.fields(SECTIONS[part]) if f.name == name),
+                  help=argparse.SUPPRESS)
 
 
 def _config_from_args(args: argparse.Namespace) -> SparsityConfig:
     keys: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    for f in dataclasses.fields(SparsityConfig):
-        value = getattr(args, f.name, None)
+    for key in (*(f.name for f in RUN_FIELDS), *FLAT_KEYS, *MOVED_KEYS):
+        value = getattr(args, key, None)
         if value is not None:
-            keys[f.name] = value
+            keys[key] = value
     if args.quiet:
         keys["progress"] = False
-    return resolve_config(keys)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        config = resolve_config(keys)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # a moved key's notice, once each
+        _warn(message)
+    return config
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
@@ -163,18 +187,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+LIST_AXES = {"methods": "method", "allocations": "allocation", "criteria": "criterion", "patterns": "pattern",
+             "recoveries": "recovery", "objectives": "objective", "dynamics": "dynamics",
+             "architectures": "architecture", "formats": "export format"}
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    from .allocation import ALLOCATIONS
-    from .criteria import CRITERIA
     from .methods import METHODS
     from .models import ARCHITECTURES
 
-    axes = {"methods": METHODS, "allocations": ALLOCATIONS, "criteria": CRITERIA, "architectures": ARCHITECTURES}
-    if args.axis == "patterns":
-        print("unstructured\nchannel\nN:M (for example 2:4)")
-        return 0
-    for name in axes[args.axis].names():
-        print(name)
+    axis = LIST_AXES[args.axis]
+    registry = {"method": METHODS, "architecture": ARCHITECTURES, "export format": FORMATS}.get(axis) or AXES[axis]
+    for name in registry.names():
+        shown = "N:M (for example 2:4)" if axis == "pattern" and name == "n:m" else name
+        if not args.details:
+            print(shown)
+            continue
+        entry = registry.get(name)
+        summary = getattr(entry, "description", None) or (entry.__doc__ or "").strip().partition("\n")[0]
+        print(f"{shown}: {summary}")
+        settings = getattr(entry, "Settings", None)
+        for f in dataclasses.fields(settings) if settings is not None else ():
+            print(f"    --{settings.part}-{f.name.replace('_', '-')} (default {f.default!r}): {f.metadata['help']}")
     return 0
 
 
@@ -198,24 +232,15 @@ def _warn(message: str) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_format, export_model, load_model
-    from .export.latency import speedup_warnings
 
-    check_format(args.format)
+    exporter = check_format(args.format)
     model, metadata = load_model(args.model)
     report = export_model(model, args.format, args.out, metadata=metadata, input_shape=args.input_shape,
                           value_dtype=args.dtype)
-    if args.format != "channels":  # a channel-removed model is dense: nothing left to warn about
-        for warning in speedup_warnings(model, "cpu", (metadata.get("config") or {}).get("pattern")):
-            _warn(warning)
-    if args.format == "compressed":
-        _warn("a compressed checkpoint is smaller on disk; loaded, it is the same dense model and runs no faster")
+    for warning in exporter.warnings(model, metadata):
+        _warn(warning)
     print(json.dumps(report, indent=2))
-    if args.format == "onnx":
-        print(f"\nwrote {args.out}: {report['bytes']:,} bytes; onnxruntime matches PyTorch within "
-              f"{report['max_abs_difference']:.2g}")
-    else:
-        print(f"\nwrote {args.out}: {report['bytes']:,} bytes, {report['size_ratio']:.2f}x smaller than the dense "
-              f"checkpoint ({report['dense_bytes']:,} bytes)")
+    print(f"\n{exporter.summary(report, args.out)}")
     return 0
 
 
@@ -224,9 +249,9 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
     from .checkpoint import write_json
     from .export import input_shape_for, load_model
-    from .export.latency import (
-        check_timing, format_latency_table, measure_onnx_latency, onnx_params, profile, speedup_warnings)
+    from .export.latency import check_timing, format_latency_table, measure_onnx_latency, onnx_params, profile
     from .export.semi_structured import to_semi_structured, unavailable_reason
+    from .graph.cost import speedup_warnings
     from .sparsify import resolve_device
 
     device = resolve_device(args.device)
@@ -303,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("list", help="registered options of one axis")
-    p.add_argument("axis", choices=("methods", "allocations", "criteria", "patterns", "architectures"))
+    p.add_argument("axis", choices=tuple(LIST_AXES))
+    p.add_argument("--details", action="store_true", help="each option's description and its own options")
     p.set_defaults(handler=cmd_list)
 
     p = sub.add_parser("train-reference", help="train the reference ResNet-20 on Fashion-MNIST")
@@ -318,8 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="compressed checkpoint, channel-removed model, or ONNX of a sparse model")
     p.add_argument("model", help="reference, or a checkpoint / output directory written by ptsparse")
     p.add_argument("--format", required=True,
-                   help="compressed (bitmask + non-zeros: smaller file), channels (pruned channels removed: "
-                        "smaller, faster model), onnx (checked with onnxruntime)")
+                   help="; ".join(f"{name}: {FORMATS.get(name).description}" for name in FORMATS.names()))
     p.add_argument("--out", required=True, help="file to write (.safetensors, or .onnx)")
     p.add_argument("--dtype", default=None,
                    help="compressed: storage dtype of the values: keep (default, bit-exact), float16, bfloat16")

@@ -9,6 +9,9 @@
   of attention modules (:mod:`ptsparse.attention`) prune whole heads instead: a head's unit is its rows in
   that layer, its score the mean of their scores, and separate q, k and v layers prune the same heads.
 
+Each is registered in :data:`PATTERNS` under its kind (``unstructured``, ``channel``, ``n:m``); the options
+of the channel and N:M patterns are their ``Settings`` (``channel_multiple``, ``nm_fallback``).
+
 ``mask`` and ``unit_size`` take the layer's qualified name, which only the channel pattern reads.
 
 Ties are broken by position (the earlier weight is pruned first), so masks are deterministic.
@@ -23,10 +26,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._registry import Registry
 from .attention import AttentionHeads
 from .errors import ConfigError
+from .options import Options, option
 
 log = logging.getLogger(__name__)
+
+PATTERNS: Registry[type] = Registry("pattern")
 
 
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -35,6 +42,7 @@ def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return order[:count]
 
 
+@PATTERNS.register("unstructured")
 @dataclass(frozen=True)
 class Unstructured:
     """Any weight may be pruned on its own."""
@@ -51,6 +59,7 @@ class Unstructured:
         return keep.view(scores.shape)
 
 
+@PATTERNS.register("channel")
 @dataclass(frozen=True)
 class Channel:
     """Whole output channels (rows of a Linear weight, filters of a convolution) are pruned.
@@ -67,6 +76,11 @@ class Channel:
             it, so the kept widths stay multiples of it too (8 or 16 suit the blocked CPU kernels of
             onnxruntime and oneDNN); a layer of another width prunes single channels.
     """
+
+    @dataclass(frozen=True)
+    class Settings(Options, part="channel"):
+        multiple: int = option(1, "prune channels N at a time so kept widths stay multiples of N (8 suits "
+                               "onnxruntime)", minimum=1)
 
     name: str = "channel"
     heads: Mapping[str, AttentionHeads] = field(default_factory=dict, compare=False, repr=False)
@@ -113,6 +127,7 @@ class Channel:
         return keep.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores).clone()
 
 
+@PATTERNS.register("n:m")
 @dataclass(frozen=True)
 class NM:
     """N of every M consecutive weights along the input dimension are kept.
@@ -125,6 +140,11 @@ class NM:
             partial group of ``r`` real weights keeps ``min(n, r)``. A layer with fewer than M inputs per
             group (a depthwise conv, a 1- or 3-channel stem with M = 4) is never eligible.
     """
+
+    @dataclass(frozen=True)
+    class Settings(Options, part="nm"):
+        fallback: str = option("skip", "layers whose inputs are not a multiple of M: skip (stay dense) or pad",
+                               choices=("skip", "pad"))
 
     n: int
     m: int
@@ -197,7 +217,14 @@ def parse_pattern(spec: str, nm_fallback: str = "skip") -> Pattern:
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
             raise ConfigError(f"pattern {spec!r}: N:M needs 0 < N < M, got N={n}, M={m}")
-        if nm_fallback not in ("skip", "pad"):
-            raise ConfigError(f"nm_fallback {nm_fallback!r} is not allowed; choose 'skip' or 'pad'")
-        return NM(n, m, nm_fallback)
+        return NM(n, m, NM.Settings(fallback=nm_fallback).fallback)
     raise ConfigError(f"unknown pattern {spec!r}; choose 'unstructured', 'channel' or 'N:M' such as '2:4'")
+
+
+def pattern_kind(spec: str) -> str:
+    """The registered kind of a pattern text: ``unstructured``, ``channel`` or ``n:m``.
+
+    Raises:
+        ConfigError: the text is not a pattern.
+    """
+    return parse_pattern(spec).kind

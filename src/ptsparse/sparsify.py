@@ -24,17 +24,16 @@ from torch.utils.data import Dataset
 
 from .allocation import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
 from .attention import find_attention, heads_by_layer
-from .blocks import find_blocks
 from .checkpoint import save_state, write_json
-from .config import SparsityConfig, resolve_config
+from .config import SparsityConfig, resolve_config, stage_config
 from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .evaluate import accuracy
-from .export.latency import speedup_warnings
+from .graph.cost import speedup_warnings
 from .masking import bake, masks_of
 from .patterns import NM, Channel, Pattern, parse_pattern
-from .recovery import DYNAMICS, OBJECTIVES, TrainSchedule, distill, recalibrate_batchnorm, reconstruct_layers
+from .recovery import RECOVERIES, recalibrate_batchnorm
 from .recovery.trainer import CHECKPOINT_NAME
 from .report import peak_rss_mb
 from .targets import Target, count_zeros, find_targets
@@ -160,7 +159,7 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
                         pattern.name, len(skipped), pattern.m, pattern.m, ", ".join(skipped))
         ratios = {t.name: counts[t.name] / t.numel for t in targets}
         return counts, ratios, sum(counts.values()) / total
-    if getattr(allocation, "exact", False):
+    if allocation.exact:
         ratios = allocation.allocate(budgets, config.sparsity, scores, context)
         counts = {b.name: round(ratios[b.name] * b.numel) for b in budgets}
         return counts, ratios, sum(counts.values()) / total
@@ -168,29 +167,6 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
     ratios = allocation.allocate(budgets, config.sparsity, scores, context)
     counts = exact_counts(budgets, ratios, wanted)
     return counts, ratios, config.sparsity
-
-
-def run_recovery(student: nn.Module, teacher: nn.Module, targets: list[Target], calibration: Calibration,
-                 config: SparsityConfig, budgets: list[LayerBudget], target_sparsity: float, device: torch.device,
-                 checkpoint_dir: str | os.PathLike | None, resume: bool) -> dict[str, Any]:
-    """Runs the configured recovery on the masked student; returns what the report records of it."""
-    if config.recovery == "layerwise":
-        losses = reconstruct_layers(
-            student, teacher, targets, calibration, iterations=config.layer_iterations, lr_weight=config.layer_lr,
-            lr_bias=config.layer_bias_lr, batch_size=config.batch_size, weight_correction=config.weight_correction,
-            bias_correction=config.bias_correction, seed=config.seed, device=device, show_progress=config.progress)
-        return {"kind": "layerwise", "iterations_per_layer": config.layer_iterations, "layer_losses": losses}
-    schedule = TrainSchedule.from_config(config, len(calibration))
-    dynamics = DYNAMICS.get(config.dynamics).from_config(config)
-    history = distill(
-        student, teacher, targets, calibration, schedule, OBJECTIVES.get(config.objective).from_config(config),
-        dynamics, budgets=budgets, sparsity=target_sparsity, teacher_bn=config.teacher_bn, device=device,
-        checkpoint_dir=checkpoint_dir, resume=resume, run_id={"config": config.to_dict(), "calib": calibration.hash},
-        recompute_blocks=find_blocks(student, targets, config.blocks) if config.grad_checkpointing else (),
-        show_progress=config.progress)
-    return {"kind": "distill", "iterations": schedule.iterations, "warmup_iterations": schedule.warmup_iterations,
-            "objective": config.objective, "dynamics": config.dynamics, "teacher_bn": config.teacher_bn,
-            **dynamics.summary(), "history": history}
 
 
 def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str | None = None, *,
@@ -230,12 +206,12 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     student = copy.deepcopy(model).to(device)
     targets = find_targets(student, config.layer_types, config.include, config.exclude)
     targets, output_layers = probe(student, targets, calibration, device)
-    pattern = parse_pattern(config.pattern, config.nm_fallback)
+    pattern = parse_pattern(config.pattern, config.settings_of(NM).fallback)
     protected = set()
     if isinstance(pattern, Channel):
         protected = output_layers  # pruning output units drops classes
         pattern = Channel(heads=heads_by_layer(find_attention(student, [t.name for t in targets])),
-                          multiple=config.channel_multiple)
+                          multiple=config.settings_of(Channel).multiple)
 
     def evaluate(network: nn.Module) -> float | None:
         if eval_data is None:
@@ -243,22 +219,24 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         return accuracy(network, eval_data, device=str(device), show_progress=config.progress)
 
     dense_accuracy = evaluate(student)
-    teacher = copy.deepcopy(student).eval() if config.recovery != "none" else None
+    recovery = RECOVERIES.get(config.recovery).from_config(config)
+    teacher = copy.deepcopy(student).eval() if recovery.needs_teacher else None
     criterion = CRITERIA.get(config.criterion).from_config(config)
     allocation = ALLOCATIONS.get(config.allocation).from_config(config)
+    # A stage is a whole run of another method whose result the allocation needs (fcpts: learned sparsities).
+    stage_report = sparsify(student, calibration, stage_config(config, allocation.stage)).report \
+        if allocation.stage else None
     scores = criterion.scores(student, targets, calibration) if allocation.needs_scores else None
     budgets = layer_budgets(targets, config, pattern, protected)
-    context = AllocationContext(student, targets, calibration, config.batch_size, device) \
+    context = AllocationContext(student, targets, calibration, config.batch_size, device, stage_report) \
         if allocation.needs_context else None
     counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets, context)
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
                 config.progress, scores=scores, offload=config.offload)
 
-    recovery = {"kind": "none"}
-    if teacher is not None:
-        recovery = run_recovery(student, teacher, targets, calibration, config, budgets, target_sparsity, device,
-                                checkpoint_dir, resume)
-        del teacher
+    recovery_report = recovery.run(student, teacher, targets, calibration, budgets, target_sparsity, device,
+                                   checkpoint_dir, resume)
+    del teacher
     if config.bn_recalibration:
         recalibrate_batchnorm(student, calibration, config.batch_size, device)
     masks = masks_of(targets)
@@ -293,9 +271,9 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "calib_hash": calibration.hash,
         "device": str(device),
         "torch": torch.__version__,
-        "allocation_search": allocation.summary() if hasattr(allocation, "summary") else None,
-        "recovery": recovery,
-        "layer_errors": dict(getattr(criterion, "errors", {})),
+        "allocation_search": allocation.summary(),
+        "recovery": recovery_report,
+        "layer_errors": criterion.layer_errors(),
         "warnings": warnings,
         "config": config.to_dict(),
     }

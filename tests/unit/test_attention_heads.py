@@ -4,7 +4,6 @@ target as for other layers, and channel removal turns the pruned heads into a sm
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -159,7 +158,7 @@ def test_exact_counts_give_the_projections_of_one_attention_equal_head_counts():
 def test_timm_vit_channel_pattern_prunes_whole_heads_and_exports_a_smaller_model(timm_vit, method):
     pytest.importorskip("torch_pruning")
     from ptsparse.export.channels import remove_channels
-    from ptsparse.export.latency import count_params
+    from ptsparse.graph.cost import count_params
 
     model, calib = timm_vit
     result = ptsparse.sparsify(model, calib, method=method, pattern="channel", allocation="uniform", sparsity=0.3,

@@ -252,3 +252,62 @@ def test_bad_value_in_config_file_raises_naming_it(tmp_path):
     path.write_text("sparsity: 1.5\n")
     with pytest.raises(ConfigError, match="1.5"):
         SparsityConfig.load(path)
+
+
+# the shape: run fields + one section per part ----------------------------------------------------------
+
+def test_a_section_and_flat_keys_give_the_same_config():
+    nested = SparsityConfig(method="iee", iee={"alpha": 0.2, "end": 0.5}, distill={"lr": 0.02})
+    flat = SparsityConfig(method="iee", iee_alpha=0.2, iee_end=0.5, distill_lr=0.02)
+    assert nested == flat
+    assert flat.iee_alpha == 0.2 and flat.settings_of("iee").alpha == 0.2 and flat.to_dict()["iee"]["alpha"] == 0.2
+
+
+def test_a_saved_config_holds_sections_and_reads_back(tmp_path):
+    config = resolve_config(None, method="unipts", unipts_search={"population": 8}, sparsity=0.8)
+    path = tmp_path / "config.yaml"
+    config.save(path)
+    data = yaml.safe_load(path.read_text())
+    assert data["unipts_search"]["population"] == 8 and "unipts_search_population" not in data
+    assert SparsityConfig.load(path) == config
+
+
+@pytest.mark.parametrize("old, new, value", [("lr", "distill_lr", 0.02),
+                                             ("search_population", "unipts_search_population", 8),
+                                             ("penalty_weight", "learned_thresholds_penalty_weight", 0.5)])
+def test_a_moved_key_still_works_and_warns_where_it_moved(old, new, value):
+    with pytest.warns(FutureWarning, match=f"config key '{old}' moved to {new}"):
+        moved = resolve_config(None, **{old: value})
+    assert moved == resolve_config(None, **{new: value})
+
+
+def test_temperature_moved_to_every_part_it_drove():
+    with pytest.warns(FutureWarning, match="moved to kd_logits_temperature and"):
+        config = SparsityConfig(temperature=2.0)
+    assert (config.kd_logits_temperature, config.kd_blocks_temperature, config.base_decayed_temperature,
+            config.unipts_search_temperature) == (2.0, 2.0, 2.0, 2.0)
+
+
+def test_a_section_that_is_not_a_mapping_is_a_clear_error():
+    with pytest.raises(ConfigError, match="key 'iee' holds the options of iee; give a mapping"):
+        SparsityConfig(iee=0.2)
+
+
+def test_an_unknown_option_in_a_section_names_it():
+    with pytest.raises(ConfigError, match="unknown option 'beta' of iee; its options: exploit_steps"):
+        SparsityConfig(iee={"beta": 0.2})
+
+
+def test_a_stage_runs_its_preset_with_every_change_the_run_made():
+    from ptsparse.config import stage_config
+
+    run = resolve_config(None, method="iee", allocation="fcpts", sparsity=0.9, seed=3, include=["stages.*"],
+                         distill_precision="bf16", distill_grad_checkpointing=True, learned_thresholds_density="kde")
+    stage = stage_config(run, "fcpts")
+    expected = resolve_config(None, method="fcpts", sparsity=0.9, seed=3, include=["stages.*"],
+                              distill_precision="bf16", distill_grad_checkpointing=True,
+                              learned_thresholds_density="kde")
+    assert stage == expected
+    # the run's own picks and its preset's settings stay out of the stage
+    unipts = resolve_config(None, method="unipts", allocation="fcpts")
+    assert stage_config(unipts, "fcpts") == resolve_config(None, method="fcpts")

@@ -13,8 +13,8 @@ import ptsparse
 from ptsparse.errors import CheckpointError, ConfigError, ExportError, UnknownOptionError
 from ptsparse.export import MissingExtraError, export_model, require
 from ptsparse.export.compressed import decode_state, encode_state, pack_bits, unpack_bits
-from ptsparse.export.latency import count_macs, count_params, measure_latency, speedup_warnings
 from ptsparse.export.semi_structured import is_two_four, to_semi_structured
+from ptsparse.graph.cost import count_macs, count_params, measure_latency, speedup_warnings
 from ptsparse.models import load_reference
 from ptsparse.targets import find_targets
 

@@ -15,7 +15,7 @@ from ptsparse.criteria.taylor import following_norms
 from ptsparse.data import as_calibration
 from ptsparse.errors import ConfigError
 from ptsparse.export.channels import remove_channels
-from ptsparse.export.latency import count_macs
+from ptsparse.graph.cost import count_macs
 from ptsparse.models import reference_resnet
 from ptsparse.targets import find_targets
 

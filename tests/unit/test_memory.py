@@ -160,7 +160,7 @@ def test_wanda_and_sparsegpt_meet_the_target_with_offload(reference):
 
 # recovery: gradient checkpointing and bf16 ---------------------------------------------------------------
 
-DISTILL = dict(method="magnitude_kd", sparsity=0.8, iterations=4, batch_size=16, progress=False)
+DISTILL = dict(method="magnitude_kd", sparsity=0.8, distill_iterations=4, batch_size=16, progress=False)
 
 
 def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing(reference):
@@ -171,8 +171,8 @@ def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing(reference)
     plain = ptsparse.sparsify(model, x, objective="kd_blocks", **DISTILL)
     plain_calls = len(calls)
     calls.clear()
-    recomputed = ptsparse.sparsify(model, x, objective="kd_blocks", grad_checkpointing=True, **DISTILL)
-    assert len(calls) == plain_calls + DISTILL["iterations"]  # one recomputation per training step
+    recomputed = ptsparse.sparsify(model, x, objective="kd_blocks", distill_grad_checkpointing=True, **DISTILL)
+    assert len(calls) == plain_calls + DISTILL["distill_iterations"]  # one recomputation per training step
     state, other = plain.model.state_dict(), recomputed.model.state_dict()
     assert all(torch.equal(state[k], other[k]) for k in state)  # BatchNorm running statistics included
 
@@ -182,7 +182,7 @@ def test_bf16_distillation_runs_convolutions_in_bf16(reference):
     model = copy.deepcopy(reference)
     model.stages[0][0].conv1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if torch.is_grad_enabled()
                                                    else None)
-    result = ptsparse.sparsify(model, randn(32, 1, 28, 28), precision="bf16", **DISTILL)
+    result = ptsparse.sparsify(model, randn(32, 1, 28, 28), distill_precision="bf16", **DISTILL)
     assert dtypes == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
     assert result.report["achieved_sparsity"] == pytest.approx(0.8, abs=1e-4)

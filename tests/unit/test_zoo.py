@@ -57,17 +57,17 @@ def assert_whole_channels(result, sparsity: float = 0.5) -> None:
 # --- torchvision ----------------------------------------------------------------------------------------
 
 # Every method preset, with its loops cut to a few steps (only that it runs and meets the target counts here).
-SEARCH = {"search_population": 4, "search_generations": 1, "search_parents": 2, "search_elites": 1,
-          "search_bn_samples": 8, "search_fit_samples": 8}
+SEARCH = {"unipts_search": {"population": 4, "generations": 1, "parents": 2, "elites": 1, "bn_samples": 8,
+                             "fit_samples": 8}}
 EVERY_METHOD = [
     ("magnitude", {}),
     ("wanda", {}),
     ("sparsegpt", {}),
-    ("pot", {"layer_iterations": 2}),
-    ("magnitude_kd", {"iterations": 2}),
-    ("fcpts", {"iterations": 2}),
-    ("unipts", {"iterations": 2, **SEARCH}),
-    ("iee", {"iterations": 2}),
+    ("pot", {"layerwise_iterations": 2}),
+    ("magnitude_kd", {"distill_iterations": 2}),
+    ("fcpts", {"distill_iterations": 2}),
+    ("unipts", {"distill_iterations": 2, **SEARCH}),
+    ("iee", {"distill_iterations": 2}),
     ("taylor", {"pattern": "channel"}),
 ]
 
@@ -206,7 +206,7 @@ def test_timm_vit_2_4_on_linear_layers(timm_vit):
 
 def test_timm_vit_block_distillation(timm_vit):
     model, architecture, calib = timm_vit
-    result = ptsparse.sparsify(model, calib, method="magnitude_kd", objective="kd_blocks", iterations=2,
+    result = ptsparse.sparsify(model, calib, method="magnitude_kd", objective="kd_blocks", distill_iterations=2,
                                sparsity=0.5, progress=False)
     assert_exact(result)
     assert result.report["recovery"]["history"]
@@ -334,7 +334,7 @@ def test_blocks_refined_to_the_repeated_units_of_a_stage():
 
 def test_bert_block_distillation(bert):
     model, architecture, calib = bert
-    result = ptsparse.sparsify(model, calib, method="magnitude_kd", objective="kd_blocks", iterations=2,
+    result = ptsparse.sparsify(model, calib, method="magnitude_kd", objective="kd_blocks", distill_iterations=2,
                                batch_size=8, sparsity=0.5, progress=False)
     assert_exact(result)
 
@@ -413,7 +413,7 @@ def test_channel_pruned_mobilenet_v2_exports_a_smaller_working_model(images, all
     pytest.importorskip("torchvision")
     pytest.importorskip("torch_pruning")
     from ptsparse.export.channels import remove_channels
-    from ptsparse.export.latency import count_params
+    from ptsparse.graph.cost import count_params
 
     model, architecture = resolve_model("torchvision:mobilenet_v2,num_classes=2")
     calib = calibration(architecture, model, images, image_size=64)

@@ -9,10 +9,11 @@ allocations that evaluate candidates) to a sparsity per layer, honouring each la
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from .._registry import Registry
 from ..data import Calibration
 from ..errors import ConfigError
+from ..options import Options
 from ..targets import Target
 
 
@@ -62,6 +64,9 @@ class AllocationContext:
         model: the dense model (no masks attached yet).
         targets: its prunable layers.
         calibration: the calibration data.
+        batch_size: the run's batch size.
+        device: where the model is.
+        stage_report: the report of the run the allocation's ``stage`` names, when it has one.
     """
 
     model: nn.Module
@@ -69,29 +74,47 @@ class AllocationContext:
     calibration: Calibration
     batch_size: int = 64
     device: str | torch.device = "cpu"
+    stage_report: Mapping[str, Any] | None = None
 
 
-class Allocation(Protocol):
+class Allocation(abc.ABC):
     """Returns ``{layer name: sparsity}`` meeting ``sparsity`` over the layers, each within its cap.
 
-    ``from_config`` builds the allocation with its settings taken from a :class:`SparsityConfig`;
-    ``needs_scores`` says whether it ranks the criterion's scores (only then are they computed), and
-    ``needs_context`` whether it evaluates candidates on the model and calibration data.
-    An allocation whose target is not a weight count sets ``exact = True``: its ratios are then whole
-    prune counts (``ratio * numel`` a multiple of the layer's unit) that meet a target of its own, and
-    :func:`~ptsparse.sparsify.plan_counts` uses them as they are, with the weight sparsity they give as the
-    run's target (``knapsack``, whose ``sparsity`` is a fraction of the MACs or latency).
+    A subclass declares its options as ``Settings`` (:mod:`ptsparse.options`) and what it can do:
+
+    * ``patterns``: the pattern kinds it supports (``None``: all);
+    * ``needs_scores``: it ranks the criterion's scores (only then are they computed);
+    * ``needs_context``: it evaluates candidates on the model and calibration data;
+    * ``exact``: its target is not a weight count: its ratios are whole prune counts (``ratio * numel`` a
+      multiple of the layer's unit) that meet a target of its own, used as they are, with the weight
+      sparsity they give as the run's target (``knapsack``, whose ``sparsity`` is a fraction of the MACs);
+    * ``chooses_units``: it picks single channels itself, so channels cannot be pruned N at a time;
+    * ``stage``: the method whose whole run must come first; its report reaches :meth:`allocate` as
+      ``context.stage_report`` (``fcpts``: the sparsities an FCPTS run learns).
+
+    :meth:`summary` is what the report records of the allocation (``None``: nothing).
     """
 
-    needs_scores: bool
-    needs_context: bool
+    Settings: ClassVar[type[Options] | None] = None
+    patterns: ClassVar[tuple[str, ...] | None] = None
+    needs_scores: ClassVar[bool] = False
+    needs_context: ClassVar[bool] = False
+    exact: ClassVar[bool] = False
+    chooses_units: ClassVar[bool] = False
+    stage: ClassVar[str | None] = None
 
     @classmethod
-    def from_config(cls, config) -> Allocation: ...
+    def from_config(cls, config) -> Allocation:
+        """The allocation with its settings (``config.settings_of``) and the run's values it needs."""
+        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
+    @abc.abstractmethod
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
                  scores: Mapping[str, torch.Tensor] | None = None,
                  context: AllocationContext | None = None) -> dict[str, float]: ...
+
+    def summary(self) -> dict[str, Any] | None:
+        return None
 
 
 ALLOCATIONS: Registry[type] = Registry("allocation")

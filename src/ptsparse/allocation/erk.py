@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from .base import ALLOCATIONS, AllocationContext, LayerBudget
+from ..options import Options, option
+from .base import ALLOCATIONS, Allocation, AllocationContext, LayerBudget
 
 
 def erk_scores(layers: Sequence[LayerBudget], power: float = 1.0) -> dict[str, float]:
@@ -22,24 +23,19 @@ def erk_scores(layers: Sequence[LayerBudget], power: float = 1.0) -> dict[str, f
 
 
 @ALLOCATIONS.register("erk")
-class ERK:
+class ERK(Allocation):
     """Erdős–Rényi-Kernel densities, scaled to the target and clipped to each layer's cap.
 
     Args:
         power: exponent of the raw score (1 in RigL and FCPTS, 0.5 in some toolkits).
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="erk"):
+        power: float = option(1.0, "ERK exponent (0 gives uniform)", minimum=0)
+
     def __init__(self, power: float = 1.0) -> None:
-        if not power >= 0:
-            raise ConfigError(f"erk_power must be >= 0, got {power}")
-        self.power = power
-
-    needs_scores = False
-    needs_context = False
-
-    @classmethod
-    def from_config(cls, config) -> ERK:
-        return cls(power=config.erk_power)
+        self.power = self.Settings(power=power).power
 
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
                  scores: Mapping[str, torch.Tensor] | None = None,

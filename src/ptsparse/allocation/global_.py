@@ -8,34 +8,32 @@ the rest of the budget is ranked again among the others (``baselines.md`` §4).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
-from .base import ALLOCATIONS, AllocationContext, LayerBudget, target_count
-
-NORMALIZATIONS = ("none", "l1", "l2")
+from ..options import Options, option
+from .base import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, target_count
 
 
 @ALLOCATIONS.register("global")
-class Global:
+class Global(Allocation):
     """Global ranking of scores, optionally normalised per layer.
 
     Args:
         normalize: ``"none"``, ``"l1"`` or ``"l2"``.
     """
 
-    def __init__(self, normalize: str = "none") -> None:
-        if normalize not in NORMALIZATIONS:
-            raise ConfigError(f"global_normalize {normalize!r} is not allowed; choose from {', '.join(NORMALIZATIONS)}")
-        self.normalize = normalize
+    @dataclass(frozen=True)
+    class Settings(Options, part="global"):
+        normalize: str = option("none", "per-layer normalisation of the scores before ranking: none, l1, l2",
+                                choices=("none", "l1", "l2"))
 
     needs_scores = True
-    needs_context = False
 
-    @classmethod
-    def from_config(cls, config) -> Global:
-        return cls(normalize=config.global_normalize)
+    def __init__(self, normalize: str = "none") -> None:
+        self.normalize = self.Settings(normalize=normalize).normalize
 
     def _normalized(self, score: torch.Tensor) -> torch.Tensor:
         score = score.detach().float().flatten()

@@ -1,14 +1,14 @@
 """Knapsack allocation: channel counts that meet a MACs or latency budget (HALP, Shen et al. 2022; ``iee.md`` §5, 6).
 
 Cost model. A *unit* is a set of coupled output channels (torch-pruning's dependency groups, see
-:mod:`ptsparse.export.coupling`) that holds at least one target layer; a target coupled to nothing is a unit of
+:mod:`ptsparse.graph.coupling`) that holds at least one target layer; a target coupled to nothing is a unit of
 its own. The q/k/v projections of an attention module (:mod:`ptsparse.attention`) form units whose channels
 are whole heads (when :meth:`ChannelCosts.trace` is given the heads): removing a head removes its rows in every
 member and the output projection's input columns it feeds. When unit ``u`` keeps ``kept[u]`` of its ``sizes[u]``
 channels, every Conv/Linear layer of the model
 (targets or not) keeps the output channels of the unit it produces (all of them if it produces none) and the
 input channels of the units that feed it (all of them for the model input and other producers). Its MACs are
-``c_out * (c_in / groups) * kernel volume * output positions``, what :func:`~ptsparse.export.latency.count_macs`
+``c_out * (c_in / groups) * kernel volume * output positions``, what :func:`~ptsparse.graph.cost.count_macs`
 counts on the channel-removed model; a depthwise convolution reads one input per output channel, whatever it
 keeps. Its latency is interpolated bilinearly in a table of ``(c_out, c_in)`` timings of a standalone layer of
 that shape, measured on the target device. The model's cost is the sum over its layers. Costs couple
@@ -40,18 +40,20 @@ from torch import nn
 
 from ..attention import AttentionHeads, find_attention, heads_by_layer
 from ..errors import ConfigError
-from ..export.coupling import (PRODUCER_TYPES, ChannelGroup, build_dependency_graph, eval_mode, head_group,
-                               head_groups, iter_groups)
-from ..export.latency import CONV_TYPES, measure_latency, output_positions
-from .base import ALLOCATIONS, AllocationContext, LayerBudget
+from ..graph.cost import CONV_TYPES, measure_latency, output_positions
+from ..graph.coupling import (
+    PRODUCER_TYPES,
+    ChannelGroup,
+    build_dependency_graph,
+    eval_mode,
+    head_group,
+    head_groups,
+    iter_groups,
+)
+from ..options import Options, option
+from .base import ALLOCATIONS, Allocation, AllocationContext, LayerBudget
 
 COSTS = ("macs", "latency")
-
-
-def check_cost(cost: str) -> None:
-    """Raises :class:`ConfigError` unless ``cost`` is one of :data:`COSTS`."""
-    if cost not in COSTS:
-        raise ConfigError(f"knapsack_cost {cost!r} is not allowed; choose from {', '.join(COSTS)}")
 
 
 @dataclass
@@ -131,7 +133,7 @@ class ChannelCosts:
             MissingExtraError: torch-pruning is not installed.
             ExportError: torch-pruning cannot trace the model.
         """
-        check_cost(cost)
+        Knapsack.Settings(cost=cost)
         names = {getattr(target, "name", target) for target in targets}
         layers = _trace_layers(model, example)
         order = {name: position for position, name in enumerate(layers)}
@@ -439,7 +441,7 @@ def unit_minimums(costs: ChannelCosts, budgets: Mapping[str, LayerBudget]) -> li
 
 
 @ALLOCATIONS.register("knapsack")
-class Knapsack:
+class Knapsack(Allocation):
     """Channel counts per coupled unit that keep the most importance within a MACs or latency budget.
 
     ``sparsity`` is the fraction of the dense cost removed. A unit holding a layer capped at 0 (the output
@@ -453,20 +455,22 @@ class Knapsack:
         costs: the :class:`ChannelCosts` of the last :meth:`allocate`.
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="knapsack"):
+        cost: str = option("macs", "what the channel budget counts: macs (of every Conv/Linear layer) or latency "
+                           "(a per-layer table measured on --device); sparsity is then the fraction of it removed",
+                           choices=COSTS)
+
     patterns = ("channel",)
     needs_scores = True
     needs_context = True
     exact = True  # ratios are whole channel counts that meet the cost budget; no weight-count rounding
+    chooses_units = True
 
     def __init__(self, cost: str = "macs") -> None:
-        check_cost(cost)
-        self.cost = cost
+        self.cost = self.Settings(cost=cost).cost
         self.costs: ChannelCosts | None = None
         self.report: dict[str, Any] = {}
-
-    @classmethod
-    def from_config(cls, config) -> Knapsack:
-        return cls(cost=config.knapsack_cost)
 
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
                  scores: Mapping[str, torch.Tensor] | None = None,

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .base import ALLOCATIONS, AllocationContext, LayerBudget
+from .base import ALLOCATIONS, Allocation, AllocationContext, LayerBudget
 
 
 def water_fill(layers: Sequence[LayerBudget], sparsity: float) -> float:
@@ -21,15 +21,8 @@ def water_fill(layers: Sequence[LayerBudget], sparsity: float) -> float:
 
 
 @ALLOCATIONS.register("uniform")
-class Uniform:
+class Uniform(Allocation):
     """The same sparsity in every layer; layers capped below it keep their cap and the rest make up."""
-
-    needs_scores = False
-    needs_context = False
-
-    @classmethod
-    def from_config(cls, config) -> Uniform:
-        return cls()
 
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
                  scores: Mapping[str, torch.Tensor] | None = None,

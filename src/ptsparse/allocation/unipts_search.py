@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from .._progress import progress
 from ..data import Calibration
 from ..errors import ConfigError
-from .base import ALLOCATIONS, AllocationContext, LayerBudget, exact_counts, target_count
+from ..options import Options, option
+from .base import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
 from .erk import ERK
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _subset(calibration: Calibration, index: torch.Tensor) -> Calibration:
 
 
 @ALLOCATIONS.register("unipts_search")
-class ReducingRegrowingSearch:
+class ReducingRegrowingSearch(Allocation):
     """Genetic search over how ``delta * N`` regrown weights are shared between layers.
 
     Args:
@@ -158,20 +159,40 @@ class ReducingRegrowingSearch:
         show_progress: a progress bar over generations.
     """
 
-    needs_scores = False
+    @dataclass(frozen=True)
+    class Settings(Options, part="unipts_search"):
+        delta: float = option(0.05, "every layer is reduced to sparsity + delta, then delta * N weights are "
+                              "regrown by search", minimum=0, maximum=1, open_maximum=True)
+        population: int = option(16, "genomes per generation", minimum=1)
+        generations: int = option(8, "generations", minimum=0)
+        parents: int = option(6, "best genomes that breed", minimum=1)
+        elites: int = option(2, "best genomes carried over unchanged", minimum=0)
+        mutation: float = option(0.1, "mutation probability per gene", minimum=0, maximum=1)
+        fitness: str = option("kd", "kd (KL to the dense outputs), agreement (same top-1) or top1_labels (needs "
+                              "labels)", choices=FITNESSES)
+        temperature: float = option(4.0, "softmax temperature of the kd fitness", minimum=0)
+        bn_samples: int = option(256, "calibration samples that re-estimate BatchNorm for each candidate",
+                                 minimum=1)
+        fit_samples: int = option(256, "held-out calibration samples (disjoint from the BN ones) that score each "
+                                  "candidate", minimum=1)
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.delta == 0:
+                raise ConfigError(f"unipts_search_delta must be in (0, 1), got {self.delta}")
+            if not (2 <= self.parents <= self.population and self.elites < self.population
+                    and self.population >= 4):
+                raise ConfigError(f"search sizes do not fit: population {self.population} (>= 4), parents "
+                                  f"{self.parents} (2..population), elites {self.elites} (< population)")
+
     needs_context = True
     patterns = ("unstructured",)
 
     def __init__(self, delta: float = 0.05, population: int = 16, generations: int = 8, parents: int = 6,
                  elites: int = 2, mutation: float = 0.1, fitness: str = "kd", bn_samples: int = 256,
                  fit_samples: int = 256, temperature: float = 4.0, seed: int = 0, show_progress: bool = False) -> None:
-        if fitness not in FITNESSES:
-            raise ConfigError(f"search_fitness {fitness!r} is not allowed; choose {', '.join(FITNESSES)}")
-        if not 0 < delta < 1:
-            raise ConfigError(f"search_delta must be in (0, 1), got {delta}")
-        if not (2 <= parents <= population and 0 <= elites < population and population >= 4):
-            raise ConfigError(f"search sizes do not fit: population {population} (>= 4), parents {parents} "
-                              f"(2..population), elites {elites} (< population)")
+        self.Settings(delta, population, generations, parents, elites, mutation, fitness, temperature, bn_samples,
+                      fit_samples)
         self.delta, self.population, self.generations = delta, population, generations
         self.parents, self.elites, self.mutation = parents, elites, mutation
         self.fitness, self.bn_samples, self.fit_samples = fitness, bn_samples, fit_samples
@@ -180,11 +201,7 @@ class ReducingRegrowingSearch:
 
     @classmethod
     def from_config(cls, config) -> ReducingRegrowingSearch:
-        return cls(delta=config.search_delta, population=config.search_population,
-                   generations=config.search_generations, parents=config.search_parents,
-                   elites=config.search_elites, mutation=config.search_mutation, fitness=config.search_fitness,
-                   bn_samples=config.search_bn_samples, fit_samples=config.search_fit_samples,
-                   temperature=config.temperature, seed=config.seed, show_progress=config.progress)
+        return cls(**config.settings_of(cls).to_dict(), seed=config.seed, show_progress=config.progress)
 
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,
                  scores: Mapping[str, torch.Tensor] | None = None,

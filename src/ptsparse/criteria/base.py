@@ -2,6 +2,9 @@
 
 Contract, in two calls:
 
+Options are declared as ``Settings`` (:mod:`ptsparse.options`); ``patterns`` names the pattern kinds a
+criterion supports (``None``: all) and :meth:`layer_errors` what the report records per layer.
+
 * ``scores(model, targets, calibration)`` returns ``{layer name: tensor of the weight's shape}`` (higher =
   keep), measured on the dense model; score-driven allocations (``global``) rank these.
 * ``prune_layer(target, stats, count, pattern)`` returns the layer's boolean keep-mask with exactly
@@ -16,31 +19,43 @@ layer's statistics in memory at a time (:func:`ptsparse.criteria.sequential.prun
 
 from __future__ import annotations
 
-from typing import Protocol
+import abc
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .._registry import Registry
 from ..data import Calibration
+from ..options import Options
 from ..patterns import Pattern
 from ..targets import Target
 
 
-class Criterion(Protocol):
+class Criterion(abc.ABC):
     """Scores weights and chooses a layer's mask; see the module docstring for the contract."""
 
-    requires_data: bool
-    statistics: tuple[str, ...]
+    Settings: ClassVar[type[Options] | None] = None
+    patterns: ClassVar[tuple[str, ...] | None] = None
+    requires_data: ClassVar[bool] = False
+    statistics: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def from_config(cls, config) -> Criterion: ...
+    def from_config(cls, config) -> Criterion:
+        """The criterion with its settings and the run's batch size where it takes one."""
+        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
+    @abc.abstractmethod
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None) -> dict[str, torch.Tensor]: ...
 
+    @abc.abstractmethod
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor: ...
+
+    def layer_errors(self) -> dict[str, float]:
+        """A measured error per pruned layer, for the report (none by default)."""
+        return {}
 
 
 CRITERIA: Registry[type] = Registry("criterion")

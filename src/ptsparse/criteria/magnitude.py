@@ -8,19 +8,12 @@ from torch import nn
 from ..data import Calibration
 from ..patterns import Pattern
 from ..targets import Target
-from .base import CRITERIA
+from .base import CRITERIA, Criterion
 
 
 @CRITERIA.register("magnitude")
-class Magnitude:
+class Magnitude(Criterion):
     """``|w|``; data-free."""
-
-    requires_data = False
-    statistics: tuple[str, ...] = ()
-
-    @classmethod
-    def from_config(cls, config) -> Magnitude:
-        return cls()
 
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None = None) -> dict[str, torch.Tensor]:

@@ -22,16 +22,18 @@ Inputs whose ``H_jj`` is 0 (never active on the calibration set) get ``H_jj = 1`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..data import Calibration
-from ..errors import CalibrationError, ConfigError, IncompatibleOptionsError
+from ..errors import CalibrationError, IncompatibleOptionsError
+from ..options import Options, option, positive
 from ..patterns import NM, Channel, Pattern
 from ..targets import Target
-from .base import CRITERIA
+from .base import CRITERIA, Criterion
 
 CHANNEL_ERROR = "sparsegpt does not support pattern 'channel'; use unstructured or N:M"
 
@@ -187,7 +189,7 @@ def reconstruction_error(before: torch.Tensor, after: torch.Tensor, hessian: tor
 
 
 @CRITERIA.register("sparsegpt")
-class SparseGPT:
+class SparseGPT(Criterion):
     """OBS-style pruning with a weight update; layers pruned in execution order on the pruned model's inputs.
 
     ``scores`` (for score-driven allocations) is ``|w|``: SparseGPT's saliencies change during its sweep,
@@ -202,21 +204,23 @@ class SparseGPT:
         ConfigError: ``blocksize`` < 1 or ``dampening`` <= 0.
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="sparsegpt"):
+        blocksize: int = option(128, "columns per lazy-update block", minimum=1)
+        dampening: float = option(0.01, "dampening as a fraction of mean(diag H), raised x10 on a failed Cholesky",
+                                  check=positive)
+
     requires_data = True
-    statistics: tuple[str, ...] = ("hessian",)
+    statistics = ("hessian",)
     patterns = ("unstructured", "n:m")
 
     def __init__(self, blocksize: int = 128, dampening: float = 0.01) -> None:
-        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-            raise ConfigError(f"sparsegpt_blocksize must be a positive integer, got {blocksize!r}")
-        if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not dampening > 0:
-            raise ConfigError(f"sparsegpt_dampening must be a number > 0, got {dampening!r}")
+        self.Settings(blocksize=blocksize, dampening=dampening)
         self.blocksize, self.dampening = blocksize, float(dampening)
         self.errors: dict[str, float] = {}
 
-    @classmethod
-    def from_config(cls, config) -> SparseGPT:
-        return cls(blocksize=config.sparsegpt_blocksize, dampening=config.sparsegpt_dampening)
+    def layer_errors(self) -> dict[str, float]:
+        return dict(self.errors)
 
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None = None) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ Scores are measured once on the dense model; a channel's score is repeated over 
 
 Coupled channels (our reading, so that pruned channels can be physically removed): channels that only
 exist together (the outputs of layers added into one residual stream, a depthwise convolution and its
-input; torch-pruning's dependency groups, :mod:`ptsparse.export.coupling`) are scored and pruned as one
+input; torch-pruning's dependency groups, :mod:`ptsparse.graph.coupling`) are scored and pruned as one
 unit. The unit's score is the sum of its members' scores (every gate writing into the stream), each
 member receives it, and the first member pruned (execution order) chooses the unit's channels with its
 own allocated count; the other members prune the same channels, so a member's count follows its unit
@@ -29,6 +29,7 @@ zero again; channel removal then keeps such a channel.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,15 +38,15 @@ from torch import nn
 
 from ..attention import find_attention, heads_by_layer
 from ..data import Calibration
-from ..errors import ConfigError
 from ..masking import zero_channels
 from ..norms import BATCH_NORMS
+from ..options import Options, option
 from ..patterns import Channel, Pattern
 from ..targets import Target
-from .base import CRITERIA
+from .base import CRITERIA, Criterion
 
 if TYPE_CHECKING:
-    from ..export.coupling import ChannelGroup
+    from ..graph.coupling import ChannelGroup
 
 
 
@@ -75,7 +76,7 @@ def following_norms(model: nn.Module, targets: list[Target], example: torch.Tens
 
 
 @CRITERIA.register("taylor")
-class Taylor:
+class Taylor(Criterion):
     """First-order Taylor importance per output channel; for the ``channel`` pattern only.
 
     Coupled channels are found with torch-pruning (``pip install 'ptsparse[export]'``); without it,
@@ -86,24 +87,26 @@ class Taylor:
         batch_size: calibration batch size of the per-batch scores.
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="taylor"):
+        aggregation: str = option("squared", "mean of squared (paper) or absolute (HALP) per-batch channel scores",
+                                  choices=("squared", "abs"))
+
     requires_data = True
-    statistics: tuple[str, ...] = ()
     patterns = ("channel",)
 
     def __init__(self, aggregation: str = "squared", batch_size: int = 64) -> None:
-        if aggregation not in ("squared", "abs"):
-            raise ConfigError(f"taylor_aggregation {aggregation!r} is not allowed; choose squared or abs")
-        self.aggregation, self.batch_size = aggregation, batch_size
+        self.aggregation, self.batch_size = self.Settings(aggregation=aggregation).aggregation, batch_size
         self._norms: dict[str, nn.Module] = {}
         self._units: dict[str, ChannelUnit] = {}
 
     @classmethod
     def from_config(cls, config) -> Taylor:
-        return cls(aggregation=config.taylor_aggregation, batch_size=config.batch_size)
+        return cls(**config.settings_of(cls).to_dict(), batch_size=config.batch_size)
 
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None) -> dict[str, torch.Tensor]:
-        from ..export.coupling import channel_groups, head_groups
+        from ..graph.coupling import channel_groups, head_groups
 
         device = next(model.parameters()).device
         example = calibration.inputs[:2].to(device)

@@ -9,14 +9,16 @@ across the layer; N:M and channel masks come from the pattern.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..data import Calibration
-from ..errors import ConfigError
+from ..options import Options, option
 from ..patterns import Pattern, Unstructured
 from ..targets import Target
-from .base import CRITERIA
+from .base import CRITERIA, Criterion
 from .statistics import gather_statistics_all
 
 COMPARISONS = ("row", "layer")
@@ -52,7 +54,7 @@ def row_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @CRITERIA.register("wanda")
-class Wanda:
+class Wanda(Criterion):
     """``|w| * ||x||``; layers pruned in execution order on the pruned model's inputs.
 
     Args:
@@ -64,17 +66,20 @@ class Wanda:
         ConfigError: ``compare`` is neither ``"row"`` nor ``"layer"``.
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="wanda"):
+        compare: str = option("row", "unstructured: compare scores within each output row (paper) or the whole "
+                              "layer", choices=COMPARISONS)
+
     requires_data = True
-    statistics: tuple[str, ...] = ("input_norms",)
+    statistics = ("input_norms",)
 
     def __init__(self, compare: str = "row", batch_size: int = 64) -> None:
-        if compare not in COMPARISONS:
-            raise ConfigError(f"wanda_compare {compare!r} is not allowed; choose row or layer")
-        self.compare, self.batch_size = compare, batch_size
+        self.compare, self.batch_size = self.Settings(compare=compare).compare, batch_size
 
     @classmethod
     def from_config(cls, config) -> Wanda:
-        return cls(compare=config.wanda_compare, batch_size=config.batch_size)
+        return cls(**config.settings_of(cls).to_dict(), batch_size=config.batch_size)
 
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None) -> dict[str, torch.Tensor]:

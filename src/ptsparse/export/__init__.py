@@ -10,9 +10,10 @@ format             what it gives                                                
                                                                                                    ``onnxruntime``
 =================  ===========================================================================  ==========================
 
-2:4 kernels (:mod:`.semi_structured`) swap weights at run time on CUDA and are not a file format;
-:mod:`.latency` measures parameters, MACs and latency. The optional packages install with
-``pip install 'ptsparse[export]'``.
+Each format is one module that registers its writer, its checkpoint reader and what ``ptsparse export`` prints
+after writing (:mod:`.base`, :data:`FORMATS`). 2:4 kernels (:mod:`.semi_structured`) swap weights at run time on
+CUDA and are not a file format; :mod:`.latency` benchmarks whole models with the cost model of
+:mod:`ptsparse.graph.cost`. The optional packages install with ``pip install 'ptsparse[export]'``.
 """
 
 from __future__ import annotations
@@ -25,28 +26,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import load_state, save_state
-from ..errors import ConfigError, UnknownOptionError
-from ._extras import INSTALL_HINT, MissingExtraError, require
+from .._extras import MissingExtraError, require
+from ..checkpoint import save_state
+from ..errors import CheckpointError, ConfigError
+from ..models import load_checkpoint, load_reference, zoo
+from . import channels, compressed, onnx  # noqa: F401  (each registers its format)
+from .base import FORMATS, ExportFormat
 
-FORMATS = {
-    "compressed": "bitmask + non-zero values in safetensors: a smaller file, the same model",
-    "channels": "dead channels removed: a smaller, faster dense model (needs torch-pruning)",
-    "onnx": "ONNX with the zeros baked in, checked with onnxruntime",
-}
 # One sample's shape for the registered architectures (channel removal and ONNX trace an example input).
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {"reference_resnet20": (1, 28, 28)}
 
 
-def check_format(name: str) -> str:
-    """Returns ``name`` when it is an export format.
+def check_format(name: str) -> ExportFormat:
+    """The export format called ``name``.
 
     Raises:
-        UnknownOptionError: it is not; the message lists the formats.
+        UnknownOptionError: there is none; the message lists the formats.
     """
-    if name not in FORMATS:
-        raise UnknownOptionError(f"unknown export format {name!r}; choose one of: {', '.join(FORMATS)}")
-    return name
+    return FORMATS.get(name)
 
 
 def input_shape_for(architecture: str | None, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -60,8 +57,6 @@ def input_shape_for(architecture: str | None, given: tuple[int, ...] | None = No
         return tuple(given)
     if architecture in INPUT_SHAPES:
         return INPUT_SHAPES[architecture]
-    from ..models import zoo
-
     if zoo.is_spec(architecture) and (shape := zoo.image_input_shape(architecture)) is not None:
         return shape
     raise ConfigError(f"no input shape is known for architecture {architecture!r}; give one, e.g. --input-shape 3 224 224")
@@ -86,11 +81,11 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, meta
 
     Args:
         model: a ptsparse result model (masks baked in); never modified.
-        format: ``compressed``, ``channels`` or ``onnx`` (see :data:`FORMATS`).
+        format: a name in :data:`FORMATS`: ``compressed``, ``channels`` or ``onnx``.
         path: the file to write.
         metadata: checkpoint metadata to keep (``architecture`` lets ``ptsparse.load`` rebuild the model).
         input_shape: one sample's shape; needed by ``channels`` and ``onnx`` unless the architecture is known.
-        value_dtype: ``compressed`` only: ``keep`` (bit-exact), ``float16`` or ``bfloat16``.
+        value_dtype: formats that take one (``compressed``): ``keep`` (bit-exact), ``float16`` or ``bfloat16``.
 
     Returns:
         The export's report (sizes, parameters, MACs, checks), with ``bytes`` of the written file and
@@ -101,29 +96,16 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, meta
         MissingExtraError: the format needs an optional package that is missing.
         ExportError: the model cannot be exported in that format.
     """
-    check_format(format)
+    exporter = check_format(format)
     if Path(path).is_dir():
         raise ConfigError(f"export output {str(path)!r} is a directory; give the file to write, e.g. "
-                          f"{'model.onnx' if format == 'onnx' else 'model.safetensors'}")
+                          f"model{exporter.suffix}")
+    if value_dtype not in (None, "keep") and not exporter.value_dtype:
+        formats = ", ".join(name for name in FORMATS.names() if FORMATS.get(name).value_dtype)
+        raise ConfigError(f"a value dtype applies to --format {formats} only, not {format!r}")
     metadata = {k: v for k, v in (metadata or {}).items() if k not in ("format", "version", "value_dtype", "modules")}
-    if format == "compressed":
-        from .compressed import parse_value_dtype, save_compressed
-
-        report = {"format": format, **save_compressed(model.state_dict(), path, metadata,
-                                                      parse_value_dtype(value_dtype))}
-    else:
-        if value_dtype not in (None, "keep"):
-            raise ConfigError(f"a value dtype applies to --format compressed only, not {format!r}")
-        example = example_inputs(input_shape_for(metadata.get("architecture"), input_shape))
-        if format == "channels":
-            from .channels import remove_channels, save_channels
-
-            smaller, report = remove_channels(model, example)
-            save_channels(model, smaller, path, metadata)
-        else:
-            from .onnx import export_onnx
-
-            report = export_onnx(model, example, path)
+    example = example_inputs(input_shape_for(metadata.get("architecture"), input_shape)) if exporter.traced else None
+    report = exporter.write(model, path, metadata, example=example, value_dtype=value_dtype)
     report["bytes"] = Path(path).stat().st_size
     report["dense_bytes"] = dense_checkpoint_bytes(model)
     report["size_ratio"] = report["dense_bytes"] / report["bytes"]
@@ -136,19 +118,13 @@ def load_model(spec: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     Raises:
         CheckpointError: the path does not exist or the file cannot be loaded.
     """
-    from .. import load
-    from ..errors import CheckpointError
-    from ..models import load_reference
-
     if str(spec) == "reference":
         return load_reference(), {"architecture": "reference_resnet20"}
     path = Path(spec)
     if not path.exists():
         raise CheckpointError(f"model {str(spec)!r} is neither 'reference' nor an existing checkpoint path")
-    file = path / "model.safetensors" if path.is_dir() else path
-    _, metadata = load_state(file)
-    return load(file), dict(metadata or {})
+    return load_checkpoint(path)
 
 
-__all__ = ["FORMATS", "INPUT_SHAPES", "INSTALL_HINT", "MissingExtraError", "check_format", "dense_checkpoint_bytes",
+__all__ = ["FORMATS", "ExportFormat", "INPUT_SHAPES", "MissingExtraError", "check_format", "dense_checkpoint_bytes",
            "example_inputs", "export_model", "input_shape_for", "load_model", "require"]

@@ -1,6 +1,6 @@
 """Channel removal: a channel-pruned model becomes a physically smaller dense model.
 
-torch-pruning's dependency graph (:mod:`ptsparse.export.coupling`) groups the channels that can only be
+torch-pruning's dependency graph (:mod:`ptsparse.graph.coupling`) groups the channels that can only be
 removed together. A group channel is removed when it is *dead* in the given model: every layer that
 produces it outputs exactly zero there (a Conv/Linear row of zeros with a zero bias, a BatchNorm whose
 output for a zero input is zero, e.g. zero weight and bias as the ``taylor`` criterion leaves it). Only
@@ -13,7 +13,9 @@ alike (torch-pruning removes the output projection's input columns with them), a
 (timm ``num_heads``/``attn_dim``, Hugging Face ``num_attention_heads``/``all_head_size``) is set to the heads
 left; the rows per head stay. A head pruned in part keeps all its rows.
 
-The output layer keeps its outputs. The model passed in is never modified.
+The output layer keeps its outputs. The model passed in is never modified. The file stores the smaller
+model's weights and, in its metadata, the new sizes of the resized layers; ``ptsparse.load`` rebuilds the
+architecture and resizes those layers before loading (this format's checkpoint reader).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import torch
 from torch import nn
 
 from ..attention import find_attention, heads_by_layer, update_head_counts, whole_heads
-from ..checkpoint import module_sizes, save_state
-from ..errors import ExportError
+from ..checkpoint import Reader, save_state
+from ..errors import CheckpointError, ExportError
+from ..graph.cost import count_macs, count_params
+from ..graph.coupling import PRODUCER_TYPES, build_dependency_graph, eval_mode, iter_groups
 from ..norms import BATCH_NORMS
-from .coupling import PRODUCER_TYPES, build_dependency_graph, eval_mode, iter_groups
-from .latency import count_macs, count_params
+from .base import ExportFormat, register_format
 
 FORMAT = "channels"
 
@@ -164,6 +167,22 @@ def remove_channels(model: nn.Module, example: torch.Tensor, rtol: float = 1e-4,
     return smaller, report
 
 
+# Size attributes of the layers channel removal resizes, and which of them a weight's shape determines.
+_SIZE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+                    "normalized_shape", "num_channels", "num_groups", "embedding_dim",
+                    "num_heads", "attn_dim", "num_attention_heads", "all_head_size")  # heads: ptsparse.attention
+
+
+def module_sizes(model: nn.Module) -> dict[str, dict[str, object]]:
+    """The size attributes (``in_channels``, ``out_features``, ``num_features``, ...) of every module."""
+    sizes = {}
+    for name, module in model.named_modules():
+        found = {a: getattr(module, a) for a in _SIZE_ATTRIBUTES if isinstance(getattr(module, a, None), (int, tuple))}
+        if found:
+            sizes[name] = {a: list(v) if isinstance(v, tuple) else v for a, v in found.items()}
+    return sizes
+
+
 def changed_sizes(original: nn.Module, smaller: nn.Module) -> dict[str, dict[str, object]]:
     """Size attributes of the modules channel removal changed (what loading must re-apply)."""
     before = module_sizes(original)
@@ -182,3 +201,47 @@ def save_channels(original: nn.Module, smaller: nn.Module, path: str | os.PathLi
     """
     header = dict(metadata or {}, format=FORMAT, modules=changed_sizes(original, smaller))
     save_state(smaller.state_dict(), path, header)
+
+
+def resize_modules(model: nn.Module, state: dict[str, torch.Tensor], metadata: dict,
+                   source: str = "checkpoint") -> nn.Module:
+    """Shapes a freshly built model to a channel-removed checkpoint, in place (this format's reader).
+
+    Sets the size attributes of each module listed in ``metadata["modules"]`` and replaces its parameters
+    and buffers by empty tensors of the checkpoint's shapes (``load_into`` then fills them).
+
+    Raises:
+        CheckpointError: a listed module does not exist in the model.
+    """
+    modules = dict(model.named_modules())
+    for name, attributes in metadata.get("modules", {}).items():
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"{source} resizes module {name!r}, which the model does not have")
+        for attribute, value in attributes.items():
+            setattr(module, attribute, tuple(value) if isinstance(value, list) else value)
+        prefix = f"{name}." if name else ""
+        for key, tensor in list(module.named_parameters(recurse=False)):
+            new = state.get(prefix + key)
+            if new is not None and new.shape != tensor.shape:
+                setattr(module, key, nn.Parameter(torch.empty_like(new, dtype=tensor.dtype),
+                                                  requires_grad=tensor.requires_grad))
+        for key, tensor in list(module.named_buffers(recurse=False)):
+            new = state.get(prefix + key)
+            if tensor is not None and new is not None and new.shape != tensor.shape:
+                setattr(module, key, torch.empty_like(new, dtype=tensor.dtype))
+    return model
+
+
+def _write(model: nn.Module, path: str | os.PathLike, metadata: dict, *, example: torch.Tensor,
+           value_dtype: str | None) -> dict[str, Any]:
+    """The format's writer: removes the dead channels and writes the smaller model."""
+    smaller, report = remove_channels(model, example)
+    save_channels(model, smaller, path, metadata)
+    return report
+
+
+register_format(FORMAT, ExportFormat(
+    description="dead channels removed: a smaller, faster dense model (needs torch-pruning)",
+    write=_write, reader=Reader(fit=resize_modules), traced=True,
+    warnings=lambda model, metadata: []))  # the smaller model is dense: no zeros left to warn about

@@ -21,6 +21,8 @@ bitmask limit, so a 20 KB header would matter). The header's ``ptsparse`` metada
 trip is bit-exact (zeros read back as +0.0: a masked weight may hold -0.0, which equals +0.0 in every
 computation); ``float16`` / ``bfloat16`` store floating-point values at half the size, and loading
 casts them back to the original dtype.
+
+``ptsparse.load`` reads the file back through :func:`decode_state`, this format's checkpoint reader.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..checkpoint import Reader, save_state
 from ..errors import CheckpointError, ConfigError
+from .base import ExportFormat, no_speedup_warnings, register_format
 
 FORMAT = "compressed"
-BITMASK_SUFFIX = ".__bitmask__"
-VALUES_SUFFIX = ".__values__"
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -143,11 +146,6 @@ def decode_state(tensors: dict[str, torch.Tensor], source: str = "checkpoint") -
     return state
 
 
-def is_compressed(metadata: dict | None) -> bool:
-    """Whether checkpoint metadata describes a compressed checkpoint."""
-    return bool(metadata) and metadata.get("format") == FORMAT
-
-
 def save_compressed(state: dict[str, torch.Tensor], path, metadata: dict | None = None,
                     value_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Writes a compressed checkpoint atomically.
@@ -161,10 +159,25 @@ def save_compressed(state: dict[str, torch.Tensor], path, metadata: dict | None 
     Returns:
         ``{"tensors": n, "bitmask_tensors": m, "value_dtype": ...}``.
     """
-    from ..checkpoint import save_state
-
     tensors, counts = encode_state(state, value_dtype)
     header = dict(metadata or {}, format=FORMAT, version=1,
                   value_dtype=_dtype_name(value_dtype) if value_dtype is not None else "keep")
     save_state(tensors, path, header)
     return {**counts, "value_dtype": header["value_dtype"]}
+
+
+def _write(model: nn.Module, path, metadata: dict, *, example: torch.Tensor | None,
+           value_dtype: str | None) -> dict[str, Any]:
+    """The format's writer: the model's state dict, compressed."""
+    return {"format": FORMAT, **save_compressed(model.state_dict(), path, metadata, parse_value_dtype(value_dtype))}
+
+
+def _warnings(model: nn.Module, metadata: dict[str, Any]) -> list[str]:
+    """The model's no-speedup warnings, and that the file is smaller but the model no faster."""
+    return no_speedup_warnings(model, metadata) + [
+        "a compressed checkpoint is smaller on disk; loaded, it is the same dense model and runs no faster"]
+
+
+register_format(FORMAT, ExportFormat(description="bitmask + non-zero values in safetensors: a smaller file, the same model",
+                                     write=_write,
+                                     reader=Reader(decode=decode_state), value_dtype=True, warnings=_warnings))

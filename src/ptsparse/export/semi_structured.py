@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..graph.cost import SMALL_FEATURES
 
-SMALL_FEATURES = 1024
 KERNEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -10,16 +10,14 @@ Unstructured only: one threshold per layer cannot express N:M or channel pattern
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
-from ..config import SparsityConfig
-from .base import METHODS
+from .base import DISTILL_RECIPE, METHODS
 
 
 @METHODS.register("fcpts")
-def fcpts(**overrides) -> SparsityConfig:
-    base = SparsityConfig(method="fcpts", allocation="erk", criterion="magnitude", recovery="distill",
-                          objective="kd_logits", dynamics="learned_thresholds", penalty="abs", penalty_weight=1.0,
-                          density="histogram", score_grad="constraint_only", optimizer="sgd", lr=0.01,
-                          weight_decay=3e-4, temperature=4.0, augment="flip")
-    return dataclasses.replace(base, **overrides)
+def fcpts(pattern: str) -> dict[str, Any]:
+    return {"allocation": "erk", "criterion": "magnitude", "recovery": "distill", "objective": "kd_logits",
+            "dynamics": "learned_thresholds", "distill": DISTILL_RECIPE, "kd_logits": {"temperature": 4.0},
+            "learned_thresholds": {"penalty": "abs", "penalty_weight": 1.0, "density": "histogram",
+                                   "score_grad": "constraint_only"}}

@@ -14,19 +14,15 @@ grow are knapsacks on Taylor gate scores. Every part combines with the other axe
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
-from ..config import SparsityConfig
-from ..patterns import parse_pattern
-from .base import METHODS
+from ..patterns import pattern_kind
+from .base import DISTILL_RECIPE, METHODS
 
 
 @METHODS.register("iee")
-def iee(**overrides) -> SparsityConfig:
-    pattern = overrides.get("pattern", "unstructured")
-    channels = parse_pattern(pattern, overrides.get("nm_fallback", "skip")).kind == "channel"
-    base = SparsityConfig(method="iee", pattern=pattern, allocation="knapsack" if channels else "erk",
-                          criterion="taylor" if channels else "magnitude", recovery="distill", objective="kd_logits",
-                          dynamics="iee", optimizer="sgd", lr=0.01, weight_decay=3e-4, temperature=4.0,
-                          augment="flip", iee_criterion="taylor" if channels else "magnitude")
-    return dataclasses.replace(base, **overrides)
+def iee(pattern: str) -> dict[str, Any]:
+    channels = pattern_kind(pattern) == "channel"
+    return {"allocation": "knapsack" if channels else "erk", "criterion": "taylor" if channels else "magnitude",
+            "recovery": "distill", "objective": "kd_logits", "dynamics": "iee", "distill": DISTILL_RECIPE,
+            "kd_logits": {"temperature": 4.0}, "iee": {"criterion": "taylor" if channels else "magnitude"}}

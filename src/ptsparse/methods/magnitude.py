@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
-from ..config import SparsityConfig
 from .base import METHODS
 
 
 @METHODS.register("magnitude")
-def magnitude(**overrides) -> SparsityConfig:
+def magnitude(pattern: str) -> dict[str, Any]:
     """One-shot magnitude pruning; ``allocation`` may be ``uniform``, ``global`` or ``erk`` (default)."""
-    base = SparsityConfig(method="magnitude", allocation="erk", criterion="magnitude", bn_recalibration=True)
-    return dataclasses.replace(base, **overrides)
+    return {"allocation": "erk", "criterion": "magnitude", "bn_recalibration": True}

@@ -8,15 +8,12 @@ method adds on top of masks + distillation.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
-from ..config import SparsityConfig
-from .base import METHODS
+from .base import DISTILL_RECIPE, METHODS
 
 
 @METHODS.register("magnitude_kd")
-def magnitude_kd(**overrides) -> SparsityConfig:
-    base = SparsityConfig(method="magnitude_kd", allocation="erk", criterion="magnitude", recovery="distill",
-                          objective="kd_logits", dynamics="static", optimizer="sgd", lr=0.01, weight_decay=3e-4,
-                          temperature=4.0, augment="flip")
-    return dataclasses.replace(base, **overrides)
+def magnitude_kd(pattern: str) -> dict[str, Any]:
+    return {"allocation": "erk", "criterion": "magnitude", "recovery": "distill", "objective": "kd_logits",
+            "dynamics": "static", "distill": DISTILL_RECIPE, "kd_logits": {"temperature": 4.0}}

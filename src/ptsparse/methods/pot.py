@@ -7,15 +7,13 @@ per layer on CPU instead of the toolkit's 20,000), then BatchNorm re-calibration
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
-from ..config import SparsityConfig
 from .base import METHODS
 
 
 @METHODS.register("pot")
-def pot(**overrides) -> SparsityConfig:
-    base = SparsityConfig(method="pot", allocation="global", global_normalize="l2", criterion="magnitude",
-                          recovery="layerwise", layer_iterations=2000, layer_lr=1e-5, layer_bias_lr=1e-4,
-                          weight_correction=True, bias_correction=True)
-    return dataclasses.replace(base, **overrides)
+def pot(pattern: str) -> dict[str, Any]:
+    return {"allocation": "global", "global": {"normalize": "l2"}, "criterion": "magnitude", "recovery": "layerwise",
+            "layerwise": {"iterations": 2000, "lr": 1e-5, "bias_lr": 1e-4, "weight_correction": True,
+                          "bias_correction": True}}

@@ -6,13 +6,11 @@ model's inputs, then BatchNorm re-calibration. Works with unstructured and N:M p
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
-from ..config import SparsityConfig
 from .base import METHODS
 
 
 @METHODS.register("sparsegpt")
-def sparsegpt(**overrides) -> SparsityConfig:
-    base = SparsityConfig(method="sparsegpt", allocation="uniform", criterion="sparsegpt")
-    return dataclasses.replace(base, **overrides)
+def sparsegpt(pattern: str) -> dict[str, Any]:
+    return {"allocation": "uniform", "criterion": "sparsegpt"}

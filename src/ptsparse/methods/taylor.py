@@ -6,14 +6,11 @@ dense model with cross-entropy against its own predictions, then BatchNorm re-ca
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
-from ..config import SparsityConfig
 from .base import METHODS
 
 
 @METHODS.register("taylor")
-def taylor(**overrides) -> SparsityConfig:
-    base = SparsityConfig(method="taylor", pattern="channel", allocation="uniform", criterion="taylor",
-                          taylor_aggregation="squared")
-    return dataclasses.replace(base, **overrides)
+def taylor(pattern: str) -> dict[str, Any]:
+    return {"pattern": "channel", "allocation": "uniform", "criterion": "taylor", "taylor": {"aggregation": "squared"}}

@@ -12,16 +12,16 @@ Each part switches off for ablation: ``allocation="erk"``, ``objective="kd_logit
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
-from ..config import SparsityConfig
-from .base import METHODS
+from .base import DISTILL_RECIPE, METHODS
 
 
 @METHODS.register("unipts")
-def unipts(**overrides) -> SparsityConfig:
-    base = SparsityConfig(method="unipts", allocation="unipts_search", criterion="magnitude", recovery="distill",
-                          objective="base_decayed", dynamics="dst", optimizer="sgd", lr=0.01, weight_decay=1e-4,
-                          temperature=4.0, student_temperature=1.0, tau0=8.0, tau_decay=0.99, tau_epochs=100.0,
-                          mask_update_every=1, pruned_decay=5e-5, augment="flip")
-    return dataclasses.replace(base, **overrides)
+def unipts(pattern: str) -> dict[str, Any]:
+    return {"allocation": "unipts_search", "criterion": "magnitude", "recovery": "distill",
+            "objective": "base_decayed", "dynamics": "dst", "distill": {**DISTILL_RECIPE, "weight_decay": 1e-4},
+            "unipts_search": {"temperature": 4.0},
+            "base_decayed": {"temperature": 4.0, "student_temperature": 1.0, "tau0": 8.0, "tau_decay": 0.99,
+                             "tau_epochs": 100.0},
+            "dst": {"update_every": 1, "pruned_decay": 5e-5}}

@@ -6,13 +6,11 @@ model's inputs, then BatchNorm re-calibration. Works with unstructured and N:M p
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
-from ..config import SparsityConfig
 from .base import METHODS
 
 
 @METHODS.register("wanda")
-def wanda(**overrides) -> SparsityConfig:
-    base = SparsityConfig(method="wanda", allocation="uniform", criterion="wanda")
-    return dataclasses.replace(base, **overrides)
+def wanda(pattern: str) -> dict[str, Any]:
+    return {"allocation": "uniform", "criterion": "wanda"}

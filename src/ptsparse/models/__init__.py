@@ -22,7 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from .._registry import Registry
-from ..checkpoint import load_into, load_state, resize_modules
+from ..checkpoint import load_into, load_state, shape_to_checkpoint
 from ..errors import CheckpointError
 from . import zoo
 from .reference import ReferenceResNet, reference_resnet
@@ -83,8 +83,7 @@ def load_checkpoint(path: str | os.PathLike, architecture: str | None = None) ->
     if name not in ARCHITECTURES:
         raise CheckpointError(f"checkpoint {path} names architecture {name!r}; known: {', '.join(ARCHITECTURES.names())}")
     model = ARCHITECTURES.get(name)()
-    if (metadata or {}).get("format") == "channels":  # channel-removed: the layers are smaller than built
-        resize_modules(model, metadata.get("modules", {}), state, source=f"checkpoint {path}")
+    shape_to_checkpoint(model, state, metadata, source=f"checkpoint {path}")  # e.g. channel-removed: smaller layers
     model = load_into(model, state, source=f"checkpoint {path}")
     return model.eval(), dict(metadata or {}, architecture=name)
 

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._extras import MissingExtraError, require
 from ..errors import CheckpointError, ModelError
-from ..export._extras import MissingExtraError, require
 
 PREFIXES = ("torchvision", "timm", "hf")
 SPEC_FORMS = ("torchvision:NAME", "timm:NAME", "hf:DIRECTORY")

@@ -1,4 +1,4 @@
-"""Recovery axis: what happens after masking.
+"""Recovery axis: what happens after masking (:data:`RECOVERIES`: none, distill, layerwise).
 
 * :func:`distill`: network-level training of the masked student against the frozen dense teacher, with
   a pluggable objective (``kd_logits``, ``layer_mse``, ``kd_blocks``, ``base_decayed``) and mask dynamics
@@ -11,13 +11,13 @@ from .batchnorm import recalibrate_batchnorm
 from .dst import DynamicSparseTraining
 from .dynamics import DYNAMICS, Dynamics, Static, TrainState
 from .iee import ExploitExplore
+from .kinds import RECOVERIES, Distill, Layerwise, NoRecovery, Recovery
 from .layerwise import reconstruct_layers
 from .objectives import OBJECTIVES, BaseDecayed, KDBlocks, KDLogits, LayerMSE, Objective
 from .thresholds import LearnedThresholds, ThresholdMask
-from .trainer import TrainSchedule, distill
+from .trainer import DistillSettings, TrainSchedule, distill
 
-RECOVERIES = ("none", "distill", "layerwise")
-
-__all__ = ["BaseDecayed", "DYNAMICS", "Dynamics", "DynamicSparseTraining", "ExploitExplore", "KDBlocks", "KDLogits", "LayerMSE", "LearnedThresholds", "OBJECTIVES", "Objective",
-           "RECOVERIES", "Static", "ThresholdMask", "TrainSchedule", "TrainState", "distill", "recalibrate_batchnorm",
-           "reconstruct_layers"]
+__all__ = ["BaseDecayed", "DYNAMICS", "Distill", "DistillSettings", "Dynamics", "DynamicSparseTraining",
+           "ExploitExplore", "KDBlocks", "KDLogits", "LayerMSE", "Layerwise", "LearnedThresholds", "NoRecovery",
+           "OBJECTIVES", "Objective", "RECOVERIES", "Recovery", "Static", "ThresholdMask", "TrainSchedule",
+           "TrainState", "distill", "recalibrate_batchnorm", "reconstruct_layers"]

@@ -10,6 +10,7 @@ counts never change, so the allocation stays exact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..masking import mask_of, weight_mask
+from ..options import Options, option
 from ..patterns import Unstructured
 from ..targets import Target
 from .dynamics import DYNAMICS, Dynamics, TrainState
@@ -31,19 +33,19 @@ class DynamicSparseTraining(Dynamics):
         pruned_decay: ``lambda`` of the SR-STE decay on pruned weights (5e-5 in UniPTS).
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="dst"):
+        update_every: int = option(1, "steps between magnitude top-k mask updates", minimum=1)
+        pruned_decay: float = option(5e-5, "SR-STE decay lambda on pruned weights", minimum=0)
+
     patterns = ("unstructured",)
 
     def __init__(self, update_every: int = 1, pruned_decay: float = 5e-5) -> None:
-        if update_every < 1:
-            raise ConfigError(f"mask_update_every must be >= 1, got {update_every}")
+        self.Settings(update_every=update_every, pruned_decay=pruned_decay)
         self.update_every = update_every
         self.pruned_decay = pruned_decay
         self.layers: list[tuple[str, nn.Module]] = []
         self.initial: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def from_config(cls, config) -> DynamicSparseTraining:
-        return cls(update_every=config.mask_update_every, pruned_decay=config.pruned_decay)
 
     def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
                 example: torch.Tensor | None = None) -> None:

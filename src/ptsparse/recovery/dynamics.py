@@ -17,21 +17,37 @@ A dynamics object is driven by the recovery trainer through these hooks, all opt
 * ``state_dict()`` / ``load_state_dict()``: what a resumed run needs beyond the model's own state.
 * ``summary()``: what the report records of the dynamics (learned allocation, mask changes).
 
-``patterns`` names the patterns a dynamics works with (``None``: all).
+A dynamics declares its options as ``Settings`` (:mod:`ptsparse.options`) and what it can do: ``patterns``
+names the pattern kinds it works with (``None``: all), ``moves_masks`` whether masks change during training
+(only a recovery that trains can then run it), ``keeps_layer_counts`` whether every layer ends with the
+count it started with (a dynamics that learns the allocation does not), and ``chooses_units`` whether it swaps
+single channels itself (so channels cannot be pruned N at a time).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .._registry import Registry
 from ..allocation import LayerBudget
+from ..options import Options
 from ..targets import Target
+
+# Per layer, a boolean tensor of the weight's shape (which entries a mask-moving dynamics prunes or grows).
+Masks = dict[str, torch.Tensor]
+
+
+def reset_optimizer_entries(optimizer: torch.optim.Optimizer, parameter: torch.Tensor, where: torch.Tensor) -> None:
+    """Zeroes the optimizer's state (momentum, Adam moments) of ``parameter`` where ``where`` is True, so a
+    regrown weight starts without the momentum of the weight it was before being pruned."""
+    for value in optimizer.state.get(parameter, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
+            value[where] = 0
 
 
 @dataclass
@@ -55,11 +71,15 @@ class TrainState:
 class Dynamics:
     """Base class: every hook does nothing; see the module docstring for the contract."""
 
-    patterns: tuple[str, ...] | None = None
+    Settings: ClassVar[type[Options] | None] = None
+    patterns: ClassVar[tuple[str, ...] | None] = None
+    moves_masks: ClassVar[bool] = True
+    keeps_layer_counts: ClassVar[bool] = True
+    chooses_units: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config) -> Dynamics:
-        return cls()
+        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
     def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
                 example: torch.Tensor | None = None) -> None:
@@ -96,3 +116,5 @@ DYNAMICS: Registry[type[Dynamics]] = Registry("dynamics")
 @DYNAMICS.register("static")
 class Static(Dynamics):
     """Masks stay as the pattern chose them; only the kept weights train."""
+
+    moves_masks = False

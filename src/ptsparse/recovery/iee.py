@@ -39,19 +39,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..allocation.knapsack import Knapsack
 from ..errors import ConfigError
 from ..masking import mask_of, weight_mask
 from ..norms import norm_statistics, restore_norm_statistics
-from ..patterns import lowest, parse_pattern
+from ..options import Options, option
+from ..patterns import lowest, pattern_kind
 from ..targets import Target
-from .dynamics import DYNAMICS, Dynamics, TrainState
+from .dynamics import DYNAMICS, Dynamics, Masks, TrainState, reset_optimizer_entries
 
 log = logging.getLogger(__name__)
 
 IEE_CRITERIA = ("magnitude", "taylor")
-
-Masks = dict[str, torch.Tensor]
-
 
 @dataclass(frozen=True)
 class Cycles:
@@ -82,13 +81,6 @@ class Cycles:
         if offset < self.exploit:
             return "exploit", cycle
         return ("improve" if offset < self.exploit + self.improve else "explore"), cycle
-
-
-def reset_optimizer_entries(optimizer: torch.optim.Optimizer, parameter: torch.Tensor, where: torch.Tensor) -> None:
-    """Zeroes the optimizer's state (momentum, Adam moments) of ``parameter`` where ``where`` is True."""
-    for value in optimizer.state.get(parameter, {}).values():
-        if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
-            value[where] = 0
 
 
 def _count(masks: Masks) -> int:
@@ -217,13 +209,29 @@ class ExploitExplore(Dynamics):
         knapsack_cost: what the channel budget counts (``"macs"`` or ``"latency"``).
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="iee"):
+        exploit_steps: int = option(40, "steps H that train the active weights before each prune", minimum=1)
+        improve_steps: int = option(40, "steps J that train the reduced network", minimum=1)
+        explore_steps: int = option(20, "steps Q that train only the reactivated pruned units, the active ones "
+                                    "frozen", minimum=1)
+        alpha: float = option(0.1, "swap fraction at the first cycle; it decays by a cosine to 0 at iee_end",
+                              minimum=0, maximum=1)
+        end: float = option(0.65, "fraction of the run after which masks are fixed and only the active weights "
+                            "train", minimum=0, maximum=1)
+        criterion: str = option("magnitude", "score of prune and grow, magnitude (|w|; filter norm for channels) "
+                                "or taylor (|w * mean grad| over the phase; BatchNorm gates for channels)",
+                                choices=IEE_CRITERIA)
+        reactivate: bool = option(True, "explore the pruned units before growing (false: grow by the criterion "
+                                  "on their stored values)")
+
     patterns = ("unstructured", "channel")
+    chooses_units = True
 
     def __init__(self, exploit_steps: int = 40, improve_steps: int = 40, explore_steps: int = 20,
                  alpha: float = 0.1, end: float = 0.65, criterion: str = "magnitude", reactivate: bool = True,
                  channels: bool = False, knapsack_cost: str = "macs", batch_size: int = 64) -> None:
-        if criterion not in IEE_CRITERIA:
-            raise ConfigError(f"iee_criterion {criterion!r} is not allowed; choose {' or '.join(IEE_CRITERIA)}")
+        self.Settings(exploit_steps, improve_steps, explore_steps, alpha, end, criterion, reactivate)
         self.steps = (exploit_steps, improve_steps, explore_steps)
         self.alpha, self.end, self.criterion, self.reactivate = alpha, end, criterion, reactivate
         self.channels, self.knapsack_cost, self.batch_size = channels, knapsack_cost, batch_size
@@ -238,11 +246,8 @@ class ExploitExplore(Dynamics):
 
     @classmethod
     def from_config(cls, config) -> ExploitExplore:
-        return cls(exploit_steps=config.iee_exploit_steps, improve_steps=config.iee_improve_steps,
-                   explore_steps=config.iee_explore_steps, alpha=config.iee_alpha, end=config.iee_end,
-                   criterion=config.iee_criterion, reactivate=config.iee_reactivate,
-                   channels=parse_pattern(config.pattern, config.nm_fallback).kind == "channel",
-                   knapsack_cost=config.knapsack_cost, batch_size=config.batch_size)
+        return cls(**config.settings_of(cls).to_dict(), channels=pattern_kind(config.pattern) == "channel",
+                   knapsack_cost=config.settings_of(Knapsack).cost, batch_size=config.batch_size)
 
     def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
                 example: torch.Tensor | None = None) -> None:

@@ -34,7 +34,7 @@ from ..criteria.taylor import following_norms
 from ..errors import ConfigError
 from ..masking import WeightMask, mask_of, weight_mask
 from ..targets import Target
-from .iee import Masks, reset_optimizer_entries
+from .dynamics import Masks, reset_optimizer_entries
 
 
 @dataclass

@@ -8,8 +8,10 @@ and returns named loss terms with ``"loss"`` as the one minimised.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +19,29 @@ from torch import nn
 
 from .._registry import Registry
 from ..blocks import find_blocks
-from ..errors import ConfigError
+from ..options import Options, option, positive
 from ..targets import Target
 
 Features = dict[str, torch.Tensor]
 
 
-class Objective(Protocol):
-    """Returns named loss terms, ``"loss"`` being the one that is minimised."""
+class Objective(abc.ABC):
+    """Returns named loss terms, ``"loss"`` being the one that is minimised.
+
+    Options are declared as ``Settings`` (:mod:`ptsparse.options`); :meth:`features` names the modules whose
+    outputs the objective compares (none: logits only).
+    """
+
+    Settings: ClassVar[type[Options] | None] = None
 
     @classmethod
-    def from_config(cls, config) -> Objective: ...
+    def from_config(cls, config) -> Objective:
+        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
-    def features(self, model: nn.Module, targets: Sequence[Target]) -> list[str]: ...
+    def features(self, model: nn.Module, targets: Sequence[Target]) -> list[str]:
+        return []
 
+    @abc.abstractmethod
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, student_features: Features,
                  teacher_features: Features, progress: float = 0.0) -> dict[str, torch.Tensor]: ...
 
@@ -51,24 +62,19 @@ def output_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 @OBJECTIVES.register("kd_logits")
-class KDLogits:
+class KDLogits(Objective):
     """Logit distillation at temperature ``T`` (Hinton et al. 2015), the default of FCPTS and UniPTS.
 
     Args:
         temperature: softmax temperature (4 in both papers' code).
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="kd_logits"):
+        temperature: float = option(4.0, "distillation temperature", check=positive)
+
     def __init__(self, temperature: float = 4.0) -> None:
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
-    @classmethod
-    def from_config(cls, config) -> KDLogits:
-        return cls(temperature=config.temperature)
-
-    def features(self, model, targets):
-        return []
+        self.temperature = self.Settings(temperature=temperature).temperature
 
     def __call__(self, student, teacher, student_features, teacher_features, progress=0.0):
         kd = kd_kl(student, teacher, self.temperature)
@@ -76,12 +82,8 @@ class KDLogits:
 
 
 @OBJECTIVES.register("layer_mse")
-class LayerMSE:
+class LayerMSE(Objective):
     """Sum over the targeted layers of the MSE between student and teacher layer outputs."""
-
-    @classmethod
-    def from_config(cls, config) -> LayerMSE:
-        return cls()
 
     def features(self, model, targets):
         return [t.name for t in targets]
@@ -93,7 +95,7 @@ class LayerMSE:
 
 
 @OBJECTIVES.register("kd_blocks")
-class KDBlocks:
+class KDBlocks(Objective):
     """Logit distillation plus the MSE between student and teacher at every block output (FCPTS's "local
     KD": a network-level sum of block losses, trained jointly, not block by block).
 
@@ -102,13 +104,17 @@ class KDBlocks:
         blocks: name globs of the blocks; empty to find them automatically (:func:`ptsparse.blocks.find_blocks`).
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="kd_blocks"):
+        temperature: float = option(4.0, "temperature of the logit term", check=positive)
+
     def __init__(self, temperature: float = 4.0, blocks: Sequence[str] = ()) -> None:
         self.logits = KDLogits(temperature)
         self.blocks = tuple(blocks)
 
     @classmethod
     def from_config(cls, config) -> KDBlocks:
-        return cls(temperature=config.temperature, blocks=config.blocks)
+        return cls(**config.settings_of(cls).to_dict(), blocks=config.blocks)
 
     def features(self, model, targets):
         return find_blocks(model, targets, self.blocks)
@@ -121,7 +127,7 @@ class KDBlocks:
 
 
 @OBJECTIVES.register("base_decayed")
-class BaseDecayed:
+class BaseDecayed(Objective):
     """UniPTS's base-decayed distillation (Xie et al., CVPR 2024; ``unipts.md`` §2).
 
     ``L = (T^2 / B) * sum_b sum_j p_bj * (ln p_bj - ln q_bj / tau)`` with ``p = softmax(z_teacher / T)``,
@@ -140,22 +146,27 @@ class BaseDecayed:
         epochs: the epochs ``gamma`` is applied over (100 in the paper).
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="base_decayed"):
+        temperature: float = option(4.0, "softmax temperature T of the teacher", check=positive)
+        student_temperature: float = option(1.0, "softmax temperature of the student (1 as UniPTS's code)",
+                                            check=positive)
+        tau0: float = option(8.0, "initial log base tau", check=positive)
+        tau_decay: float = option(0.99, "decay of tau per epoch", check=positive)
+        tau_epochs: float = option(100.0, "epochs the decay spans, spread over the run (tau ends at tau0 * "
+                                   "tau_decay ** tau_epochs)", minimum=0)
+
     def __init__(self, temperature: float = 4.0, student_temperature: float = 1.0, tau0: float = 8.0,
                  gamma: float = 0.99, epochs: float = 100.0) -> None:
-        for name, value in (("temperature", temperature), ("student_temperature", student_temperature),
-                            ("tau0", tau0), ("tau_decay", gamma)):
-            if not value > 0:
-                raise ConfigError(f"{name} must be > 0, got {value}")
+        self.Settings(temperature, student_temperature, tau0, gamma, epochs)
         self.temperature, self.student_temperature = temperature, student_temperature
         self.tau0, self.gamma, self.epochs = tau0, gamma, epochs
 
     @classmethod
     def from_config(cls, config) -> BaseDecayed:
-        return cls(temperature=config.temperature, student_temperature=config.student_temperature,
-                   tau0=config.tau0, gamma=config.tau_decay, epochs=config.tau_epochs)
-
-    def features(self, model, targets):
-        return []
+        settings = config.settings_of(cls)
+        return cls(settings.temperature, settings.student_temperature, settings.tau0, settings.tau_decay,
+                   settings.tau_epochs)
 
     def tau(self, progress: float) -> float:
         return self.tau0 * self.gamma ** (self.epochs * progress)

@@ -24,6 +24,7 @@ Our readings of the spec's ambiguities:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +32,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..allocation import Global, LayerBudget, exact_counts, target_count
-from ..errors import ConfigError
 from ..masking import WeightMask, mask_of
+from ..options import Options, option
 from ..patterns import Unstructured
 from ..targets import Target
 from .bridge import DENSITIES, layer_sparsity, make_density
@@ -117,15 +118,27 @@ class LearnedThresholds(Dynamics):
         seed: seeds the KDE's draws.
     """
 
+    @dataclass(frozen=True)
+    class Settings(Options, part="learned_thresholds"):
+        penalty: str = option("abs", "global-sparsity penalty |S - S*| (abs) or (S - S*)^2 (pow2)",
+                              choices=PENALTIES)
+        penalty_weight: float = option(1.0, "weight lambda of the penalty", minimum=0)
+        density: str = option("histogram", "weight density behind the sparsity gradient, histogram (authors' "
+                              "code) or kde", choices=DENSITIES)
+        density_bins: int = option(100, "histogram bins", minimum=1)
+        kde_max_samples: int = option(65536, "weights per layer the KDE draws (larger layers are subsampled)",
+                                      minimum=1)
+        score_grad: str = option("constraint_only", "thresholds learn from the penalty only (constraint_only, "
+                                 "authors' code) or also from the distillation loss through a straight-through "
+                                 "mask (ste)", choices=SCORE_GRADS)
+
     patterns = ("unstructured",)
+    keeps_layer_counts = False
 
     def __init__(self, sparsity: float, penalty: str = "abs", penalty_weight: float = 1.0,
                  density: str = "histogram", density_bins: int = 100, kde_max_samples: int = 65536,
                  score_grad: str = "constraint_only", seed: int = 0) -> None:
-        for name, value, allowed in (("penalty", penalty, PENALTIES), ("density", density, DENSITIES),
-                                     ("score_grad", score_grad, SCORE_GRADS)):
-            if value not in allowed:
-                raise ConfigError(f"{name} {value!r} is not allowed; choose {' or '.join(allowed)}")
+        self.Settings(penalty, penalty_weight, density, density_bins, kde_max_samples, score_grad)
         self.sparsity = sparsity
         self.penalty = penalty
         self.penalty_weight = penalty_weight
@@ -142,9 +155,7 @@ class LearnedThresholds(Dynamics):
 
     @classmethod
     def from_config(cls, config) -> LearnedThresholds:
-        return cls(sparsity=config.sparsity, penalty=config.penalty, penalty_weight=config.penalty_weight,
-                   density=config.density, density_bins=config.density_bins,
-                   kde_max_samples=config.kde_max_samples, score_grad=config.score_grad, seed=config.seed)
+        return cls(config.sparsity, **config.settings_of(cls).to_dict(), seed=config.seed)
 
     def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
                 example: torch.Tensor | None = None) -> None:

@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from .._progress import progress
+from ..allocation import LayerBudget
 from ..checkpoint import atomic_path
 from ..data import Calibration
-from ..errors import CheckpointError, ConfigError
-from ..allocation import LayerBudget
+from ..errors import CheckpointError
+from ..options import Options, option
 from ..targets import Target, count_zeros
 from .dynamics import Dynamics, TrainState
-from .memory import autocast, checkpointed
+from .memory import PRECISIONS, autocast, checkpointed
 from .objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,36 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "recovery.pt"
 
 
+OPTIMIZERS = ("sgd", "adam")
+TEACHER_BN = ("eval", "train")
+AUGMENTATIONS = ("none", "flip")
+
+
+@dataclass(frozen=True)
+class DistillSettings(Options, part="distill"):
+    """The options of distillation: the training schedule, the teacher's mode and the memory switches."""
+
+    iterations: int | None = option(None, "distill steps; default 100 epochs of the calibration set (1600 for "
+                                    "1024 samples at batch 64)", kind=int)
+    optimizer: str = option("sgd", "optimizer: sgd or adam", choices=OPTIMIZERS)
+    lr: float = option(0.01, "peak learning rate (batch 64)", minimum=0)
+    momentum: float = option(0.9, "SGD momentum", minimum=0)
+    weight_decay: float = option(3e-4, "weight decay on weights (never biases, norms, scores)", minimum=0)
+    warmup_iterations: int | None = option(None, "linear warm-up steps before the cosine decay; default one epoch",
+                                           kind=int)
+    teacher_bn: str = option("eval", "dense teacher's BatchNorm mode: eval, or train as FCPTS's and UniPTS's code",
+                             choices=TEACHER_BN)
+    augment: str = option("none", "calibration augmentation: none or flip", choices=AUGMENTATIONS)
+    precision: str = option("fp32", "arithmetic: fp32, or bf16 (autocast mixed precision: less memory, faster on "
+                            "recent GPUs)", choices=PRECISIONS)
+    grad_checkpointing: bool = option(False, "recompute each block's activations during backward instead of "
+                                      "storing them (less memory; the blocks of --blocks)")
+    checkpoint_every: int = option(100, "steps between resumable checkpoints (0: none)", minimum=0)
+
+
 @dataclass(frozen=True)
 class TrainSchedule:
-    """Optimisation settings of a recovery run (see the config fields of the same names)."""
+    """Optimisation settings of a recovery run, its defaults resolved (see :class:`DistillSettings`)."""
 
     iterations: int
     batch_size: int = 64
@@ -54,15 +82,15 @@ class TrainSchedule:
     precision: str = "fp32"
 
     @classmethod
-    def from_config(cls, config, calib_size: int) -> TrainSchedule:
+    def from_settings(cls, settings: DistillSettings, calib_size: int, batch_size: int, seed: int) -> TrainSchedule:
         """Resolves the defaults that scale with the calibration set: 100 epochs, one epoch of warm-up."""
-        steps_per_epoch = math.ceil(calib_size / config.batch_size)
-        iterations = config.iterations if config.iterations is not None else 100 * steps_per_epoch
-        warmup = config.warmup_iterations if config.warmup_iterations is not None else steps_per_epoch
-        return cls(iterations=iterations, batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
-                   momentum=config.momentum, weight_decay=config.weight_decay, warmup_iterations=warmup,
-                   augment=config.augment, seed=config.seed, checkpoint_every=config.checkpoint_every,
-                   precision=config.precision)
+        steps_per_epoch = math.ceil(calib_size / batch_size)
+        iterations = settings.iterations if settings.iterations is not None else 100 * steps_per_epoch
+        warmup = settings.warmup_iterations if settings.warmup_iterations is not None else steps_per_epoch
+        return cls(iterations=iterations, batch_size=batch_size, optimizer=settings.optimizer, lr=settings.lr,
+                   momentum=settings.momentum, weight_decay=settings.weight_decay, warmup_iterations=warmup,
+                   augment=settings.augment, seed=seed, checkpoint_every=settings.checkpoint_every,
+                   precision=settings.precision)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -83,11 +111,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def make_optimizer(groups: list[dict[str, Any]], schedule: TrainSchedule) -> torch.optim.Optimizer:
-    if schedule.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum)
     if schedule.optimizer == "adam":
         return torch.optim.Adam(groups, lr=schedule.lr)
-    raise ConfigError(f"optimizer {schedule.optimizer!r} is not allowed; choose sgd or adam")
+    return torch.optim.SGD(groups, lr=schedule.lr, momentum=schedule.momentum)
 
 
 def batch_at(calibration: Calibration, step: int, schedule: TrainSchedule) -> torch.Tensor:

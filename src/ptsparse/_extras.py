@@ -1,6 +1,7 @@
-"""Optional dependencies, imported only when a feature needs them: the export features' and the model zoos'.
+"""Optional packages, imported only when a feature needs them: torch-pruning (coupled channels), the export
+formats' packages and the model zoos'.
 
-The core package imports without them; ``pip install 'ptsparse[export]'`` installs the export ones.
+The core package imports without them; ``pip install 'ptsparse[export]'`` installs torch-pruning and the export ones.
 """
 
 from __future__ import annotations
@@ -8,9 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ..errors import PtsparseError
-
-INSTALL_HINT = "pip install 'ptsparse[export]'"
+from .errors import PtsparseError
 
 # import name -> distribution name on PyPI
 _DISTRIBUTIONS = {

@@ -1,0 +1,70 @@
+"""The export format axis: each format declares how it is written, read back and reported.
+
+Contract: a format's ``write`` writes one file atomically and returns its report; its ``reader`` (where
+ptsparse reads the file back) is registered with the checkpoint readers (:data:`ptsparse.checkpoint.READERS`),
+so ``ptsparse.load`` and ``--model PATH`` read it; its ``warnings`` and ``summary`` are what ``ptsparse export``
+prints after writing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .._registry import Registry
+from ..checkpoint import READERS, Reader
+from ..graph.cost import speedup_warnings
+
+
+def no_speedup_warnings(model: nn.Module, metadata: dict[str, Any]) -> list[str]:
+    """Where the exported model's zeros give no speed on CPU, for the pattern its run recorded."""
+    return speedup_warnings(model, "cpu", (metadata.get("config") or {}).get("pattern"))
+
+
+def size_summary(report: dict[str, Any], path: str | os.PathLike) -> str:
+    """The written file's size against the dense checkpoint's."""
+    return (f"wrote {path}: {report['bytes']:,} bytes, {report['size_ratio']:.2f}x smaller than the dense "
+            f"checkpoint ({report['dense_bytes']:,} bytes)")
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format.
+
+    Attributes:
+        description: what it gives, for ``ptsparse export --format``'s help.
+        write: ``write(model, path, metadata, *, example, value_dtype)``: writes the file atomically and returns
+            the export's report. ``example`` is an input batch for ``traced`` formats (else ``None``);
+            ``value_dtype`` is the storage dtype asked for (``--dtype``), ``None`` unless the format takes one.
+        reader: how ptsparse reads the file back (``ptsparse.load``); ``None`` where it does not (ONNX).
+        traced: the writer runs the model on example inputs, so one sample's input shape must be known.
+        value_dtype: the writer takes a storage dtype for the values.
+        suffix: the usual file suffix, for hints.
+        warnings: ``warnings(model, metadata)``: what ``ptsparse export`` warns about after writing.
+        summary: ``summary(report, path)``: the line ``ptsparse export`` ends with.
+    """
+
+    description: str
+    write: Callable[..., dict[str, Any]]
+    reader: Reader | None = None
+    traced: bool = False
+    value_dtype: bool = False
+    suffix: str = ".safetensors"
+    warnings: Callable[[nn.Module, dict[str, Any]], list[str]] = no_speedup_warnings
+    summary: Callable[[dict[str, Any], str | os.PathLike], str] = size_summary
+
+
+FORMATS: Registry[ExportFormat] = Registry("export format")
+
+
+def register_format(name: str, format: ExportFormat) -> ExportFormat:
+    """Registers ``format`` under ``name``, and its reader, if any, as the reader of checkpoints in that format."""
+    FORMATS.register(name)(format)
+    if format.reader is not None:
+        READERS.register(name)(format.reader)
+    return format
+

@@ -1,0 +1,154 @@
+"""The cost model: parameters, MACs and wall-clock latency on the current device, and where zeros buy no speed.
+
+MACs are counted with forward hooks on Conv and Linear layers (multiply-accumulates per sample, the
+layers that dominate a CNN's cost; norms, activations and pooling are not counted). ``macs`` is what dense
+kernels compute, ``nonzero_macs`` what a kernel that skipped every zero weight would compute: the gap
+between them is the speed that unstructured zeros promise and dense kernels do not deliver.
+
+Latency is the median over ``repeats`` timed runs after ``warmup`` untimed ones, with
+``torch.inference_mode``; on CUDA each run is synchronised. Throughput is ``batch / median``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# 2:4 kernels lose to dense ones on Linear layers with fewer inputs or outputs than this.
+SMALL_FEATURES = 1024
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (every element of every parameter tensor)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def output_positions(module: nn.Module, output: torch.Tensor) -> int:
+    """Positions of one sample's output at which a Conv/Linear layer applies its weights: MACs = weights * this.
+
+    A convolution: its output positions per channel. A Linear layer: every leading position of its input.
+    """
+    if isinstance(module, CONV_TYPES):
+        return output[0, 0].numel()
+    return output[0].numel() // module.out_features if output.dim() > 1 else 1
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per sample of the model's Conv and Linear layers.
+
+    Args:
+        model: the model (run once in eval mode; not modified).
+        example: an input batch; the counts are divided by its batch size.
+
+    Returns:
+        ``{"macs": dense MACs, "nonzero_macs": MACs with non-zero weights only}`` per sample.
+    """
+    totals = {"macs": 0, "nonzero_macs": 0}
+
+    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        positions = output_positions(module, output)
+        totals["macs"] += positions * module.weight.numel()
+        totals["nonzero_macs"] += positions * int(module.weight.count_nonzero())
+
+    hooks = [m.register_forward_hook(on_output) for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return totals
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Waits for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: str | torch.device = "cpu",
+                    warmup: int = 10, repeats: int = 50, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Median latency of one forward pass of a batch, after warm-up.
+
+    Args:
+        model: the model; moved to ``device`` and put in eval mode.
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
+        batch_size: samples per forward pass.
+        warmup: untimed runs first (allocator, kernel selection, caches).
+        repeats: timed runs; the median is reported.
+
+    Returns:
+        ``median_ms``, ``p10_ms``, ``p90_ms`` (per batch) and ``throughput`` (samples per second).
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+    def run() -> None:
+        model(x)
+        synchronize(device)
+
+    return time_runs(run, batch_size, warmup, repeats)
+
+
+def time_runs(run: Callable[[], object], batch_size: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Calls ``run`` ``warmup`` times untimed, then ``repeats`` times timed; the statistics of those times."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    median = statistics.median(times)
+    return {"median_ms": median * 1e3, "p10_ms": times[len(times) // 10] * 1e3,
+            "p90_ms": times[min(len(times) - 1, (9 * len(times)) // 10)] * 1e3,
+            "throughput": batch_size / median}
+
+
+def speedup_warnings(model: nn.Module, device: str | torch.device, pattern: str | None = None) -> list[str]:
+    """Warnings where a model's sparsity gives no speed on ``device`` with the kernels PyTorch uses.
+
+    Args:
+        model: the model as it will run.
+        device: where it runs.
+        pattern: the sparsity pattern of the run (``"unstructured"``, ``"2:4"``, ``"channel"``), if known.
+    """
+    device = torch.device(device)
+    weights = [m.weight for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    rows_zero = sum(int(w.flatten(1).eq(0).all(1).sum()) * w[0].numel() for w in weights)
+    warnings = []
+    scattered = zeros - rows_zero
+    if total and scattered / total > 0.05 and pattern in (None, "unstructured"):
+        warnings.append(
+            f"{scattered / total:.0%} of the weights are zeros scattered inside dense tensors: dense kernels on "
+            f"{device.type} multiply them like any other weight, so the model is no faster and its usual "
+            f"checkpoint no smaller; `ptsparse export --format compressed` makes the file smaller, and channel "
+            f"pruning (`--method taylor`, then `--format channels`) makes the model faster")
+    if pattern is not None and ":" in pattern and device.type != "cuda":
+        warnings.append(f"{pattern} sparsity runs on sparse kernels on CUDA GPUs only (semi-structured sparse "
+                        f"tensors); on {device.type} the zeros are multiplied like any other weight: no speedup")
+    elif pattern is not None and ":" in pattern:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        small = [m for m in linears if min(m.weight.shape) < SMALL_FEATURES]
+        if len(small) == len(linears):
+            warnings.append(f"{pattern}: 2:4 kernels speed up Linear layers only, and every Linear layer here has "
+                            f"fewer than {SMALL_FEATURES} inputs or outputs, too small for them to beat dense "
+                            f"kernels; convolutions keep dense kernels: expect no speedup")
+    if rows_zero and total and rows_zero / total > 0.05:
+        warnings.append("whole channels are zero but still computed: `ptsparse export --format channels` "
+                        "removes them and makes the model faster")
+    return warnings
