@@ -17,10 +17,12 @@ class Registry(Generic[T]):
 
     Args:
         axis: what the entries are (``"allocation"``), used in error messages.
+        ordered: names come in the order they were registered; otherwise sorted.
     """
 
-    def __init__(self, axis: str) -> None:
+    def __init__(self, axis: str, ordered: bool = False) -> None:
         self.axis = axis
+        self.ordered = ordered
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -48,7 +50,7 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return list(self._entries) if self.ordered else sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

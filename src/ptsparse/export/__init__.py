@@ -30,8 +30,14 @@ from .._extras import MissingExtraError, require
 from ..checkpoint import save_state
 from ..errors import CheckpointError, ConfigError
 from ..models import load_checkpoint, load_reference, zoo
-from . import channels, compressed, onnx  # noqa: F401  (each registers its format)
 from .base import FORMATS, ExportFormat
+
+# Each format module registers its format on import, in the order of the table above.
+# isort: off
+from . import compressed  # noqa: F401
+from . import channels  # noqa: F401
+from . import onnx  # noqa: F401
+# isort: on
 
 # One sample's shape for the registered architectures (channel removal and ONNX trace an example input).
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {"reference_resnet20": (1, 28, 28)}

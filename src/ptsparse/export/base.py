@@ -58,7 +58,7 @@ class ExportFormat:
     summary: Callable[[dict[str, Any], str | os.PathLike], str] = size_summary
 
 
-FORMATS: Registry[ExportFormat] = Registry("export format")
+FORMATS: Registry[ExportFormat] = Registry("export format", ordered=True)  # named in the order registered
 
 
 def register_format(name: str, format: ExportFormat) -> ExportFormat:
