@@ -3,13 +3,21 @@
 Give it a trained dense model and a small calibration set; get back a sparse model at an exact target
 sparsity (unstructured, N:M or whole channels) with a per-layer report.
 
-Example:
+Example (the bundled reference model and Fashion-MNIST, as in the README's quick start):
     >>> import ptsparse
-    >>> result = ptsparse.sparsify(model, calib_images, sparsity=0.9, method="magnitude")
-    >>> ptsparse.sparsity_of(result.model)
+    >>> from ptsparse.data import FashionMNIST, sample_calibration
+    >>> from ptsparse.models import load_reference
+    >>> model = load_reference()
+    >>> calib = sample_calibration(FashionMNIST("train"), 1024, seed=0)
+    >>> result = ptsparse.sparsify(model, calib, sparsity=0.9, method="magnitude")
+    >>> round(ptsparse.sparsity_of(result.model), 4)
     0.9
-    >>> ptsparse.save(result, "runs/resnet-90")
-    >>> sparse = ptsparse.load("runs/resnet-90")
+    >>> directory = ptsparse.save(result, "runs/rn20-90")
+    >>> sorted(file.name for file in directory.iterdir())
+    ['config.yaml', 'model.safetensors', 'report.json']
+    >>> sparse = ptsparse.load("runs/rn20-90")  # rebuilds the reference ResNet-20, recorded as its architecture
+    >>> round(ptsparse.sparsity_of(sparse), 4)
+    0.9
 """
 
 from __future__ import annotations
@@ -30,9 +38,10 @@ from .sparsify import SparsifyResult, sparsify, sparsity_of
 __version__ = "0.1.0"
 
 
-def save(result: SparsifyResult, directory: str | os.PathLike) -> Path:
-    """Writes a result's sparse weights, resolved config and report into ``directory``."""
-    return result.save(directory)
+def save(result: SparsifyResult, directory: str | os.PathLike, force: bool = False) -> Path:
+    """Writes a result's sparse weights, resolved config and report into ``directory`` (see
+    :meth:`SparsifyResult.save`: an earlier result there is replaced whole; other files need ``force``)."""
+    return result.save(directory, force)
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

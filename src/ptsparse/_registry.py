@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import difflib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from .errors import UnknownOptionError
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: object, known: Iterable[str]) -> str:
+    """`` did you mean 'erk'?`` for a near miss of one of ``known``; empty when nothing is close."""
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    return f" did you mean {close[0]!r}?" if close else ""
 
 
 class Registry(Generic[T]):
@@ -45,9 +52,8 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            raise UnknownOptionError(
-                f"unknown {self.axis} {name!r}; choose one of: {', '.join(self.names())}"
-            ) from None
+            raise UnknownOptionError(f"unknown {self.axis} {name!r};{did_you_mean(name, self.names())} choose one of: "
+                                     f"{', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
         return list(self._entries) if self.ordered else sorted(self._entries)

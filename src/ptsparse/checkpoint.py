@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -23,7 +24,13 @@ import torch
 from torch import nn
 
 from ._registry import Registry
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextmanager
@@ -33,15 +40,86 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         yield Path(temporary)
+        # mkstemp creates 0600, and writers such as safetensors may recreate the file: give it the usual mode
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+# The files of a result directory (``ptsparse.save``, ``ptsparse sparsify --out``); an interrupted run keeps
+# its recovery checkpoint in ``RESUME_DIR`` beside them.
+RESULT_FILES = ("model.safetensors", "config.yaml", "report.json")
+RESUME_DIR = ".resume"
+
+
+def is_result_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory that ptsparse wrote a result into."""
+    return all((Path(path) / name).is_file() for name in ("model.safetensors", "report.json"))
+
+
+def _holds_other_files(path: Path) -> bool:
+    """Whether the directory ``path`` holds anything but a ptsparse result or an interrupted run's checkpoint."""
+    return path.is_dir() and not is_result_directory(path) and any(i.name != RESUME_DIR for i in path.iterdir())
+
+
+def check_output_directory(path: str | os.PathLike, force: bool = False) -> None:
+    """Checks, before any work, that a result can be written to the directory ``path``.
+
+    A new or empty directory, an earlier result (replaced whole) and an interrupted run's directory are fine;
+    a directory holding other files only with ``force`` (the result's files are then written among them).
+
+    Raises:
+        ConfigError: ``path`` is an existing file, or a non-empty directory that is not a result (without
+            ``force``).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory {str(path)!r} is an existing file; give a directory for "
+                          f"{', '.join(RESULT_FILES)}")
+    if not force and _holds_other_files(path):
+        raise ConfigError(f"output directory {str(path)!r} holds files that are not a ptsparse result; give a new "
+                          f"or empty directory, or force writing among them (--force)")
+
+
+@contextmanager
+def result_directory(path: str | os.PathLike, force: bool = False):
+    """Yields an empty staging directory beside ``path``; when the block succeeds, its files become ``path``.
+
+    An earlier result at ``path`` is replaced whole (no stale file of it stays); with ``force``, into a
+    directory of other files, the staged files are moved in among them. A failed block leaves ``path`` as it was.
+
+    Raises:
+        ConfigError: see :func:`check_output_directory`.
+    """
+    path = Path(path)
+    check_output_directory(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700; the result gets the usual permissions
+    old = None
+    try:
+        yield staging
+        if _holds_other_files(path):
+            for item in staging.iterdir():
+                os.replace(item, path / item.name)
+        else:
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                os.replace(path, old / path.name)
+            try:
+                os.replace(staging, path)
+            except OSError:
+                if old is not None:
+                    os.replace(old / path.name, path)
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

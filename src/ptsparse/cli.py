@@ -11,12 +11,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from ._registry import did_you_mean
 from .config import AXES, FLAT_KEYS, MOVED_KEYS, RUN_FIELDS, SECTIONS, SparsityConfig, read_config_file, resolve_config
 from .errors import ConfigError, PtsparseError
 from .export import FORMATS
@@ -28,7 +30,10 @@ def _add_flag(group, key: str, f: dataclasses.Field, help: str | None = None) ->
     """The flag of config key ``key`` (``--calib-size`` for ``calib_size``), typed by its option's rule; its
     default is ``None`` so only flags actually given override the config file and the preset."""
     flag, kind = "--" + key.replace("_", "-"), f.metadata["rule"].kind
-    help = f.metadata["help"] if help is None else help
+    if help is None:
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = "auto" if default is None else " ".join(default) if isinstance(default, tuple) else default
+        help = f"{f.metadata['help']} (default: {shown})"
     if kind is bool:
         group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help)
     elif kind is tuple:
@@ -50,7 +55,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if not parts:
             continue
         group = parser.add_argument_group(
-            f"{axis} options (of the part --{axis} picks; in --config flat, or nested as PART: {{OPTION: value}})")
+            f"{axis} options (of the part --{axis} picks; in --config flat, or nested as PART: {{OPTION: value}}; "
+            f"a method's preset may change the defaults: `ptsparse list methods --details`)")
         for settings in parts:
             for f in dataclasses.fields(settings):
                 _add_flag(group, f"{settings.part}_{f.name}", f)
@@ -60,8 +66,18 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                   help=argparse.SUPPRESS)
 
 
+# What a run's --config file may give besides the config: the run's inputs, which the command line overrides.
+INPUT_KEYS = ("model", "weights", "data", "data_dir", "image_size", "resize", "seq_len", "out")
+
+
 def _config_from_args(args: argparse.Namespace) -> SparsityConfig:
-    keys: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    """The run's config from --config, the flags and the preset; the file's inputs (``model``, ``data``,
+    ``out``, ...) fill the flags left at their defaults."""
+    keys: dict[str, Any] = read_config_file(args.config, INPUT_KEYS) if args.config else {}
+    for key in INPUT_KEYS:
+        value = keys.pop(key, None)
+        if value is not None and getattr(args, key, None) == args.parser.get_default(key):
+            setattr(args, key, value)
     for key in (*(f.name for f in RUN_FIELDS), *FLAT_KEYS, *MOVED_KEYS):
         value = getattr(args, key, None)
         if value is not None:
@@ -118,13 +134,33 @@ def _sources(args: argparse.Namespace, model, architecture: str | None, splits: 
     return [load_source(data, split, **options) for split in splits]
 
 
+def _resume_dir(args: argparse.Namespace) -> Path | None:
+    """Where ``sparsify --out OUT`` keeps an interrupted run's recovery checkpoint."""
+    from .checkpoint import RESUME_DIR
+
+    return Path(args.out) / RESUME_DIR if getattr(args, "out", None) else None
+
+
 def cmd_sparsify(args: argparse.Namespace) -> int:
+    from .checkpoint import check_output_directory
     from .data import has_labels, sample_calibration
     from .models import resolve_model
+    from .recovery.trainer import checkpoint_step
     from .report import format_table
     from .sparsify import sparsify
 
     config = _config_from_args(args)
+    resume_dir = _resume_dir(args)
+    if args.out:
+        check_output_directory(args.out, args.force)
+    if args.resume:
+        if resume_dir is None:
+            raise ConfigError("--resume needs --out: the checkpoint of an interrupted run lives in OUT/.resume")
+        step = checkpoint_step(resume_dir)
+        if step is None:
+            raise ConfigError(f"--resume: no checkpoint in {resume_dir} to continue from (the run was not "
+                              f"interrupted after its first checkpoint); run without --resume")
+        print(f"ptsparse: resuming from the checkpoint at recovery step {step} in {resume_dir}", file=sys.stderr)
     model, architecture = resolve_model(args.model, args.weights)
     source, = _sources(args, model, architecture, ("train",))
     calibration = sample_calibration(source, config.calib_size, config.seed, config.calib_balanced)
@@ -132,17 +168,29 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     if not args.no_eval and has_labels(source):  # images without class folders and text carry no labels
         eval_data, = _sources(args, model, architecture, ("test",))
         eval_data = eval_data if has_labels(eval_data) else None
-    resume_dir = Path(args.out) / ".resume" if args.out else None
-    if args.resume and resume_dir is None:
-        raise ConfigError("--resume needs --out: the checkpoint of an interrupted run lives in OUT/.resume")
     result = sparsify(model, calibration, config, eval_data=eval_data, architecture=architecture,
                       checkpoint_dir=resume_dir, resume=args.resume)
+    result.report["data"] = {"source": str(args.data), "calibration": f"train split, {len(calibration)} samples",
+                             "evaluation": "test split" if eval_data is not None else None}
     print(format_table(result.report))
     if args.out:
-        result.save(args.out)
+        result.save(args.out, force=args.force)
         shutil.rmtree(resume_dir, ignore_errors=True)
         print(f"\nwrote {args.out}/model.safetensors, config.yaml, report.json")
     return 0
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """What an interrupted command kept, and for ``sparsify`` the command that resumes it."""
+    from .recovery.trainer import checkpoint_step
+
+    resume_dir = _resume_dir(args) if args.command == "sparsify" else None
+    step = checkpoint_step(resume_dir) if resume_dir is not None else None
+    if step is None:
+        return "ptsparse: interrupted; nothing was written"
+    command = shlex.join(["ptsparse", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return (f"ptsparse: interrupted; kept the checkpoint at recovery step {step} in {resume_dir}; "
+            f"continue with: {command}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -165,6 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "accuracy": accuracy(model, data, device=args.device, show_progress=not args.quiet),
               "sparsity": sparsity_of(model)}
     print(json.dumps(result, indent=2))
+    print(f"ptsparse: accuracy {100 * result['accuracy']:.2f}% on the {args.split} split of {args.data}; "
+          f"{100 * result['sparsity']:.2f}% of the weights are zeros", file=sys.stderr)  # stdout stays JSON
     return 0
 
 
@@ -192,6 +242,25 @@ LIST_AXES = {"methods": "method", "allocations": "allocation", "criteria": "crit
              "architectures": "architecture", "formats": "export format"}
 
 
+def _method_lines(name: str, details: bool) -> list[str]:
+    """A method preset: its summary, what it picks on each axis, its cost (from its module's docstring) and,
+    with ``details``, the options it sets."""
+    import inspect
+
+    from .methods import METHODS
+
+    preset = METHODS.get(name)
+    doc = inspect.getmodule(preset).__doc__ or ""
+    picks = preset("unstructured")
+    axes = ", ".join(f"{axis} {picks[axis]}" for axis in AXES if axis in picks)
+    cost = next((line.removeprefix("Cost: ") for line in doc.splitlines() if line.startswith("Cost: ")), "")
+    lines = [f"{name:<13} {axes or 'the defaults'}" + (f"; {cost}" if cost else "")]
+    if details:
+        lines.append(f"    {doc.strip().partition(chr(10))[0]}")
+        lines += [f"    sets {part}: {options}" for part, options in picks.items() if isinstance(options, dict)]
+    return lines
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .methods import METHODS
     from .models import ARCHITECTURES
@@ -199,6 +268,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     axis = LIST_AXES[args.axis]
     registry = {"method": METHODS, "architecture": ARCHITECTURES, "export format": FORMATS}.get(axis) or AXES[axis]
     for name in registry.names():
+        if axis == "method":
+            print("\n".join(_method_lines(name, args.details)))
+            continue
         shown = "N:M (for example 2:4)" if axis == "pattern" and name == "n:m" else name
         if not args.details:
             print(shown)
@@ -226,6 +298,14 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+class _LowercaseLevels(logging.Formatter):
+    """``ptsparse: warning: ...`` like every other message of the command line, not ``WARNING``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()})
+        return super().format(record)
+
+
 def _warn(message: str) -> None:
     print(f"ptsparse: warning: {message}", file=sys.stderr)
 
@@ -249,7 +329,15 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
     from .checkpoint import write_json
     from .export import input_shape_for, load_model
-    from .export.latency import check_timing, format_latency_table, measure_onnx_latency, onnx_params, profile
+    from .export.latency import (
+        check_timing,
+        format_latency_table,
+        measure_onnx_latency,
+        onnx_params,
+        profile,
+        speedups,
+        spread_warning,
+    )
     from .export.semi_structured import to_semi_structured, unavailable_reason
     from .graph.cost import speedup_warnings
     from .sparsify import resolve_device
@@ -290,6 +378,11 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
                              **profile(swapped, shape, tuple(args.batch_sizes), device, args.warmup, args.repeats)})
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "warmup": args.warmup, "repeats": args.repeats, "batch_sizes": list(args.batch_sizes), "models": rows}
+    for row, speedup in zip(rows, speedups(result)):
+        row["speedup"] = speedup  # per batch: ratio to the baseline, and whether it is within the timing spread
+    noisy = spread_warning(result)
+    if noisy:
+        _warn(noisy)
     print(format_latency_table(result))
     if args.json:
         write_json(args.json, result)
@@ -297,12 +390,33 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """One line per usage error, with a suggestion for a mistyped flag, instead of the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flag = next((word.partition("=")[0] for word in unknown if word.startswith("--")), None)
+        hint = did_you_mean(flag, self._all_flags()) if flag else ""
+        self.exit(2, f"ptsparse: error: {message};{hint} see `{self.prog} --help`\n" if hint else
+                  f"ptsparse: error: {message}; see `{self.prog} --help`\n")
+
+    def _all_flags(self) -> list[str]:
+        flags = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    flags += list(sub._option_string_actions)
+        return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ptsparse", description="Post-training sparsity for PyTorch models.")
+    parser = _Parser(prog="ptsparse", description="Post-training sparsity for PyTorch models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sparsify", help="sparsify a model to a target sparsity")
+    p = sub.add_parser("sparsify", help="sparsify a model to a target sparsity",
+                       usage="%(prog)s [--model MODEL] [--data DATA] [--method METHOD] [--sparsity S] [--out DIR] "
+                             "[OPTION ...]")
     _model_flags(p)
     _data_flags(p)
     p.add_argument("--config", default=None, help="YAML or JSON file with the same keys as the flags")
@@ -310,9 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip dense and sparse accuracy on the test split")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint in OUT/.resume (same settings)")
+    p.add_argument("--force", action="store_true",
+                   help="write into an --out directory that holds other files (an earlier result is replaced "
+                        "whole without it)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
-    p.set_defaults(handler=cmd_sparsify)
+    p.set_defaults(handler=cmd_sparsify, parser=p)
 
     p = sub.add_parser("eval", help="accuracy and sparsity of a model")
     _model_flags(p)
@@ -371,9 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="ptsparse: %(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LowercaseLevels("ptsparse: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     try:
         return args.handler(args)
     except PtsparseError as error:
@@ -381,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ptsparse: interrupted; nothing was written", file=sys.stderr)
+        print(_interrupted(args, argv), file=sys.stderr)
         return 130
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ._registry import did_you_mean
 from .allocation import ALLOCATIONS
 from .checkpoint import write_text
 from .criteria import CRITERIA
@@ -280,6 +281,7 @@ def normalize_keys(keys: Mapping[str, Any], source: str = "config") -> dict[str,
     """
     out: dict[str, Any] = {}
     for key, value in keys.items():
+        key = key.replace("-", "_") if isinstance(key, str) else key  # a flag's spelling (calib-size) works too
         if key in MOVED_KEYS:
             _warn_moved(key)
             for target in MOVED_KEYS[key]:
@@ -290,15 +292,16 @@ def normalize_keys(keys: Mapping[str, Any], source: str = "config") -> dict[str,
                 value = value.to_dict()
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source} key {key!r} holds the options of {key}; give a mapping, not {value!r}")
-            out.setdefault(key, {}).update(value)
+            out.setdefault(key, {}).update({str(k).replace("-", "_"): v for k, v in value.items()})
         elif key in FLAT_KEYS:
             part, name = FLAT_KEYS[key]
             out.setdefault(part, {})[name] = value
         elif key == "parts" or any(f.name == key for f in RUN_FIELDS):
             out[key] = value
         else:
-            raise ConfigError(f"unknown {source} key {key!r}; allowed keys: {', '.join(FIELD_NAMES)}, or a part's "
-                              f"option as <part>_<option> (see `ptsparse sparsify --help`)")
+            known = (*FIELD_NAMES, *FLAT_KEYS, *MOVED_KEYS)
+            raise ConfigError(f"unknown {source} key {key!r};{did_you_mean(key, known)} the keys are the run's "
+                              f"fields and each part's <part>_<option> (`ptsparse sparsify --help` lists them)")
     return out
 
 
@@ -315,8 +318,12 @@ def check_keys(keys: Mapping[str, Any], source: str = "config") -> None:
     normalize_keys(keys, source)
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+def read_config_file(path: str | os.PathLike, inputs: tuple[str, ...] = ()) -> dict[str, Any]:
     """The keys of a YAML or JSON config file.
+
+    Args:
+        inputs: further keys the file may hold besides the config's (the command line's ``model``, ``data``,
+            ``out``, ...); returned as they are, under their names with ``_`` for ``-``.
 
     Raises:
         ConfigError: the file is missing, unparsable, not a mapping, or has an unknown key.
@@ -336,8 +343,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
-    check_keys(data, source=f"key in {path.name}:")
-    return data
+    given = {str(key).replace("-", "_"): value for key, value in data.items()}
+    check_keys({key: value for key, value in given.items() if key not in inputs}, source=f"key in {path.name}:")
+    return given
 
 
 def resolve_config(config: SparsityConfig | Mapping[str, Any] | str | os.PathLike | None = None,

@@ -78,7 +78,8 @@ def plot_layers(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_ylabel("sparsity")
     ax.set_title(f"{report['method']} / {report['allocation']} / {report['pattern']}: "
                  f"global {report['achieved_sparsity']:.3f}")
-    ax.legend(loc="lower right", fontsize=8)
+    # beside the axes, where no bar can be under it
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as temporary:

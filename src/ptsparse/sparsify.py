@@ -11,9 +11,6 @@ import copy
 import fnmatch
 import logging
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from torch.utils.data import Dataset
 
 from .allocation import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
 from .attention import find_attention, heads_by_layer
-from .checkpoint import save_state, write_json
+from .checkpoint import result_directory, save_state, write_json
 from .config import SparsityConfig, resolve_config, stage_config
 from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
@@ -32,9 +29,10 @@ from .errors import CalibrationError, ConfigError
 from .evaluate import accuracy
 from .graph.cost import speedup_warnings
 from .masking import bake, masks_of
+from .models import architecture_of
 from .patterns import NM, Channel, Pattern, parse_pattern
 from .recovery import RECOVERIES, recalibrate_batchnorm
-from .recovery.trainer import CHECKPOINT_NAME
+from .recovery.trainer import CHECKPOINT_NAME, Stopwatch
 from .report import peak_rss_mb
 from .targets import Target, count_zeros, find_targets
 
@@ -50,6 +48,10 @@ class SparsifyResult:
         masks: kept-weight masks by layer name.
         report: per-layer and global facts of the run (see ``report.json``).
         config: the resolved configuration.
+        architecture: what :meth:`save` records so that :func:`ptsparse.load` rebuilds the model by itself: the
+            ``architecture`` given to :func:`sparsify`, else the one the input model was built as (a model from
+            ``ptsparse.models``: ``load_reference()``, ``resolve_model("torchvision:resnet18")``,
+            ``ptsparse.load(...)``; see :func:`ptsparse.models.architecture_of`); None for other models.
     """
 
     model: nn.Module
@@ -58,27 +60,25 @@ class SparsifyResult:
     config: SparsityConfig
     architecture: str | None = field(default=None, repr=False)
 
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, force: bool = False) -> Path:
         """Writes ``model.safetensors``, ``config.yaml`` and ``report.json`` into ``directory``.
 
-        The files are written into a staging directory first and moved in together, so a failed save
-        leaves no partial output.
+        The files are written into a staging directory that then replaces ``directory`` whole, so a failed
+        save leaves no partial output and an earlier result there leaves no stale file.
+
+        Args:
+            force: write among the files of a directory that is not a ptsparse result (else refused).
+
+        Raises:
+            ConfigError: ``directory`` is an existing file, or holds other files and ``force`` is not set.
         """
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with result_directory(directory, force) as staging:
             metadata = {"architecture": self.architecture, "config": self.config.to_dict(),
                         "achieved_sparsity": self.report["achieved_sparsity"]}
             save_state(self.model.state_dict(), staging / "model.safetensors", metadata)
             self.config.save(staging / "config.yaml")
             write_json(staging / "report.json", self.report)
-            directory.mkdir(exist_ok=True)
-            for item in staging.iterdir():
-                os.replace(item, directory / item.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return directory
+        return Path(directory)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,7 +182,8 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         config: a :class:`SparsityConfig`, a mapping of its keys, or a YAML/JSON file; ``None`` uses
             the method's preset.
         eval_data: a labelled Dataset; when given, the report holds dense and sparse accuracy on it.
-        architecture: name of a registered architecture, recorded so :func:`ptsparse.load` can rebuild it.
+        architecture: name of a registered architecture or a model spec, recorded so :func:`ptsparse.load` can
+            rebuild the model; by default the architecture a model from ``ptsparse.models`` was built as.
         checkpoint_dir: where distillation writes a resumable checkpoint every ``checkpoint_every``
             steps; the checkpoint is removed once the run has finished.
         resume: continue an interrupted run from the checkpoint in ``checkpoint_dir``.
@@ -199,7 +200,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         >>> ptsparse.sparsity_of(result.model)
         0.9
     """
-    start = time.perf_counter()
+    stopwatch = Stopwatch()  # a resumed run's wall time includes its earlier attempts'
     config = resolve_config(config, **overrides)
     calibration = as_calibration(calib)
     device = resolve_device(config.device)
@@ -235,7 +236,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
                 config.progress, scores=scores, offload=config.offload)
 
     recovery_report = recovery.run(student, teacher, targets, calibration, budgets, target_sparsity, device,
-                                   checkpoint_dir, resume)
+                                   checkpoint_dir, resume, stopwatch)
     del teacher
     if config.bn_recalibration:
         recalibrate_batchnorm(student, calibration, config.batch_size, device)
@@ -264,7 +265,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "dense_accuracy": dense_accuracy,
         "sparse_accuracy": sparse_accuracy,
         "layers": layers,
-        "wall_time_s": round(time.perf_counter() - start, 3),
+        "wall_time_s": round(stopwatch.elapsed(), 3),
         "peak_rss_mb": peak_rss_mb(),
         "seed": config.seed,
         "calib_size": len(calibration),
@@ -279,6 +280,8 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     }
     if checkpoint_dir is not None:
         (Path(checkpoint_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)
+    if architecture is None:
+        architecture = architecture_of(model)  # built by ptsparse.models (load_reference, resolve_model, ...)
     return SparsifyResult(student.cpu(), masks, report, config, architecture)
 
 

@@ -393,3 +393,113 @@ def test_warnings_where_a_choice_gives_no_speedup(reference_90, reference_channe
     channel = speedup_warnings(reference_channels.model, "cpu", "channel")
     assert len(channel) == 1 and "--format channels" in channel[0]
     assert speedup_warnings(load_reference(), "cpu") == []
+
+
+def test_time_runs_computes_the_spread_of_the_timed_runs_only():
+    from ptsparse.graph.cost import time_runs
+
+    # run i takes durations[i] seconds on a fake clock; the two warm-up runs (100 s each) are not timed.
+    durations = [100.0, 100.0, 0.013, 0.010, 0.050, 0.012, 0.011]
+    now, calls = [0.0], []
+
+    def run():
+        now[0] += durations[len(calls)]
+        calls.append(1)
+
+    stats = time_runs(run, batch_size=4, warmup=2, repeats=5, clock=lambda: now[0])
+    assert len(calls) == 7 and stats["runs"] == 5
+    expected = {"median_ms": 12.0, "q1_ms": 11.0, "q3_ms": 13.0, "iqr_ms": 2.0, "min_ms": 10.0, "max_ms": 50.0}
+    for key, value in expected.items():
+        assert stats[key] == pytest.approx(value), key
+    assert stats["relative_iqr"] == pytest.approx(2 / 12)
+    assert stats["throughput"] == pytest.approx(4 / 0.012)
+
+
+def test_quartiles_interpolate_between_runs_like_numpy():
+    from ptsparse.graph.cost import is_noisy, latency_stats
+
+    stats = latency_stats([0.004, 0.001, 0.002, 0.003], batch_size=1)  # numpy.quantile: 1.75, 2.5, 3.25
+    assert (stats["q1_ms"], stats["median_ms"], stats["q3_ms"]) == pytest.approx((1.75, 2.5, 3.25))
+    assert is_noisy(stats)  # IQR 1.5 ms is 60% of the 2.5 ms median
+    single = latency_stats([0.002], batch_size=1)
+    assert single["iqr_ms"] == 0 and single["q1_ms"] == single["q3_ms"] == pytest.approx(2.0)
+    assert not is_noisy(single)
+    assert not is_noisy(latency_stats([0.100, 0.104, 0.106, 0.110], batch_size=1))  # IQR 3.5% of the median
+    assert not is_noisy({"median_ms": 1.0, "throughput": 1.0})  # an older result without the spread
+
+
+def test_measure_latency_reports_the_spread():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    latency = measure_latency(model, (4,), batch_size=2, warmup=0, repeats=5)
+    assert latency["min_ms"] <= latency["q1_ms"] <= latency["median_ms"] <= latency["q3_ms"] <= latency["max_ms"]
+    assert latency["iqr_ms"] == pytest.approx(latency["q3_ms"] - latency["q1_ms"]) and latency["runs"] == 5
+
+
+def _timing(times_ms, batch=64):
+    from ptsparse.graph.cost import latency_stats
+
+    return latency_stats([t / 1e3 for t in times_ms], batch)
+
+
+def _latency_result(baseline_ms, other_ms):
+    rows = [{"model": name, "params": 10, "macs": 1e6, "nonzero_macs": 1e6,
+             "latency": {"1": _timing([1.0, 1.0, 1.0]), "64": _timing(times)}}
+            for name, times in (("dense", baseline_ms), ("compressed", other_ms))]
+    return {"device": "cpu", "torch": "x", "threads": 2, "warmup": 0, "repeats": len(baseline_ms),
+            "batch_sizes": [1, 64], "models": rows}
+
+
+def test_a_speedup_within_the_spread_is_not_called_a_speedup():
+    from ptsparse.export.latency import format_latency_table, speedups, within_spread
+
+    # medians 820 and 400 ms (a 2.05x ratio), but the baseline's IQR [400, 1240] holds the other's [395, 405]
+    result = _latency_result([236, 400, 820, 1240, 1620], [390, 395, 400, 405, 410])
+    table = format_latency_table(result)
+    assert "~1x (within spread)" in table and "2.05x" not in table
+    assert "820.00 [400.00-1240.00]" in table and "interquartile range" in table
+    assert speedups(result)[1]["64"] == {"ratio": pytest.approx(2.05), "within_spread": True}
+    assert within_spread(result["models"][1]["latency"]["64"], result["models"][0]["latency"]["64"])
+
+
+def test_a_speedup_outside_the_spread_gives_the_ratio():
+    from ptsparse.export.latency import format_latency_table, speedups, within_spread
+
+    result = _latency_result([800, 810, 820, 830, 840], [390, 395, 400, 405, 410])  # IQRs [810, 830], [395, 405]
+    table = format_latency_table(result)
+    assert "| 2.05x |" in table and "within spread" not in table and "1.00x (baseline)" in table
+    assert speedups(result)[1]["64"] == {"ratio": pytest.approx(2.05), "within_spread": False}
+    slower = _latency_result([390, 395, 400, 405, 410], [800, 810, 820, 830, 840])
+    assert "| 0.49x |" in format_latency_table(slower)
+    # intervals that only touch overlap; older results without quartiles compare by their medians
+    assert within_spread({"q1_ms": 1.0, "q3_ms": 2.0}, {"q1_ms": 2.0, "q3_ms": 3.0})
+    assert not within_spread({"median_ms": 1.0}, {"median_ms": 1.0})
+
+
+def test_a_large_spread_warns_once():
+    from ptsparse.export.latency import spread_warning
+
+    assert spread_warning(_latency_result([800, 810, 820, 830, 840], [390, 395, 400, 405, 410])) is None
+    message = spread_warning(_latency_result([236, 400, 820, 1240, 1620], [390, 395, 400, 405, 410]))
+    assert "dense at batch 64 (102%)" in message and "compressed" not in message
+    assert "busy" in message and "--repeats" in message and "\n" not in message
+
+
+def test_bench_latency_prints_the_spread_and_warns_when_runs_vary(capsys, monkeypatch, tmp_path):
+    import json
+
+    from ptsparse.cli import main
+    from ptsparse.export import latency as latency_module
+
+    timings = iter([[10, 10.1, 10.2, 10.3, 10.4], [5, 8, 10, 20, 30]])  # the second model's IQR holds 10.2 ms
+    monkeypatch.setattr(latency_module, "measure_latency",
+                        lambda model, shape, batch, *rest: _timing(next(timings), batch))
+    out = tmp_path / "latency.json"
+    code = main(["bench-latency", "reference", "reference", "--batch-sizes", "1", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0 and "~1x (within spread)" in captured.out and "10.00 [8.00-20.00]" in captured.out
+    warnings = [line for line in captured.err.splitlines() if "timed runs vary" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("ptsparse: warning: ")
+    assert "reference at batch 1 (120%)" in warnings[0]
+    rows = json.loads(out.read_text())["models"]
+    assert {"median_ms", "throughput", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "max_ms"} <= set(rows[1]["latency"]["1"])
+    assert rows[1]["speedup"]["1"]["within_spread"] and rows[1]["latency"]["1"]["iqr_ms"] == pytest.approx(12.0)

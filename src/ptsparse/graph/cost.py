@@ -6,7 +6,12 @@ kernels compute, ``nonzero_macs`` what a kernel that skipped every zero weight w
 between them is the speed that unstructured zeros promise and dense kernels do not deliver.
 
 Latency is the median over ``repeats`` timed runs after ``warmup`` untimed ones, with
-``torch.inference_mode``; on CUDA each run is synchronised. Throughput is ``batch / median``.
+``torch.inference_mode``; on CUDA each run is synchronised. Throughput is ``batch / median``. The spread of
+the runs comes with it: the quartiles ``q1_ms`` and ``q3_ms`` (linear interpolation between the sorted runs,
+as ``numpy.quantile`` does by default), their difference ``iqr_ms``, ``min_ms`` and ``max_ms``. Runs are
+*noisy* when the interquartile range is more than :data:`NOISY_IQR` (20%) of the median: on an idle machine
+repeated forward passes differ by a few percent, so a larger spread means something else took the CPU or GPU
+while timing, and the median alone is not to be trusted.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from torch import nn
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # 2:4 kernels lose to dense ones on Linear layers with fewer inputs or outputs than this.
 SMALL_FEATURES = 1024
+# Timed runs are noisy when their interquartile range is more than this fraction of their median.
+NOISY_IQR = 0.2
 
 
 def count_params(model: nn.Module) -> int:
@@ -88,7 +95,8 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
         repeats: timed runs; the median is reported.
 
     Returns:
-        ``median_ms``, ``p10_ms``, ``p90_ms`` (per batch) and ``throughput`` (samples per second).
+        The statistics of :func:`latency_stats`: ``median_ms``, ``throughput`` (samples per second) and the
+        spread of the timed runs (per batch).
     """
     device = torch.device(device)
     model = model.to(device).eval()
@@ -101,20 +109,61 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
     return time_runs(run, batch_size, warmup, repeats)
 
 
-def time_runs(run: Callable[[], object], batch_size: int, warmup: int, repeats: int) -> dict[str, float]:
-    """Calls ``run`` ``warmup`` times untimed, then ``repeats`` times timed; the statistics of those times."""
+def time_runs(run: Callable[[], object], batch_size: int, warmup: int, repeats: int,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Calls ``run`` ``warmup`` times untimed, then ``repeats`` times timed; the statistics of those times.
+
+    Args:
+        clock: seconds, read before and after each timed run (a fake one in tests).
+
+    Returns:
+        :func:`latency_stats` of the timed runs.
+    """
     for _ in range(warmup):
         run()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         run()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    median = statistics.median(times)
-    return {"median_ms": median * 1e3, "p10_ms": times[len(times) // 10] * 1e3,
-            "p90_ms": times[min(len(times) - 1, (9 * len(times)) // 10)] * 1e3,
-            "throughput": batch_size / median}
+        times.append(clock() - start)
+    return latency_stats(times, batch_size)
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values, interpolating linearly between neighbours (numpy's default)."""
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def latency_stats(times: list[float], batch_size: int) -> dict[str, float]:
+    """Statistics of timed runs of one batch.
+
+    Args:
+        times: seconds per run (at least one).
+        batch_size: samples per run.
+
+    Returns:
+        In milliseconds per batch: ``median_ms``; ``p10_ms`` and ``p90_ms`` (nearest rank); the quartiles
+        ``q1_ms`` and ``q3_ms`` and ``iqr_ms = q3_ms - q1_ms``; ``min_ms`` and ``max_ms``. Also ``relative_iqr``
+        (``iqr_ms / median_ms``; above :data:`NOISY_IQR` the runs are noisy), ``runs`` (how many) and
+        ``throughput`` (samples per second at the median).
+    """
+    ordered = sorted(times)
+    median = statistics.median(ordered)
+    q1, q3 = quantile(ordered, 0.25), quantile(ordered, 0.75)
+    return {"median_ms": median * 1e3, "p10_ms": ordered[len(ordered) // 10] * 1e3,
+            "p90_ms": ordered[min(len(ordered) - 1, (9 * len(ordered)) // 10)] * 1e3,
+            "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "iqr_ms": (q3 - q1) * 1e3,
+            "min_ms": ordered[0] * 1e3, "max_ms": ordered[-1] * 1e3,
+            "relative_iqr": (q3 - q1) / median if median > 0 else 0.0, "runs": len(ordered),
+            "throughput": batch_size / median if median > 0 else float("inf")}
+
+
+def is_noisy(stats: dict[str, float]) -> bool:
+    """Whether timed runs vary too much to trust their median: interquartile range > NOISY_IQR of the median."""
+    return "iqr_ms" in stats and stats["iqr_ms"] > NOISY_IQR * stats["median_ms"]
 
 
 def speedup_warnings(model: nn.Module, device: str | torch.device, pattern: str | None = None) -> list[str]:

@@ -2,6 +2,8 @@
 
 Uniform per-layer sparsity as in the paper, layers pruned in execution order on the already-pruned
 model's inputs, then BatchNorm re-calibration. Works with unstructured and N:M patterns.
+
+Cost: 28 s at 90% on the reference ResNet-20, 2 CPU cores; no training (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -8,6 +8,15 @@ does), or a sparsify output directory.
 
 Architectures are the registered names (``reference_resnet20``) and every model spec: a result sparsified
 from ``torchvision:resnet18`` records that string, and :func:`load_checkpoint` rebuilds the model from it.
+
+A model built here remembers its architecture, so ``ptsparse.sparsify`` records it without being told
+(``architecture=`` is needed only for models built elsewhere): every builder of :data:`ARCHITECTURES`
+(:func:`reference_resnet`, and a spec's constructor) tags what it builds with :func:`tag_architecture`, and so
+do :func:`load_reference`, :func:`load_checkpoint` (``ptsparse.load``) and :func:`resolve_model`, which build
+through them. The tag is a plain attribute, so it survives ``copy.deepcopy``; it also holds the model's
+structure when tagged (module names and types, parameter and buffer names and shapes), and
+:func:`architecture_of` ignores it once that has changed (a new classifier head, a swapped activation, a
+channel-removed checkpoint's smaller layers): the name would no longer rebuild the model.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from functools import partial
+from functools import partial, wraps
 from importlib import resources
 from pathlib import Path
 
@@ -25,16 +34,57 @@ from .._registry import Registry
 from ..checkpoint import load_into, load_state, shape_to_checkpoint
 from ..errors import CheckpointError
 from . import zoo
-from .reference import ReferenceResNet, reference_resnet
+from .reference import ReferenceResNet
+from .reference import reference_resnet as _reference_resnet
+
+_TAG = "_ptsparse_architecture"
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What an architecture name stands for: module names and types, parameter and buffer names and shapes
+    (as sets: removing a parametrization re-registers a weight after its bias)."""
+    return (frozenset((name, type(module).__qualname__) for name, module in model.named_modules()),
+            frozenset((name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()))
+
+
+def tag_architecture(model: nn.Module, name: str) -> nn.Module:
+    """Records on ``model`` (returned) that ``ARCHITECTURES.get(name)()`` rebuilds it, for :func:`architecture_of`."""
+    setattr(model, _TAG, (name, _structure(model)))
+    return model
+
+
+def architecture_of(model: nn.Module) -> str | None:
+    """The architecture ``model`` was tagged with, or None: never tagged, or changed since (see the module doc)."""
+    name, structure = getattr(model, _TAG, (None, None))
+    return name if name is not None and structure == _structure(model) else None
+
+
+def _tagging(builder: Callable[..., nn.Module], name: str) -> Callable[..., nn.Module]:
+    """``builder``, tagging what it builds with ``name`` when called without arguments (what the name builds)."""
+
+    @wraps(builder.func if isinstance(builder, partial) else builder)  # its doc, for `ptsparse list --details`
+    def build(*args, **kwargs) -> nn.Module:
+        model = builder(*args, **kwargs)
+        return tag_architecture(model, name) if not args and not kwargs else model
+
+    return build
 
 
 class Architectures(Registry):
     """The registry of architecture names, which also resolves every ``torchvision:``, ``timm:`` and ``hf:``
-    spec to a constructor of that model (random weights; a checkpoint's own are loaded into it)."""
+    spec to a constructor of that model (random weights; a checkpoint's own are loaded into it).
+
+    Builders are registered wrapped so that the model they build (without arguments) is tagged with its
+    name (:func:`tag_architecture`); ``register`` returns the wrapped builder.
+    """
+
+    def register(self, name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+        add = super().register(name)
+        return lambda builder: add(_tagging(builder, name))
 
     def get(self, name: str) -> Callable[[], nn.Module]:
         if zoo.is_spec(name) and not super().__contains__(name):
-            return partial(zoo.build_model, name, load_weights=False)
+            return _tagging(partial(zoo.build_model, name, load_weights=False), name)
         return super().get(name)
 
     def __contains__(self, name: object) -> bool:
@@ -45,7 +95,7 @@ class Architectures(Registry):
 
 
 ARCHITECTURES: Registry[Callable[[], nn.Module]] = Architectures("architecture")
-ARCHITECTURES.register("reference_resnet20")(reference_resnet)
+reference_resnet = ARCHITECTURES.register("reference_resnet20")(_reference_resnet)
 
 REFERENCE_WEIGHTS = "reference_resnet20.safetensors"
 
@@ -82,7 +132,7 @@ def load_checkpoint(path: str | os.PathLike, architecture: str | None = None) ->
         )
     if name not in ARCHITECTURES:
         raise CheckpointError(f"checkpoint {path} names architecture {name!r}; known: {', '.join(ARCHITECTURES.names())}")
-    model = ARCHITECTURES.get(name)()
+    model = ARCHITECTURES.get(name)()  # tagged with its name, unless shaped below to smaller layers
     shape_to_checkpoint(model, state, metadata, source=f"checkpoint {path}")  # e.g. channel-removed: smaller layers
     model = load_into(model, state, source=f"checkpoint {path}")
     return model.eval(), dict(metadata or {}, architecture=name)
@@ -105,7 +155,8 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
             into the model.
 
     Returns:
-        The model and the architecture to record: the canonical spec for torchvision / timm / hf models.
+        The model and the architecture to record: the canonical spec for torchvision / timm / hf models. The
+        model is tagged with it (:func:`architecture_of`) unless it is a channel-removed checkpoint's smaller model.
 
     Raises:
         CheckpointError: no such model or checkpoint, or the weights do not fit it.
@@ -116,7 +167,7 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
         model, architecture = load_reference(), "reference_resnet20"
     elif zoo.is_spec(str(spec)):
         architecture = zoo.canonical_spec(str(spec))
-        model = zoo.build_model(architecture)
+        model = tag_architecture(zoo.build_model(architecture), architecture)
     else:
         path = Path(spec)
         if not path.exists():
@@ -129,5 +180,5 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
     return model.eval(), architecture
 
 
-__all__ = ["ARCHITECTURES", "Architectures", "ReferenceResNet", "load_checkpoint", "load_reference", "reference_metadata",
-           "reference_resnet", "reference_weights_path", "resolve_model"]
+__all__ = ["ARCHITECTURES", "Architectures", "ReferenceResNet", "architecture_of", "load_checkpoint", "load_reference",
+           "reference_metadata", "reference_resnet", "reference_weights_path", "resolve_model", "tag_architecture"]

@@ -265,6 +265,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as error:
             if path.suffix == ".safetensors":
                 raise CheckpointError(f"weights {path} are corrupt or not safetensors: {error}") from None
+    if not head.startswith((b"PK", b"\x80")):  # a torch file is a zip archive (or, from old releases, a pickle)
+        raise CheckpointError(f"weights {path} are neither a safetensors file nor a torch file (torch.save)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...

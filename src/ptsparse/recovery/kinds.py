@@ -7,7 +7,8 @@
 * ``layerwise``: POT's layer-wise reconstruction on cached dense inputs.
 
 Contract: ``run(student, teacher, targets, calibration, ...)`` trains ``student`` in place and returns what
-the report records of it. ``needs_teacher`` says whether a frozen copy of the dense model is kept for it, and
+the report records of it; a resumable kind checkpoints into ``checkpoint_dir``, continues from it with
+``resume`` and carries the run's ``stopwatch`` across the interruption. ``needs_teacher`` says whether a frozen copy of the dense model is kept for it, and
 ``runs_dynamics`` whether mask dynamics can act during it.
 """
 
@@ -31,7 +32,7 @@ from ..targets import Target
 from .dynamics import DYNAMICS, Dynamics
 from .layerwise import reconstruct_layers
 from .objectives import OBJECTIVES, Objective
-from .trainer import DistillSettings, TrainSchedule, distill
+from .trainer import DistillSettings, Stopwatch, TrainSchedule, distill
 
 
 class Recovery(abc.ABC):
@@ -48,7 +49,8 @@ class Recovery(abc.ABC):
     @abc.abstractmethod
     def run(self, student: nn.Module, teacher: nn.Module | None, targets: list[Target], calibration: Calibration,
             budgets: Sequence[LayerBudget], sparsity: float, device: torch.device,
-            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> dict[str, Any]: ...
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+            stopwatch: Stopwatch | None = None) -> dict[str, Any]: ...
 
 
 RECOVERIES: Registry[type[Recovery]] = Registry("recovery")
@@ -61,7 +63,7 @@ class NoRecovery(Recovery):
     needs_teacher = False
 
     def run(self, student, teacher, targets, calibration, budgets, sparsity, device, checkpoint_dir=None,
-            resume=False) -> dict[str, Any]:
+            resume=False, stopwatch=None) -> dict[str, Any]:
         return {"kind": "none"}
 
 
@@ -93,13 +95,13 @@ class Distill(Recovery):
                    config.progress, {"config": config.to_dict()})
 
     def run(self, student, teacher, targets, calibration, budgets, sparsity, device, checkpoint_dir=None,
-            resume=False) -> dict[str, Any]:
+            resume=False, stopwatch=None) -> dict[str, Any]:
         schedule = TrainSchedule.from_settings(self.settings, len(calibration), self.batch_size, self.seed)
         (objective_name, objective), (dynamics_name, dynamics) = self.objective, self.dynamics
         history = distill(
             student, teacher, targets, calibration, schedule, objective, dynamics, budgets=budgets, sparsity=sparsity,
             teacher_bn=self.settings.teacher_bn, device=device, checkpoint_dir=checkpoint_dir, resume=resume,
-            run_id={**(self.run_id or {}), "calib": calibration.hash},
+            run_id={**(self.run_id or {}), "calib": calibration.hash}, stopwatch=stopwatch,
             recompute_blocks=find_blocks(student, targets, self.blocks) if self.settings.grad_checkpointing else (),
             show_progress=self.progress)
         return {"kind": "distill", "iterations": schedule.iterations, "warmup_iterations": schedule.warmup_iterations,
@@ -127,7 +129,7 @@ class Layerwise(Recovery):
         return cls(config.settings_of(cls), config.batch_size, config.seed, config.progress)
 
     def run(self, student, teacher, targets, calibration, budgets, sparsity, device, checkpoint_dir=None,
-            resume=False) -> dict[str, Any]:
+            resume=False, stopwatch=None) -> dict[str, Any]:
         s = self.settings
         losses = reconstruct_layers(
             student, teacher, targets, calibration, iterations=s.iterations, lr_weight=s.lr, lr_bias=s.bias_lr,

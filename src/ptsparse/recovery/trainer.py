@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,28 @@ from .objectives import Objective
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "recovery.pt"
+
+
+class Stopwatch:
+    """The wall time of a whole run, across interruptions: a resumed run adds the time its earlier attempts
+    had spent up to the checkpoint it continues from (stored in the checkpoint)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.earlier = 0.0
+
+    def elapsed(self) -> float:
+        return self.earlier + time.perf_counter() - self.start
+
+
+def checkpoint_step(checkpoint_dir: str | os.PathLike) -> int | None:
+    """The step an interrupted run's checkpoint in ``checkpoint_dir`` continues from; ``None`` without one.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read.
+    """
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    return int(_read_checkpoint(path)["step"]) if path.is_file() else None
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -156,7 +179,8 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
             budgets: Sequence[LayerBudget] | None = None, sparsity: float | None = None,
             teacher_bn: str = "eval", device: str | torch.device = "cpu",
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, run_id: dict | None = None,
-            recompute_blocks: Sequence[str] = (), show_progress: bool = False) -> list[dict[str, float]]:
+            stopwatch: Stopwatch | None = None, recompute_blocks: Sequence[str] = (),
+            show_progress: bool = False) -> list[dict[str, float]]:
     """Trains ``student`` (masks attached) to match ``teacher`` on the calibration inputs.
 
     Args:
@@ -170,6 +194,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
         resume: continue from the checkpoint in ``checkpoint_dir`` when there is one.
         run_id: what identifies the run besides the schedule (config, calibration hash); a checkpoint
             from another run is refused.
+        stopwatch: the run's wall time; checkpoints store it and a resumed run continues it.
         recompute_blocks: blocks of the student whose activations are recomputed during backward
             (gradient checkpointing, :func:`~ptsparse.recovery.memory.checkpointed`).
 
@@ -191,8 +216,11 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     state = TrainState(student, targets, optimizer, 0, schedule.iterations, list(budgets or []), sparsity)
     history: list[dict[str, float]] = []
+    stopwatch = stopwatch or Stopwatch()
     if resume and checkpoint is not None and checkpoint.is_file():
-        state.step, history = _load_checkpoint(checkpoint, fingerprint, student, optimizer, scheduler, dynamics)
+        state.step, history, earlier = _load_checkpoint(checkpoint, fingerprint, student, optimizer, scheduler,
+                                                        dynamics)
+        stopwatch.earlier = earlier
         log.info("resumed recovery at step %d of %d from %s", state.step, schedule.iterations, checkpoint)
     else:
         dynamics.on_start(state)
@@ -229,7 +257,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
                 due = schedule.checkpoint_every and state.step % schedule.checkpoint_every == 0
                 if checkpoint is not None and due:
                     _save_checkpoint(checkpoint, fingerprint, state.step, student, optimizer, scheduler, dynamics,
-                                     history)
+                                     history, stopwatch.elapsed())
     finally:
         student_tap.remove()
         teacher_tap.remove()
@@ -240,20 +268,25 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
 
 def _save_checkpoint(path: Path, fingerprint: str, step: int, student: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler, dynamics: Dynamics,
-                     history: list[dict[str, float]]) -> None:
+                     history: list[dict[str, float]], elapsed_s: float) -> None:
     payload = {"fingerprint": fingerprint, "step": step, "model": student.state_dict(),
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-               "dynamics": dynamics.state_dict(), "history": history}
+               "dynamics": dynamics.state_dict(), "history": history, "elapsed_s": elapsed_s}
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
 
 
-def _load_checkpoint(path: Path, fingerprint: str, student: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler, dynamics: Dynamics) -> tuple[int, list[dict[str, float]]]:
+def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  any unreadable file is the same problem to the user
         raise CheckpointError(f"recovery checkpoint {path} cannot be read: {error}".splitlines()[0]) from None
+
+
+def _load_checkpoint(path: Path, fingerprint: str, student: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler, dynamics: Dynamics) -> tuple[int, list[dict[str, float]], float]:
+    """Restores a checkpoint; returns its step, its loss history and the run's wall time up to it."""
+    payload = _read_checkpoint(path)
     if payload.get("fingerprint") != fingerprint:
         raise CheckpointError(f"recovery checkpoint {path} belongs to a run with other settings; "
                               "delete it or run without --resume")
@@ -261,4 +294,4 @@ def _load_checkpoint(path: Path, fingerprint: str, student: nn.Module, optimizer
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     dynamics.load_state_dict(payload["dynamics"])
-    return int(payload["step"]), list(payload["history"])
+    return int(payload["step"]), list(payload["history"]), float(payload.get("elapsed_s", 0.0))
