@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test data venv clean
+.PHONY: demo test test-slow test-all data venv clean
 
 venv: $(INSTALLED)
 
@@ -26,12 +26,18 @@ data:
 	  fi; \
 	fi
 
+# `make test` leaves out the long accuracy checks (marked slow); `make test-slow` runs only them, `make test-all`
+# both. Extra pytest arguments: make test PYTEST_ARGS='-k config'.
 test: venv data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: venv data
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 demo: venv data
 	$(VENV)/bin/ptsparse sparsify --model reference --data fashion-mnist --sparsity 0.9 --out runs/demo
-	$(VENV)/bin/ptsparse report runs/demo
 
 clean:
 	rm -rf runs .pytest_cache build src/*.egg-info

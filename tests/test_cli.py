@@ -34,6 +34,7 @@ def test_reference_weights_load_and_metadata():
     assert {"recipe", "seed"} <= metadata.keys()
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_reference_model_reaches_93_percent(capsys):
     code, out, _ = run_cli(capsys, "eval", "--model", "reference", "-q")
@@ -218,6 +219,7 @@ def test_distill_run_leaves_no_checkpoint_and_resume_needs_out(capsys, tmp_path)
     assert code == 2 and "--resume needs --out" in err
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_pot_beats_plain_magnitude_at_80_percent():
     import ptsparse
