@@ -42,6 +42,7 @@ def test_reference_model_reaches_93_percent(capsys):
     assert json.loads(out)["accuracy"] >= 0.93
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 def test_sparsify_writes_outputs_and_report(capsys, tmp_path):
     out = tmp_path / "run"
@@ -56,6 +57,42 @@ def test_sparsify_writes_outputs_and_report(capsys, tmp_path):
     assert round(report["achieved_sparsity"] * total) == round(0.9 * total)
     assert all({"name", "target", "achieved", "params"} <= layer.keys() for layer in report["layers"])
     assert report["calib_size"] == 256 and report["seed"] == 0 and report["method"] == "magnitude"
+    assert "achieved 0.9000" in stdout
+    assert SparsityConfig.load(out / "config.yaml").sparsity == 0.9
+
+    code, stdout, _ = run_cli(capsys, "eval", "--model", str(out), "-q")
+    evaluated = json.loads(stdout)
+    assert evaluated["accuracy"] == pytest.approx(report["sparse_accuracy"], abs=1e-6)
+    assert evaluated["sparsity"] == pytest.approx(report["achieved_sparsity"], abs=1e-9)
+
+    code, stdout, _ = run_cli(capsys, "report", str(out))
+    assert code == 0 and "stages.2.2.conv2" in stdout
+    assert (out / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sparsify_eval_and_report_on_a_tiny_fashion_mnist(capsys, tmp_path, monkeypatch):
+    """The fast variant of the slow test above (three passes over the 10,000 test images): the same commands
+    and checks on a synthetic Fashion-MNIST of 256 + 64 images, without the accuracy floor."""
+    from .test_train_reference import fake_fashion_mnist
+
+    data = tmp_path / "fashion-mnist"
+    data.mkdir()
+    fake_fashion_mnist(data)
+    monkeypatch.setenv("PTSPARSE_FASHION_MNIST_DIR", str(data))
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "sparsify", "--model", "reference", "--data", "fashion-mnist",
+                              "--sparsity", "0.9", "--calib-size", "64", "--seed", "0", "--out", str(out), "-q")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= report.keys()
+    assert 0 <= report["dense_accuracy"] <= 1 and 0 <= report["sparse_accuracy"] <= 1
+    correct = report["sparse_accuracy"] * 64  # evaluated on the 64 synthetic test images
+    assert correct == pytest.approx(round(correct), abs=1e-5)
+    total = sum(layer["params"] for layer in report["layers"])
+    assert round(report["achieved_sparsity"] * total) == round(0.9 * total)
+    assert all({"name", "target", "achieved", "params"} <= layer.keys() for layer in report["layers"])
+    assert report["calib_size"] == 64 and report["seed"] == 0 and report["method"] == "magnitude"
     assert "achieved 0.9000" in stdout
     assert SparsityConfig.load(out / "config.yaml").sparsity == 0.9
 
