@@ -19,19 +19,26 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._registry import did_you_mean
-from .config import AXES, FLAT_KEYS, MOVED_KEYS, RUN_FIELDS, SECTIONS, SparsityConfig, read_config_file, resolve_config
+from .config import (
+    AXES, AXIS_SETTINGS, FLAT_KEYS, MOVED_KEYS, RUN_FIELDS, SECTIONS, SparsityConfig, read_config_file, resolve_config)
 from .errors import ConfigError, PtsparseError
 from .export import FORMATS
+from .options import default_of
 
 log = logging.getLogger("ptsparse")
 
 
+def _flag(key: str) -> str:
+    """The flag of config key ``key``: ``--calib-size`` for ``calib_size``."""
+    return "--" + key.replace("_", "-")
+
+
 def _add_flag(group, key: str, f: dataclasses.Field, help: str | None = None) -> None:
-    """The flag of config key ``key`` (``--calib-size`` for ``calib_size``), typed by its option's rule; its
-    default is ``None`` so only flags actually given override the config file and the preset."""
-    flag, kind = "--" + key.replace("_", "-"), f.metadata["rule"].kind
+    """The flag of config key ``key``, typed by its option's rule; its default is ``None`` so only flags
+    actually given override the config file and the preset."""
+    flag, kind = _flag(key), f.metadata["rule"].kind
     if help is None:
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = default_of(f)
         shown = "auto" if default is None else " ".join(default) if isinstance(default, tuple) else default
         help = f"{f.metadata['help']} (default: {shown})"
     if kind is bool:
@@ -49,9 +56,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in RUN_FIELDS:
         if f.metadata["cli"]:
             _add_flag(run, f.name, f)
-    for axis, registry in AXES.items():
-        parts = [registry.get(name).Settings for name in registry
-                 if getattr(registry.get(name), "Settings", None) is not None]
+    for axis, parts in AXIS_SETTINGS.items():
         if not parts:
             continue
         group = parser.add_argument_group(
@@ -280,7 +285,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{shown}: {summary}")
         settings = getattr(entry, "Settings", None)
         for f in dataclasses.fields(settings) if settings is not None else ():
-            print(f"    --{settings.part}-{f.name.replace('_', '-')} (default {f.default!r}): {f.metadata['help']}")
+            print(f"    {_flag(f'{settings.part}_{f.name}')} (default {default_of(f)!r}): {f.metadata['help']}")
     return 0
 
 

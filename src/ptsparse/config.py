@@ -34,7 +34,7 @@ from .checkpoint import write_text
 from .criteria import CRITERIA
 from .errors import ConfigError, IncompatibleOptionsError
 from .methods import METHODS
-from .options import Options, Rule, check_fields, option, plain
+from .options import Options, Rule, check_fields, default_of, option, plain
 from .patterns import PATTERNS, parse_pattern, pattern_kind
 from .recovery import DYNAMICS, OBJECTIVES, RECOVERIES
 from .targets import resolve_layer_types
@@ -44,17 +44,12 @@ AXES = {"pattern": PATTERNS, "allocation": ALLOCATIONS, "criterion": CRITERIA, "
         "objective": OBJECTIVES, "dynamics": DYNAMICS}
 
 
-def _settings_by_part() -> dict[str, type[Options]]:
-    found: dict[str, type[Options]] = {}
-    for registry in AXES.values():
-        for name in registry:
-            settings = getattr(registry.get(name), "Settings", None)
-            if settings is not None:
-                found[settings.part] = settings
-    return found
-
-
-SECTIONS: dict[str, type[Options]] = _settings_by_part()
+AXIS_SETTINGS: dict[str, list[type[Options]]] = {
+    axis: [registry.get(name).Settings for name in registry if getattr(registry.get(name), "Settings", None)]
+    for axis, registry in AXES.items()}
+"""The settings classes of each axis's parts (those that have options)."""
+SECTIONS: dict[str, type[Options]] = {
+    settings.part: settings for per_axis in AXIS_SETTINGS.values() for settings in per_axis}
 """Each part's settings class by part name: the config's sections."""
 
 # Keys of earlier releases: old key -> the part option(s) it sets now.
@@ -158,7 +153,7 @@ class SparsityConfig:
         keys = normalize_keys(keys)
         given_parts = keys.pop("parts", {})
         for f in RUN_FIELDS:
-            value = keys.pop(f.name) if f.name in keys else _default(f)
+            value = keys.pop(f.name) if f.name in keys else default_of(f)
             object.__setattr__(self, f.name, _coerce(f, value))
         parts = {}
         for part, settings in SECTIONS.items():
@@ -244,10 +239,6 @@ FIELD_NAMES = tuple(f.name for f in RUN_FIELDS) + tuple(SECTIONS)
 FLAT_KEYS: dict[str, tuple[str, str]] = {
     f"{part}_{f.name}": (part, f.name) for part, settings in SECTIONS.items() for f in fields(settings)}
 """Each part option's flat key (``iee_alpha``) -> (part, option)."""
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

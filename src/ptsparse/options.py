@@ -106,6 +106,11 @@ def option(default: Any, help: str, *, kind: type | None = None, choices: Sequen
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def default_of(field: dataclasses.Field) -> Any:
+    """An option's default value (a fresh copy where the default is a list or dict)."""
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
 def rule_of(field: dataclasses.Field) -> Rule:
     return field.metadata["rule"]
 
@@ -145,6 +150,20 @@ class Options:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+class Part:
+    """Base of every part of an axis (an allocation, a criterion, a recovery, an objective, a dynamics).
+
+    ``Settings`` are its options (``None``: it has none); :meth:`from_config` builds the part from its settings
+    in a run's config. A part that also takes run values (batch size, seed, ...) overrides it.
+    """
+
+    Settings: ClassVar[type[Options] | None] = None
+
+    @classmethod
+    def from_config(cls, config) -> Part:
+        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
 
 def plain(value: Any) -> Any:

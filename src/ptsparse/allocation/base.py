@@ -21,7 +21,7 @@ from torch import nn
 from .._registry import Registry
 from ..data import Calibration
 from ..errors import ConfigError
-from ..options import Options
+from ..options import Part
 from ..targets import Target
 
 
@@ -77,7 +77,7 @@ class AllocationContext:
     stage_report: Mapping[str, Any] | None = None
 
 
-class Allocation(abc.ABC):
+class Allocation(Part, abc.ABC):
     """Returns ``{layer name: sparsity}`` meeting ``sparsity`` over the layers, each within its cap.
 
     A subclass declares its options as ``Settings`` (:mod:`ptsparse.options`) and what it can do:
@@ -95,18 +95,12 @@ class Allocation(abc.ABC):
     :meth:`summary` is what the report records of the allocation (``None``: nothing).
     """
 
-    Settings: ClassVar[type[Options] | None] = None
     patterns: ClassVar[tuple[str, ...] | None] = None
     needs_scores: ClassVar[bool] = False
     needs_context: ClassVar[bool] = False
     exact: ClassVar[bool] = False
     chooses_units: ClassVar[bool] = False
     stage: ClassVar[str | None] = None
-
-    @classmethod
-    def from_config(cls, config) -> Allocation:
-        """The allocation with its settings (``config.settings_of``) and the run's values it needs."""
-        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
     @abc.abstractmethod
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,

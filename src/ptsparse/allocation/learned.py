@@ -1,8 +1,9 @@
 """Per-layer sparsities learned by FCPTS (``iee.md`` §6, recipe step 1): run FCPTS first, keep its allocation.
 
 The allocation declares ``stage = "fcpts"``: before allocating, :func:`ptsparse.sparsify` runs the ``fcpts``
-method on a copy of the dense model with the run's whole configuration (scope, caps, sparsity, seed, device,
-distillation settings, memory switches), only the axes FCPTS picks replaced, and hands its report over. The
+method on a copy of the dense model with :func:`ptsparse.config.stage_config` (FCPTS's preset with every change
+the run made to its own preset: scope, caps, sparsity, seed, device, distillation and memory settings), and
+hands its report over. The
 allocation returns the per-layer sparsities that run ended with. The weights it trained are thrown away: the
 run that asked for the allocation prunes the dense model with its own criterion and trains with its own
 dynamics. It costs one FCPTS run.

@@ -27,23 +27,17 @@ from torch import nn
 
 from .._registry import Registry
 from ..data import Calibration
-from ..options import Options
+from ..options import Part
 from ..patterns import Pattern
 from ..targets import Target
 
 
-class Criterion(abc.ABC):
+class Criterion(Part, abc.ABC):
     """Scores weights and chooses a layer's mask; see the module docstring for the contract."""
 
-    Settings: ClassVar[type[Options] | None] = None
     patterns: ClassVar[tuple[str, ...] | None] = None
     requires_data: ClassVar[bool] = False
     statistics: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def from_config(cls, config) -> Criterion:
-        """The criterion with its settings and the run's batch size where it takes one."""
-        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
     @abc.abstractmethod
     def scores(self, model: nn.Module, targets: list[Target],

@@ -35,7 +35,7 @@ from torch import nn
 
 from .._registry import Registry
 from ..allocation import LayerBudget
-from ..options import Options
+from ..options import Part
 from ..targets import Target
 
 # Per layer, a boolean tensor of the weight's shape (which entries a mask-moving dynamics prunes or grows).
@@ -68,18 +68,13 @@ class TrainState:
     sparsity: float = 0.0
 
 
-class Dynamics:
+class Dynamics(Part):
     """Base class: every hook does nothing; see the module docstring for the contract."""
 
-    Settings: ClassVar[type[Options] | None] = None
     patterns: ClassVar[tuple[str, ...] | None] = None
     moves_masks: ClassVar[bool] = True
     keeps_layer_counts: ClassVar[bool] = True
     chooses_units: ClassVar[bool] = False
-
-    @classmethod
-    def from_config(cls, config) -> Dynamics:
-        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
     def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
                 example: torch.Tensor | None = None) -> None:

@@ -27,7 +27,7 @@ from .._registry import Registry
 from ..allocation import LayerBudget
 from ..blocks import find_blocks
 from ..data import Calibration
-from ..options import Options, option
+from ..options import Options, Part, option
 from ..targets import Target
 from .dynamics import DYNAMICS, Dynamics
 from .layerwise import reconstruct_layers
@@ -35,16 +35,11 @@ from .objectives import OBJECTIVES, Objective
 from .trainer import DistillSettings, Stopwatch, TrainSchedule, distill
 
 
-class Recovery(abc.ABC):
+class Recovery(Part, abc.ABC):
     """Trains the masked student; see the module docstring for the contract."""
 
-    Settings: ClassVar[type[Options] | None] = None
     needs_teacher: ClassVar[bool] = True
     runs_dynamics: ClassVar[bool] = False
-
-    @classmethod
-    def from_config(cls, config) -> Recovery:
-        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
     @abc.abstractmethod
     def run(self, student: nn.Module, teacher: nn.Module | None, targets: list[Target], calibration: Calibration,

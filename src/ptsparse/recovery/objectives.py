@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,24 +18,19 @@ from torch import nn
 
 from .._registry import Registry
 from ..blocks import find_blocks
-from ..options import Options, option, positive
+from ..options import Options, Part, option, positive
 from ..targets import Target
 
 Features = dict[str, torch.Tensor]
 
 
-class Objective(abc.ABC):
+class Objective(Part, abc.ABC):
     """Returns named loss terms, ``"loss"`` being the one that is minimised.
 
     Options are declared as ``Settings`` (:mod:`ptsparse.options`); :meth:`features` names the modules whose
     outputs the objective compares (none: logits only).
     """
 
-    Settings: ClassVar[type[Options] | None] = None
-
-    @classmethod
-    def from_config(cls, config) -> Objective:
-        return cls(**config.settings_of(cls).to_dict()) if cls.Settings is not None else cls()
 
     def features(self, model: nn.Module, targets: Sequence[Target]) -> list[str]:
         return []
