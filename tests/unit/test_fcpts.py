@@ -99,6 +99,17 @@ def test_thresholds_start_at_the_given_masks(tiny_cnn):
         assert torch.equal(target.weight != 0, masks[target.name])
 
 
+def test_init_floor_starts_every_layer_pruning_so_its_threshold_can_move(tiny_cnn):
+    student, targets, _, masks = masked(tiny_cnn, 0.0)  # nothing pruned: every threshold starts at ~1e-13
+    dynamics = LearnedThresholds(0.5, init_floor=0.05)
+    dynamics.prepare(student, targets)
+    for target in targets:
+        pruned = int((target.weight == 0).sum())
+        assert pruned >= int(0.05 * target.numel)
+        assert float(target.module.parametrizations.weight[0].threshold()) > 1e-6
+    assert all(share >= 0.05 - 1 / t.numel for share, t in zip(dynamics.initial.values(), targets))
+
+
 @pytest.mark.parametrize("shift", [-3.0, -0.5, 0.7, 4.0])
 def test_projection_meets_the_target_exactly_from_any_start(tiny_cnn, shift):
     student, targets, budgets, _ = masked(tiny_cnn, 0.7)
@@ -165,6 +176,23 @@ def test_short_fcpts_run_lowers_the_distillation_loss_and_is_exact(tiny_cnn, cal
     assert recovery["dynamics"] == "learned_thresholds" and 0.0 < recovery["raw_sparsity"] < 1.0
     assert sum(result.report["layers"][i]["params"] * v for i, v in
                enumerate(recovery["learned_allocation"].values())) == pytest.approx(0.8 * total, abs=1)
+
+
+def test_the_loss_moves_the_learned_allocation_away_from_its_start(tiny_cnn, calib_images):
+    """With the straight-through score gradient the distillation loss reaches the thresholds: the per-layer
+    sparsities leave the ERK start and end elsewhere than where the |S - S*| penalty alone (the papers'
+    ``constraint_only``) takes them, while the total stays exact."""
+    def allocation(score_grad: str) -> tuple[dict, dict]:
+        result = ptsparse.sparsify(tiny_cnn, calib_images, method="fcpts", sparsity=0.8, distill_iterations=40,
+                                   batch_size=16, distill_lr=0.05, progress=False,
+                                   learned_thresholds_score_grad=score_grad)
+        recovery = result.report["recovery"]
+        return recovery["initial_allocation"], recovery["learned_allocation"]
+
+    start, through_loss = allocation("ste")
+    _, penalty_only = allocation("constraint_only")
+    assert max(abs(through_loss[n] - start[n]) for n in start) > 0.02
+    assert max(abs(through_loss[n] - penalty_only[n]) for n in start) > 0.02
 
 
 def test_learned_thresholds_resume_equals_uninterrupted(tiny_cnn, calib_images, tmp_path):

@@ -271,3 +271,24 @@ def test_interrupted_channel_iee_run_resumes_bit_identically(tmp_path):
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert full.report["recovery"]["iee_cycles"] == resumed.report["recovery"]["iee_cycles"]
+
+
+def test_the_preview_changes_which_weights_are_regrown(tiny_cnn, calib_images):
+    """The same run with and without reactivation prunes the same weights in its first cycle and then regrows
+    different ones: exploring the pruned weights is what decides the regrowth, not their stored values."""
+    runs = [run_iee(tiny_cnn, calib_images, iterations=12, end=1.0, reactivate=flag)[3] for flag in (True, False)]
+    grown = [dynamics.grown[0] for dynamics in runs]
+    explored = next(r for r in runs[0].records if r["phase"] == "explore")["active"]
+    plain = next(r for r in runs[1].records if r["phase"] == "explore")["active"]
+    assert all(torch.equal(explored[n], plain[n]) for n in explored)  # same prune
+    changed = sum(int((grown[0][n] != grown[1][n]).sum()) for n in grown[0])
+    assert changed > 0
+
+
+def test_a_stronger_preview_moves_the_explored_weights_further(tiny_cnn, calib_images):
+    def explored_change(scale: float) -> float:
+        dynamics = run_iee(tiny_cnn, calib_images, iterations=12, end=1.0, explore_lr_scale=scale)[3]
+        explore = [r for r in dynamics.records if r["phase"] == "explore"]
+        return sum(float((r["after"][n] - r["before"][n]).abs().sum()) for r in explore for n in r["active"])
+
+    assert explored_change(5.0) > 2 * explored_change(1.0)

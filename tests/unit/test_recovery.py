@@ -17,7 +17,8 @@ from ptsparse.masking import attach_masks, mask_of
 from ptsparse.patterns import Unstructured
 from ptsparse.recovery import KDLogits, LayerMSE, Static, TrainSchedule, distill, reconstruct_layers
 from ptsparse.recovery.layerwise import correct_bias, correct_weights
-from ptsparse.recovery.trainer import CHECKPOINT_NAME, parameter_groups, warmup_cosine
+from ptsparse.recovery.thresholds import LearnedThresholds
+from ptsparse.recovery.trainer import CHECKPOINT_NAME, batch_at, parameter_groups, warmup_cosine
 from ptsparse.targets import find_targets
 
 
@@ -34,6 +35,40 @@ def test_weight_decay_only_on_weights(tiny_cnn):
     assert decay["weight_decay"] == 3e-4 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() > 1 for p in decay["params"]) and all(p.dim() <= 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(tiny_cnn.parameters()))
+
+
+def test_weight_decay_scope_all_decays_biases_and_norms_but_never_learned_scores(tiny_cnn):
+    student = copy.deepcopy(tiny_cnn)
+    targets = find_targets(student)
+    attach_masks(targets, {t.name: torch.ones_like(t.weight, dtype=torch.bool) for t in targets})
+    LearnedThresholds(0.5).prepare(student, targets)
+    scores = {id(t.module.parametrizations.weight[0].score) for t in targets}
+    decay, no_decay = parameter_groups(student, 3e-4, "all")
+    assert {id(p) for p in no_decay["params"]} == scores
+    assert any(p.dim() == 1 for p in decay["params"])  # biases and BatchNorm affine parameters
+
+
+@pytest.mark.parametrize("augment", ["crop", "flip_crop"])
+def test_random_crop_shifts_each_image_within_its_padding_and_is_seeded(augment):
+    images = torch.arange(4 * 16 * 16, dtype=torch.float32).view(4, 1, 16, 16) + 1
+    schedule = TrainSchedule(iterations=4, batch_size=4, augment=augment)
+    calibration = as_calibration(images)
+    first, again = batch_at(calibration, 1, schedule), batch_at(calibration, 1, schedule)
+    assert torch.equal(first, again) and first.shape == images.shape
+    plain = batch_at(calibration, 1, TrainSchedule(iterations=4, batch_size=4))
+    assert not torch.equal(first, plain)
+    for crop, image in zip(first, plain):  # every crop is the image moved by at most 2 pixels (16 / 8), zero-filled
+        shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                  if any(torch.equal(crop, shifted(candidate, dy, dx)) for candidate in (image, image.flip(-1)))]
+        assert shifts
+
+
+def shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    out = torch.zeros_like(image)
+    h, w = image.shape[-2:]
+    out[..., max(0, -dy): h - max(0, dy), max(0, -dx): w - max(0, dx)] = \
+        image[..., max(0, dy): h - max(0, -dy), max(0, dx): w - max(0, -dx)]
+    return out
 
 
 def test_kd_logits_matches_formula_and_is_zero_at_the_teacher():

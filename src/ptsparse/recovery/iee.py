@@ -205,6 +205,7 @@ class ExploitExplore(Dynamics):
         end: fraction of the run after which masks are fixed.
         criterion: ``"magnitude"`` or ``"taylor"``.
         reactivate: explore the pruned units before growing (``False``: the ablation without it).
+        explore_lr_scale: the exploration's learning rate as a multiple of the main one (1: the paper's).
         channels: units are whole output channels (pattern ``channel``), under a FLOPs budget.
         knapsack_cost: what the channel budget counts (``"macs"`` or ``"latency"``).
     """
@@ -224,14 +225,18 @@ class ExploitExplore(Dynamics):
                                 choices=IEE_CRITERIA)
         reactivate: bool = option(True, "explore the pruned units before growing (false: grow by the criterion "
                                   "on their stored values)")
+        explore_lr_scale: float = option(1.0, "learning rate of the exploration as a multiple of the main one "
+                                         "(1: the paper's; larger: a stronger preview in as many steps)", minimum=0)
 
     patterns = ("unstructured", "channel")
     chooses_units = True
 
     def __init__(self, exploit_steps: int = 40, improve_steps: int = 40, explore_steps: int = 20,
                  alpha: float = 0.1, end: float = 0.65, criterion: str = "magnitude", reactivate: bool = True,
-                 channels: bool = False, knapsack_cost: str = "macs", batch_size: int = 64) -> None:
-        self.Settings(exploit_steps, improve_steps, explore_steps, alpha, end, criterion, reactivate)
+                 explore_lr_scale: float = 1.0, channels: bool = False, knapsack_cost: str = "macs",
+                 batch_size: int = 64) -> None:
+        self.Settings(exploit_steps, improve_steps, explore_steps, alpha, end, criterion, reactivate, explore_lr_scale)
+        self.explore_lr_scale = explore_lr_scale
         self.steps = (exploit_steps, improve_steps, explore_steps)
         self.alpha, self.end, self.criterion, self.reactivate = alpha, end, criterion, reactivate
         self.channels, self.knapsack_cost, self.batch_size = channels, knapsack_cost, batch_size
@@ -282,7 +287,7 @@ class ExploitExplore(Dynamics):
                 self.explorer = self._new_explorer(state.optimizer)
                 self.explorer.load_state_dict(self.explorer_state)
             for group in self.explorer.param_groups:
-                group["lr"] = state.optimizer.param_groups[0]["lr"]
+                group["lr"] = state.optimizer.param_groups[0]["lr"] * self.explore_lr_scale
             with self.units.holding(active=True):
                 self.explorer.step()
         else:

@@ -115,6 +115,9 @@ class LearnedThresholds(Dynamics):
         density_bins: histogram bins.
         kde_max_samples: weights per layer the KDE keeps (a fresh seeded draw per step).
         score_grad: ``"constraint_only"`` or ``"ste"`` (see the module docstring).
+        init_floor: every layer starts pruning at least this fraction of its weights, so that no threshold starts
+            where its gradient vanishes (a layer the start leaves dense has a threshold of ~1e-13 and stays
+            dense); 0 starts from the given masks as they are (the authors' code).
         seed: seeds the KDE's draws.
     """
 
@@ -131,14 +134,18 @@ class LearnedThresholds(Dynamics):
         score_grad: str = option("constraint_only", "thresholds learn from the penalty only (constraint_only, "
                                  "authors' code) or also from the distillation loss through a straight-through "
                                  "mask (ste)", choices=SCORE_GRADS)
+        init_floor: float = option(0.0, "every layer starts pruning at least this fraction of its weights, so "
+                                   "none starts dense where its threshold cannot move (0: the start's masks, "
+                                   "authors' code)", minimum=0, maximum=1)
 
     patterns = ("unstructured",)
     keeps_layer_counts = False
 
     def __init__(self, sparsity: float, penalty: str = "abs", penalty_weight: float = 1.0,
                  density: str = "histogram", density_bins: int = 100, kde_max_samples: int = 65536,
-                 score_grad: str = "constraint_only", seed: int = 0) -> None:
-        self.Settings(penalty, penalty_weight, density, density_bins, kde_max_samples, score_grad)
+                 score_grad: str = "constraint_only", init_floor: float = 0.0, seed: int = 0) -> None:
+        self.Settings(penalty, penalty_weight, density, density_bins, kde_max_samples, score_grad, init_floor)
+        self.init_floor = init_floor
         self.sparsity = sparsity
         self.penalty = penalty
         self.penalty_weight = penalty_weight
@@ -170,6 +177,7 @@ class LearnedThresholds(Dynamics):
             else:
                 prune = int((module.weight == 0).sum())
             weight = module.weight.detach()
+            prune = max(prune, math.floor(self.init_floor * weight.numel()))
             largest = float(weight.abs().max())
             scale = largest if largest >= 1.0 else 1.0
             self.initial[target.name] = prune / weight.numel()

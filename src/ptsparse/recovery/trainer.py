@@ -1,10 +1,10 @@
 """The recovery trainer: distil the frozen dense teacher into the masked student on the calibration set.
 
 One loop for every method: an objective (what is minimised), mask dynamics (how masks move), SGD or
-Adam with linear warm-up then cosine decay to 0, weight decay on weights only (never on biases, norms
-or other 1-D parameters such as learned scores), and a checkpoint every N steps from which an
-interrupted run resumes to the same result. Randomness (batch order, flips) is derived from the seed
-and the step alone, so a resumed run sees exactly the batches the uninterrupted one would have.
+Adam with linear warm-up then cosine decay to 0, weight decay on weights (or, as the papers' code, also on
+biases and norms; never on learned scores), and a checkpoint every N steps from which an interrupted run
+resumes to the same result. Randomness (batch order, flips, crops) is derived from the seed and the step
+alone, so a resumed run sees exactly the batches the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def checkpoint_step(checkpoint_dir: str | os.PathLike) -> int | None:
 
 OPTIMIZERS = ("sgd", "adam")
 TEACHER_BN = ("eval", "train")
-AUGMENTATIONS = ("none", "flip")
+AUGMENTATIONS = ("none", "flip", "crop", "flip_crop")
+DECAY_SCOPES = ("weights", "all")
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,16 @@ class DistillSettings(Options, part="distill"):
     optimizer: str = option("sgd", "optimizer: sgd or adam", choices=OPTIMIZERS)
     lr: float = option(0.01, "peak learning rate (batch 64)", minimum=0)
     momentum: float = option(0.9, "SGD momentum", minimum=0)
-    weight_decay: float = option(3e-4, "weight decay on weights (never biases, norms, scores)", minimum=0)
+    weight_decay: float = option(3e-4, "weight decay (on what: weight_decay_scope)", minimum=0)
+    weight_decay_scope: str = option("weights", "what decays: weights (tensors of 2+ dimensions), or all "
+                                     "parameters but learned scores (biases and norms too, as the papers' code)",
+                                     choices=DECAY_SCOPES)
     warmup_iterations: int | None = option(None, "linear warm-up steps before the cosine decay; default one epoch",
                                            kind=int)
     teacher_bn: str = option("eval", "dense teacher's BatchNorm mode: eval, or train as FCPTS's and UniPTS's code",
                              choices=TEACHER_BN)
-    augment: str = option("none", "calibration augmentation: none or flip", choices=AUGMENTATIONS)
+    augment: str = option("none", "calibration augmentation: none, flip (horizontal), crop (random crop of the "
+                          "zero-padded input, padding 1/8 of its side) or flip_crop", choices=AUGMENTATIONS)
     precision: str = option("fp32", "arithmetic: fp32, or bf16 (autocast mixed precision: less memory, faster on "
                             "recent GPUs)", choices=PRECISIONS)
     grad_checkpointing: bool = option(False, "recompute each block's activations during backward instead of "
@@ -98,6 +103,7 @@ class TrainSchedule:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 3e-4
+    weight_decay_scope: str = "weights"
     warmup_iterations: int = 16
     augment: str = "none"
     seed: int = 0
@@ -111,7 +117,8 @@ class TrainSchedule:
         iterations = settings.iterations if settings.iterations is not None else 100 * steps_per_epoch
         warmup = settings.warmup_iterations if settings.warmup_iterations is not None else steps_per_epoch
         return cls(iterations=iterations, batch_size=batch_size, optimizer=settings.optimizer, lr=settings.lr,
-                   momentum=settings.momentum, weight_decay=settings.weight_decay, warmup_iterations=warmup,
+                   momentum=settings.momentum, weight_decay=settings.weight_decay,
+                   weight_decay_scope=settings.weight_decay_scope, warmup_iterations=warmup,
                    augment=settings.augment, seed=seed, checkpoint_every=settings.checkpoint_every,
                    precision=settings.precision)
 
@@ -124,12 +131,16 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weights (tensors of 2 or more dimensions) decay; biases, norms and scalar scores do not."""
+def parameter_groups(model: nn.Module, weight_decay: float, scope: str = "weights") -> list[dict[str, Any]]:
+    """Weights (tensors of 2 or more dimensions) decay; with ``scope="all"`` biases and norms too. Parameters a
+    mask's parametrization learns (FCPTS's threshold scores) never decay."""
     decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.dim() > 1 else no_decay).append(parameter)
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        learned_by_mask = ".parametrizations." in f".{name}" and not name.endswith(".original")
+        decays = not learned_by_mask and (parameter.dim() > 1 or scope == "all")
+        (decay if decays else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -140,15 +151,28 @@ def make_optimizer(groups: list[dict[str, Any]], schedule: TrainSchedule) -> tor
 
 
 def batch_at(calibration: Calibration, step: int, schedule: TrainSchedule) -> torch.Tensor:
-    """The inputs of step ``step``: epochs are seeded permutations, flips are seeded per step."""
+    """The inputs of step ``step``: epochs are seeded permutations, flips and crops are seeded per step."""
     per_epoch = math.ceil(len(calibration) / schedule.batch_size)
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(schedule.seed * 7919 + epoch))
     x = calibration.inputs[order[position * schedule.batch_size: (position + 1) * schedule.batch_size]]
-    if schedule.augment == "flip":
+    if schedule.augment in ("flip", "flip_crop"):
         flips = torch.rand(len(x), generator=torch.Generator().manual_seed(schedule.seed * 104729 + step)) < 0.5
         x = torch.where(flips.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+    if schedule.augment in ("crop", "flip_crop") and x.dim() == 4:
+        x = random_crop(x, torch.Generator().manual_seed(schedule.seed * 15485863 + step))
     return x
+
+
+def random_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image shifted by a random offset within a zero padding of 1/8 of its side (CIFAR's 4 of 32): the
+    crop of the padded image at that offset, as ``RandomCrop(size, padding)``."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = max(1, height // 8), max(1, width // 8)
+    padded = nn.functional.pad(x, (pad_w, pad_w, pad_h, pad_h))
+    top = torch.randint(0, 2 * pad_h + 1, (len(x),), generator=generator)
+    left = torch.randint(0, 2 * pad_w + 1, (len(x),), generator=generator)
+    return torch.stack([padded[i, :, t: t + height, l: l + width] for i, (t, l) in enumerate(zip(top, left))])
 
 
 class _FeatureTap:
@@ -208,7 +232,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
         zeros, total = count_zeros(targets)
         sparsity = zeros / total
     dynamics.prepare(student, targets, teacher=teacher, example=calibration.inputs[:2].to(device))
-    groups = parameter_groups(student, schedule.weight_decay)
+    groups = parameter_groups(student, schedule.weight_decay, schedule.weight_decay_scope)
     optimizer = make_optimizer(groups, schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, schedule.warmup_iterations, schedule.iterations))
