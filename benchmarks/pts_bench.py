@@ -1,11 +1,16 @@
-"""Post-training sparsity benchmark on the reference model (Fashion-MNIST, 1024 calibration images, seed 0).
+"""Post-training sparsity benchmark on the reference models (Fashion-MNIST).
 
-Each run writes one report.json-style file to benchmarks/results/; the table in benchmarks/RESULTS.md and
-the accuracy-vs-sparsity plot are rebuilt from every result file present, so a later change runs only its
-own rows:
+The default regime is the reference ResNet-20, 1024 calibration images and each method's own recovery budget.
+A regime changes the model (``--model reference_mobilenet``), the calibration size (``--calib-size 128``) or
+the distillation steps (``--steps 200``); ``--seeds`` repeats every cell, each seed drawing its own calibration
+sample and training order. Each run writes one report.json-style file to benchmarks/results/; RESULTS.md and
+its plots are rebuilt from every result file present (means and standard deviations over seeds, and paired
+differences, by ``seeds.py``), so a later change runs only its own rows:
 
-    python benchmarks/pts_bench.py                                   # every run below
+    python benchmarks/pts_bench.py                                   # every run below, seed 0
     python benchmarks/pts_bench.py --runs magnitude-erk --sparsities 0.9 0.95
+    python benchmarks/pts_bench.py --model reference_mobilenet --calib-size 128 --steps 200 \
+        --runs magnitude_kd fcpts --sparsities 0.95 --seeds 0 1 2
     python benchmarks/pts_bench.py --table-only                      # rebuild RESULTS.md from the files
 """
 
@@ -18,12 +23,24 @@ from pathlib import Path
 
 import ptsparse
 from ptsparse.checkpoint import write_json, write_text
+from ptsparse.config import resolve_config
 from ptsparse.data import FashionMNIST, sample_calibration
 from ptsparse.models import load_reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_bench import export_section  # noqa: E402  (scripts beside this one)
 from scale_bench import scale_section  # noqa: E402
+from seeds import (  # noqa: E402
+    DEFAULT_CALIB_SIZE,
+    DEFAULT_MODEL,
+    accuracy_by_seed,
+    cell_key,
+    format_cell,
+    is_default_regime,
+    mean_std,
+    paired,
+    regime_of,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -59,6 +76,14 @@ ABLATION_RUNS: dict[str, dict] = {
     "magnitude_kd-dst": {"method": "magnitude_kd", "dynamics": "dst"},  # plain DST on the same masks and budget
     "iee-fcpts": {"method": "iee", "allocation": "fcpts"},  # IEE on FCPTS's learned allocation
     "unipts-iee": {"method": "unipts", "dynamics": "iee"},  # UniPTS with IEE in place of its DST
+    # The shared core with more signal per image: random crops, the block loss, both.
+    "magnitude_kd-crop": {"method": "magnitude_kd", "distill_augment": "flip_crop"},
+    "magnitude_kd-blocks-crop": {"method": "magnitude_kd", "objective": "kd_blocks", "distill_augment": "flip_crop"},
+    # Versions of the methods beside the papers' (each changes one mechanism).
+    "fcpts-ste_floor": {"method": "fcpts", "learned_thresholds_score_grad": "ste",
+                        "learned_thresholds_init_floor": 0.05},
+    "unipts-delta0.2": {"method": "unipts", "unipts_search_delta": 0.2},
+    "iee-preview5x": {"method": "iee", "iee_explore_lr_scale": 5.0},
 }
 ABLATION_SPARSITIES = (0.9,)
 # Runs whose sparsity is fixed by their pattern (N:M) run once, at that sparsity.
@@ -81,35 +106,69 @@ MAC_RUNS: dict[str, dict] = {
 MAC_REDUCTIONS = (0.3, 0.5)
 
 
-def result_path(name: str, sparsity: float | None) -> Path:
-    suffix = "" if sparsity is None else f"-{sparsity:g}"
-    return RESULTS / f"{name.replace(':', '_')}{suffix}.json"
+def result_path(name: str, sparsity: float | None, model: str = DEFAULT_MODEL, calib_size: int = DEFAULT_CALIB_SIZE,
+                steps: int | None = None, seed: int = 0) -> Path:
+    """``RUN[-SPARSITY][-MODEL][-cCALIB][-iSTEPS][-sSEED].json``, each part left out at its default."""
+    parts = [name.replace(":", "_")]
+    parts += [] if sparsity is None else [f"{sparsity:g}"]
+    parts += [] if model == DEFAULT_MODEL else [model]
+    parts += [] if calib_size == DEFAULT_CALIB_SIZE else [f"c{calib_size}"]
+    parts += [] if steps is None else [f"i{steps}"]
+    parts += [] if seed == 0 else [f"s{seed}"]
+    return RESULTS / f"{'-'.join(parts)}.json"
 
 
-def run(name: str, overrides: dict, sparsity: float | None, calib, test) -> dict:
+def run(name: str, overrides: dict, sparsity: float | None, calib, test, model: str = DEFAULT_MODEL,
+        steps: int | None = None, seed: int = 0) -> dict:
+    """One cell and seed: ``steps`` (when given) replaces the distillation budget of a distilling method."""
     extra = {} if sparsity is None else {"sparsity": sparsity}
-    result = ptsparse.sparsify(load_reference(), calib, eval_data=test, progress=False, calib_size=len(calib),
-                               **overrides, **extra)
-    report = dict(result.report, run=name)
-    write_json(result_path(name, sparsity), report)
+    if steps is not None and resolve_config(None, **overrides).recovery == "distill":
+        extra["distill_iterations"] = steps
+    result = ptsparse.sparsify(load_reference(model), calib, eval_data=test, progress=False, calib_size=len(calib),
+                               seed=seed, **overrides, **extra)
+    report = dict(result.report, run=name, bench={"model": model, "steps": steps})
+    write_json(result_path(name, sparsity, model, len(calib), steps, seed), report)
     return report
 
 
-def build_table() -> str:
-    reports = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-    reports.sort(key=lambda r: (r["run"], r["target_sparsity"]))
+def load_reports() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+
+
+def default_cells(reports: list[dict]) -> tuple[dict[tuple, dict[int, float]], dict[tuple, dict]]:
+    """The default regime's cells by (run, sparsity): their accuracy by seed, and their lowest seed's report."""
+    default = [r for r in reports if is_default_regime(r)]
+    accuracy = {(key[-1], key[-2]): values for key, values in accuracy_by_seed(default).items()}
+    first: dict[tuple, dict] = {}
+    for r in sorted(default, key=lambda r: r["seed"]):
+        first.setdefault((r["run"], r["config"]["sparsity"]), r)
+    return accuracy, first
+
+
+def mac_reduction(report: dict) -> float | None:
+    """The fraction of MACs a knapsack (MAC-budget) run removed, or None for other runs."""
+    if report["allocation"] != "knapsack" and report["config"].get("allocation") != "knapsack":
+        return None
+    return report["recovery"].get("iee_reduction", (report.get("allocation_search") or {}).get("reduction"))
+
+
+def build_table(reports: list[dict]) -> str:
+    accuracy, first = default_cells(reports)
     lines = [
         "| run | pattern | target | achieved | dense acc | sparse acc | drop | wall time (s) | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in reports:
-        drop = 100 * (r["dense_accuracy"] - r["sparse_accuracy"])
+    for key, r in sorted(first.items(), key=lambda item: (item[0][0], item[1]["target_sparsity"])):
+        mean, _ = mean_std(list(accuracy[key].values()))
+        reduction = mac_reduction(r)
+        target, achieved = (f"{r['target_sparsity']:.4f}", f"{r['achieved_sparsity']:.4f}") if reduction is None \
+            else (f"{r['config']['sparsity']:g} of MACs", f"{reduction:.4f} of MACs")
         lines.append(
-            f"| {r['run']} | {r['pattern']} | {r['target_sparsity']:.4f} | {r['achieved_sparsity']:.4f} | "
-            f"{100 * r['dense_accuracy']:.2f} | {100 * r['sparse_accuracy']:.2f} | {drop:.2f} | "
+            f"| {r['run']} | {r['pattern']} | {target} | {achieved} | {100 * r['dense_accuracy']:.2f} | "
+            f"{format_cell(accuracy[key])} | {100 * r['dense_accuracy'] - mean:.2f} | "
             f"{r['wall_time_s']:.1f} | {r['peak_rss_mb']:.0f} |"
         )
-    return "\n".join(lines), reports
+    return "\n".join(lines)
 
 
 def plot(reports: list[dict], path: Path) -> None:
@@ -120,18 +179,19 @@ def plot(reports: list[dict], path: Path) -> None:
 
     from ptsparse.checkpoint import atomic_path
 
+    accuracy, first = default_cells(reports)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    runs = sorted({r["run"] for r in reports if r["pattern"] == "unstructured" and r["run"] in RUNS})
-    for name in runs:
-        rows = sorted((r for r in reports if r["run"] == name), key=lambda r: r["target_sparsity"])
-        ax.plot([r["target_sparsity"] for r in rows], [100 * r["sparse_accuracy"] for r in rows], marker="o",
+    for name in sorted({run for run, _ in first if run in RUNS and first[(run, _)]["pattern"] == "unstructured"}):
+        sparsities = sorted(s for run, s in first if run == name)
+        ax.plot(sparsities, [mean_std(list(accuracy[(name, s)].values()))[0] for s in sparsities], marker="o",
                 label=name)
-    if reports:
-        ax.axhline(100 * reports[0]["dense_accuracy"], color="black", linestyle="--", linewidth=1, label="dense")
+    if first:
+        ax.axhline(100 * next(iter(first.values()))["dense_accuracy"], color="black", linestyle="--", linewidth=1,
+                   label="dense")
     ax.set_xlabel("sparsity (unstructured)")
     ax.set_ylabel("Fashion-MNIST test accuracy (%)")
-    ax.set_title("reference ResNet-20, 1024 calibration images, seed 0")
-    ax.legend(fontsize=8)
+    ax.set_title("reference ResNet-20, 1024 calibration images")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     with atomic_path(path) as temporary:
         fig.savefig(temporary, format="png", dpi=120)
@@ -139,32 +199,32 @@ def plot(reports: list[dict], path: Path) -> None:
 
 
 def comparison_table(reports: list[dict], runs: list[str]) -> str:
-    """Sparse accuracy (%) of ``runs`` by sparsity, with dense, for the unstructured sparsities they share."""
-    accuracy = {(r["run"], r["target_sparsity"]): 100 * r["sparse_accuracy"] for r in reports}
-    sparsities = sorted({r["target_sparsity"] for r in reports if r["run"] == runs[-1]})
+    """Sparse accuracy (%) of ``runs`` by sparsity, with dense, for the unstructured sparsities they share
+    (mean ± standard deviation (seeds) where a cell ran with several seeds)."""
+    accuracy, first = default_cells(reports)
+    sparsities = sorted({s for run, s in first if run == runs[-1]})
     lines = ["| sparsity | dense | " + " | ".join(runs) + " |", "|---" * (len(runs) + 2) + "|"]
-    dense = 100 * reports[0]["dense_accuracy"]
+    dense = 100 * next(iter(first.values()))["dense_accuracy"]
     for sparsity in sparsities:
-        cells = [f"{accuracy[(run, sparsity)]:.2f}" if (run, sparsity) in accuracy else "-" for run in runs]
+        cells = [format_cell(accuracy[(run, sparsity)]) if (run, sparsity) in accuracy else "-" for run in runs]
         lines.append(f"| {sparsity:g} | {dense:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def ablation_table(reports: list[dict], base: str, variants: list[str], detail_name: str, detail) -> str:
-    """One row per variant of ``base`` at each ablation sparsity: accuracy, its change, a detail, time."""
-    by_key = {(r["run"], r["target_sparsity"]): r for r in reports}
+    """One row per variant of ``base`` at each ablation sparsity: accuracy, its paired change, a detail, time."""
+    accuracy, first = default_cells(reports)
     lines = [f"| run | changed | sparsity | sparse acc | vs {base} | {detail_name} | wall time (s) |",
              "|---|---|---|---|---|---|---|"]
-    for sparsity in sorted({r["target_sparsity"] for r in reports if r["run"] in variants}):
-        reference = by_key.get((base, sparsity))
+    for sparsity in sorted({s for run, s in first if run in variants}):
         for name in [base, *variants]:
-            r = by_key.get((name, sparsity))
+            r = first.get((name, sparsity))
             if r is None:
                 continue
             changed = ", ".join(f"{k}={v}" for k, v in ABLATION_RUNS.get(name, {}).items() if k != "method") or "-"
-            delta = "" if reference is None or name == base else \
-                f"{100 * (r['sparse_accuracy'] - reference['sparse_accuracy']):+.2f}"
-            lines.append(f"| {name} | {changed} | {sparsity:g} | {100 * r['sparse_accuracy']:.2f} | {delta} | "
+            difference = paired(accuracy[(name, sparsity)], accuracy.get((base, sparsity), {}))
+            delta = "" if difference is None or name == base else str(difference)
+            lines.append(f"| {name} | {changed} | {sparsity:g} | {format_cell(accuracy[(name, sparsity)])} | {delta} | "
                          f"{detail(r)} | {r['wall_time_s']:.1f} |")
     return "\n".join(lines)
 
@@ -210,7 +270,7 @@ def plot_allocation(report: dict, path: Path) -> None:
 
 
 def fcpts_section(reports: list[dict]) -> str:
-    fcpts = {r["target_sparsity"]: r for r in reports if r["run"] == "fcpts"}
+    fcpts = {sparsity: r for (run, sparsity), r in default_cells(reports)[1].items() if run == "fcpts"}
     if not fcpts:
         return ""
     text = ("\n## FCPTS\n\n"
@@ -242,7 +302,9 @@ def unipts_section(reports: list[dict]) -> str:
             "Search cost (wall time of the search and its share of the whole run):\n\n"
             "| sparsity | search | best candidate | fitness: best / ERK / uniform regrowth | evaluations |\n"
             "|---|---|---|---|---|\n")
-    for r in sorted((r for r in reports if r["run"] == "unipts"), key=lambda r: r["target_sparsity"]):
+    for (run, _), r in sorted(default_cells(reports)[1].items(), key=lambda item: item[0]):
+        if run != "unipts":
+            continue
         search = r["allocation_search"]
         text += (f"| {r['target_sparsity']:g} | {search_share(r)} | {search['best']} | {search['best_fitness']:.4f} / "
                  f"{search['erk_fitness']:.4f} / {search['uniform_regrowth_fitness']:.4f} | {search['evaluations']} |\n")
@@ -282,7 +344,7 @@ def _mean(values: list[float]) -> float:
 def iee_section(reports: list[dict]) -> str:
     if not any(r["run"] == "iee" for r in reports):
         return ""
-    by_key = {(r["run"], r["target_sparsity"]): r for r in reports}
+    accuracy, by_key = default_cells(reports)
     text = ("\n## IEE\n\n"
             "`iee`: ERK magnitude masks, then the `magnitude_kd` budget (1,600 steps, SGD 0.01, weight decay 3e-4, "
             "flips, teacher in eval mode) with exploit/explore cycles over the first 65% of the run: 40 steps on the "
@@ -300,12 +362,12 @@ def iee_section(reports: list[dict]) -> str:
         rows = [by_key.get((name, s)) for s in sparsities]
         if not any(rows):
             continue
-        cells = [f"{100 * r['sparse_accuracy']:.2f}" if r else "-" for r in rows]
+        cells = [format_cell(accuracy[(name, s)]) if r else "-" for r, s in zip(rows, sparsities)]
 
         def delta(base: str | None) -> str:
-            parts = [f"{100 * (r['sparse_accuracy'] - by_key[(base, s)]['sparse_accuracy']):+.2f}" if r and
-                     (base, s) in by_key else "-" for r, s in zip(rows, sparsities)]
-            return " / ".join(parts) if base else ""
+            parts = [paired(accuracy[(name, s)], accuracy.get((base, s), {})) if r else None
+                     for r, s in zip(rows, sparsities)]
+            return " / ".join(str(d) if d else "-" for d in parts) if base else ""
 
         survival = [_mean([c["survival_end"] for c in r["recovery"].get("iee_cycles", []) if "survival_end" in c])
                     for r in rows if r]
@@ -327,7 +389,7 @@ def iee_section(reports: list[dict]) -> str:
             text += (f"| {c['cycle']} | {c['step']} | {c['swap_fraction']:.3f} | {c['swapped']} | {c['iou']:.3f} | "
                      f"{c['regrown_just_pruned']:.2f} | {c.get('survival_next', float('nan')):.2f} | "
                      f"{c['survival_end']:.2f} |\n")
-    channel = sorted((r for r in reports if r["run"] in MAC_RUNS), key=lambda r: (r["run"], r["target_sparsity"]))
+    channel = [r for (run, _), r in sorted(by_key.items()) if run in MAC_RUNS]
     if channel:
         text += ("\nChannels under a MAC budget: Taylor channel masks chosen by the knapsack allocation (coupled "
                  "residual channels share a mask) at the given fraction of the dense MACs removed, then the same "
@@ -337,22 +399,62 @@ def iee_section(reports: list[dict]) -> str:
                  "| run | MAC reduction target | achieved | weight sparsity | sparse acc | wall time (s) |\n"
                  "|---|---|---|---|---|---|\n")
         for r in channel:
-            achieved = r["recovery"].get("iee_reduction", (r.get("allocation_search") or {}).get("reduction"))
+            achieved = mac_reduction(r)
             text += (f"| {r['run']} | {r['config']['sparsity']:g} | "
                      f"{'-' if achieved is None else f'{achieved:.4f}'} | {r['achieved_sparsity']:.4f} | "
                      f"{100 * r['sparse_accuracy']:.2f} | {r['wall_time_s']:.0f} |\n")
     return text
 
 
+MODEL_TITLES = {"reference": "ResNet-20", "reference_mobilenet": "compact MobileNet"}
+
+
+def regimes_section(reports: list[dict]) -> str:
+    """One table per regime that ran with several seeds: each run's mean ± standard deviation and its paired
+    difference from ``magnitude_kd`` (ERK masks + the same distillation), marked where it exceeds two standard
+    deviations."""
+    cells = accuracy_by_seed(reports)
+    regimes = sorted({key[:4] for key, values in cells.items() if len(values) > 1},
+                     key=lambda r: (r[0] != DEFAULT_MODEL, r[0], r[1], r[2] or 0, r[3]))
+    if not regimes:
+        return ""
+    text = ("\n## Regimes: several seeds\n\n"
+            "Each seed draws its own calibration sample and training order. Cells: mean ± standard deviation of the "
+            "sparse accuracy (seeds); `vs magnitude_kd`: mean ± standard deviation of the paired difference over "
+            "the shared seeds, `**` where it exceeds two standard deviations (a difference; anything else is "
+            "within noise). Steps: the distillation budget of the distilling runs (`preset`: 100 epochs of the "
+            "calibration set).\n")
+    wall = {cell_key(r): [] for r in reports}
+    for r in reports:
+        wall[cell_key(r)].append(r["wall_time_s"])
+    dense = {regime_of(r)["model"]: 100 * r["dense_accuracy"] for r in reports}
+    for model, calib_size, steps, sparsity in regimes:
+        runs = sorted(key[4] for key in cells if key[:4] == (model, calib_size, steps, sparsity))
+        baseline = cells.get((model, calib_size, steps, sparsity, "magnitude_kd"), {})
+        text += (f"\n**{MODEL_TITLES.get(model, model)}** (dense {dense[model]:.2f}), {calib_size} calibration images, "
+                 f"{steps or 'preset'} steps, sparsity {sparsity:g}:\n\n"
+                 "| run | sparse acc | vs magnitude_kd | wall time (s, mean) |\n|---|---|---|---|\n")
+        for run in runs:
+            key = (model, calib_size, steps, sparsity, run)
+            difference = paired(cells[key], baseline) if run != "magnitude_kd" else None
+            text += (f"| {run} | {format_cell(cells[key])} | {difference or ''} | "
+                     f"{mean_std(wall[key])[0]:.0f} |\n")
+    return text
+
+
 def write_results() -> None:
-    table, reports = build_table()
+    reports = load_reports()
+    table = build_table(reports)
     plot(reports, HERE / "accuracy_vs_sparsity.png")
     text = (
         "# Benchmark results\n\n"
-        "Produced by `python benchmarks/pts_bench.py` (one JSON per run in `benchmarks/results/`). Reference "
-        "ResNet-20 on Fashion-MNIST, 1024 calibration images from the training split, seed 0, accuracy on the "
+        "Produced by `python benchmarks/pts_bench.py` (one JSON per run in `benchmarks/results/`). Up to the "
+        "section on regimes: reference ResNet-20 on Fashion-MNIST, 1024 calibration images from the training "
+        "split, seed 0 (cells run with several seeds show mean ± standard deviation (seeds), and differences as "
+        "the paired mean ± standard deviation; a difference marked `(1 seed)` is not evidence), accuracy on the "
         "10,000 test images, 2-core CPU. Wall time covers the whole `sparsify` call including both accuracy "
-        "evaluations; peak RSS is the benchmark process's.\n\n"
+        "evaluations; peak RSS is the benchmark process's. Channel rows under a MAC budget show the fraction of "
+        "MACs targeted and removed.\n\n"
         "Settings: every method ends with BatchNorm re-calibration on the calibration set. `wanda` and "
         "`sparsegpt` use uniform allocation as in their papers (`sparsegpt-erk`: ERK) and prune layer by "
         "layer on the pruned model's inputs; `pot` uses 2,000 Adam steps per layer (the toolkit's 20,000 "
@@ -365,6 +467,7 @@ def write_results() -> None:
         + fcpts_section(reports)
         + unipts_section(reports)
         + iee_section(reports)
+        + regimes_section(reports)
         + "\n" + export_section()
         + scale_section()
     )
@@ -378,37 +481,36 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"runs to do (default all): {', '.join(every)}")
     parser.add_argument("--sparsities", nargs="+", type=float, default=None,
                         help=f"default {' '.join(map(str, SPARSITIES))}; ablations {' '.join(map(str, ABLATION_SPARSITIES))}")
-    parser.add_argument("--calib-size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=("reference", "reference_mobilenet"))
+    parser.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="distillation steps of the distilling runs (default: each preset's, 100 epochs)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to repeat every cell with")
     parser.add_argument("--table-only", action="store_true", help="only rebuild RESULTS.md and the plot")
     args = parser.parse_args(argv)
     if not args.table_only:
-        calib = sample_calibration(FashionMNIST("train"), args.calib_size, seed=args.seed)
         test = FashionMNIST("test")
-        for name in args.runs:
-            if name in CHANNEL_RUNS:
-                for fraction in CHANNEL_FRACTIONS:
-                    report = run(name, dict(CHANNEL_RUNS[name], seed=args.seed), fraction, calib, test)
-                    print(f"{name} @ {fraction}: {100 * report['sparse_accuracy']:.2f}%", file=sys.stderr)
-                continue
-            if name in MAC_RUNS:
-                for reduction in args.sparsities or MAC_REDUCTIONS:
-                    report = run(name, dict(MAC_RUNS[name], seed=args.seed), reduction, calib, test)
-                    print(f"{name} @ {reduction} of the MACs: {100 * report['sparse_accuracy']:.2f}% "
-                          f"({report['wall_time_s']:.1f} s)", file=sys.stderr)
-                continue
-            if name in FIXED_PATTERN_RUNS:
-                report = run(name, dict(FIXED_PATTERN_RUNS[name], seed=args.seed), None, calib, test)
-                print(f"{name}: {100 * report['sparse_accuracy']:.2f}%", file=sys.stderr)
-                continue
-            overrides = RUNS.get(name) or ABLATION_RUNS[name]
-            default = SPARSITIES if name in RUNS else ABLATION_SPARSITIES
-            for sparsity in args.sparsities or default:
-                report = run(name, dict(overrides, seed=args.seed), sparsity, calib, test)
-                print(f"{name} @ {sparsity}: {100 * report['sparse_accuracy']:.2f}% "
-                      f"({report['wall_time_s']:.1f} s)", file=sys.stderr)
+        for seed in args.seeds:
+            calib = sample_calibration(FashionMNIST("train"), args.calib_size, seed=seed)
+            for name in args.runs:
+                for overrides, sparsity in cells_of(name, args.sparsities):
+                    report = run(name, overrides, sparsity, calib, test, args.model, args.steps, seed)
+                    print(f"{name} @ {sparsity} seed {seed}: {100 * report['sparse_accuracy']:.2f}% "
+                          f"({report['wall_time_s']:.1f} s)", file=sys.stderr, flush=True)
     write_results()
     return 0
+
+
+def cells_of(name: str, sparsities: list[float] | None) -> list[tuple[dict, float | None]]:
+    """The (overrides, sparsity) cells of run ``name``: its sparsities, or ``sparsities`` where it has several."""
+    if name in CHANNEL_RUNS:
+        return [(CHANNEL_RUNS[name], fraction) for fraction in CHANNEL_FRACTIONS]
+    if name in MAC_RUNS:
+        return [(MAC_RUNS[name], reduction) for reduction in sparsities or MAC_REDUCTIONS]
+    if name in FIXED_PATTERN_RUNS:
+        return [(FIXED_PATTERN_RUNS[name], None)]
+    default = SPARSITIES if name in RUNS else ABLATION_SPARSITIES
+    return [(RUNS.get(name) or ABLATION_RUNS[name], sparsity) for sparsity in sparsities or default]
 
 
 if __name__ == "__main__":
