@@ -83,6 +83,7 @@ ABLATION_RUNS: dict[str, dict] = {
     "fcpts-ste_floor": {"method": "fcpts", "learned_thresholds_score_grad": "ste",
                         "learned_thresholds_init_floor": 0.05},
     "unipts-delta0.2": {"method": "unipts", "unipts_search_delta": 0.2},
+    "unipts-rescore": {"method": "unipts", "unipts_search_rescore_top": 3},
     "iee-preview5x": {"method": "iee", "iee_explore_lr_scale": 5.0},
 }
 ABLATION_SPARSITIES = (0.9,)

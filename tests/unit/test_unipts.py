@@ -220,6 +220,33 @@ def test_unipts_run_is_exact_and_reports_the_search(tiny_cnn, calib_images):
     assert result.report["recovery"]["dynamics"] == "dst"
 
 
+def test_rescoring_picks_among_erk_and_the_best_candidates_after_distillation(tiny_cnn, calib_images):
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="unipts", sparsity=0.8, distill_iterations=4,
+                               batch_size=16, unipts_search_population=6, unipts_search_generations=2,
+                               unipts_search_parents=3, unipts_search_bn_samples=16, unipts_search_fit_samples=16,
+                               unipts_search_rescore_top=2, unipts_search_rescore_steps=5, progress=False)
+    search = result.report["allocation_search"]
+    rescored = search["rescored"]
+    assert rescored[0]["label"] == "erk" and 2 <= len(rescored) <= 3
+    best = max(rescored, key=lambda r: r["after_distillation"])
+    assert search["best"] == best["label"]
+    zeros, total = count_zeros(find_targets(result.model))
+    assert zeros == round(0.8 * total)
+
+
+def test_distillation_before_scoring_helps_and_leaves_the_next_candidate_untouched(tiny_cnn, calib_images):
+    from ptsparse.allocation import AllocationContext
+
+    student = copy.deepcopy(tiny_cnn)
+    targets = find_targets(student)
+    context = AllocationContext(student, targets, as_calibration(calib_images), batch_size=16, device="cpu")
+    evaluate = FitnessEvaluator(context, bn_samples=16, fit_samples=16)
+    counts = {t.name: int(0.8 * t.numel) for t in targets}
+    one_shot = evaluate(counts)
+    assert evaluate.after_distillation(counts, steps=20, lr=0.05)[0] > one_shot[0]
+    assert evaluate(counts) == one_shot  # every candidate starts from the dense weights again
+
+
 def test_unipts_parts_switch_off_and_refuse_channel_patterns():
     config = ptsparse.SparsityConfig.from_dict({"method": "unipts", "allocation": "erk", "objective": "kd_logits",
                                                 "dynamics": "static"})

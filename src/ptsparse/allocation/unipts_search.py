@@ -12,6 +12,10 @@ Our readings (``unipts.md`` §3.3-3.4, small budget): population 16, 8 generatio
 over, best-ever returned, duplicates replaced by fresh random genomes, fitness cached by genome; label-free
 ``kd`` fitness by default. Besides the uniform-regrowth anchor the authors use, ERK is scored once as one
 more candidate, so the search never returns an allocation worse than ERK on its own fitness.
+
+One-shot fitness does not predict accuracy after distillation (the searched genome beats ERK on fitness and then
+loses after recovery). ``rescore_top`` (off by default: the paper's form) re-scores the best distinct candidates and
+ERK after ``rescore_steps`` of logit distillation each, masks held, and returns the best of those.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class FitnessEvaluator:
             held-out samples with the dense model's top-1, ties broken by kd) or ``"top1_labels"`` (accuracy
             on the calibration labels, as the authors' code).
         bn_samples, fit_samples: sizes of the two disjoint, seeded slices.
+        seed: seeds the slices and the order of the short distillation of :meth:`after_distillation`.
     """
 
     def __init__(self, context: AllocationContext, fitness: str = "kd", bn_samples: int = 256,
@@ -106,6 +111,8 @@ class FitnessEvaluator:
         modules = dict(self.model.named_modules())
         self.layers = {t.name: modules[t.name] for t in context.targets}
         self.dense = {name: m.weight.detach().clone() for name, m in self.layers.items()}
+        self.initial_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.teacher, self.seed = context.model, seed
         self.order = {name: torch.sort(w.abs().flatten(), stable=True).indices for name, w in self.dense.items()}
         self.dense_logits = self._logits(context.model)
         self.evaluations = 0
@@ -120,14 +127,51 @@ class FitnessEvaluator:
             model.train(was_training)
 
     @torch.no_grad()
-    def __call__(self, counts: Mapping[str, int]) -> tuple[float, float]:
-        """``(fitness, tie-breaker)`` of the allocation pruning ``counts[name]`` weights per layer."""
-        from ..recovery.batchnorm import recalibrate_batchnorm
-
+    def _prune(self, counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """The dense model with the ``counts[name]`` smallest weights of each layer zeroed; returns the kept masks."""
+        self.model.load_state_dict(self.initial_state)
+        kept = {}
         for name, module in self.layers.items():
             weight = self.dense[name].clone().flatten()
             weight[self.order[name][: counts[name]]] = 0
             module.weight.copy_(weight.view_as(module.weight))
+            kept[name] = module.weight != 0
+        return kept
+
+    def __call__(self, counts: Mapping[str, int]) -> tuple[float, float]:
+        """``(fitness, tie-breaker)`` of the allocation pruning ``counts[name]`` weights per layer."""
+        self._prune(counts)
+        return self._score()
+
+    def after_distillation(self, counts: Mapping[str, int], steps: int, lr: float = 0.01) -> tuple[float, float]:
+        """The fitness after ``steps`` of logit distillation on the BatchNorm slice (SGD with momentum, masks held,
+        teacher in eval mode): closer to what a candidate is worth after recovery than its one-shot fitness."""
+        kept = self._prune(counts)
+        optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+        generator = torch.Generator().manual_seed(self.seed)
+        inputs = self.bn_slice.inputs
+        self.model.train()
+        self.teacher.eval()
+        for _ in range(steps):
+            x = inputs[torch.randint(len(inputs), (min(self.batch_size, len(inputs)),), generator=generator)]
+            x = x.to(self.device)
+            with torch.no_grad():
+                teacher = self.teacher(x)
+            loss = F.kl_div(F.log_softmax(self.model(x) / self.temperature, -1),
+                            F.log_softmax(teacher / self.temperature, -1), reduction="batchmean", log_target=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for name, module in self.layers.items():
+                    module.weight.mul_(kept[name])
+        self.model.eval()
+        return self._score()
+
+    @torch.no_grad()
+    def _score(self) -> tuple[float, float]:
+        from ..recovery.batchnorm import recalibrate_batchnorm
+
         recalibrate_batchnorm(self.model, self.bn_slice, self.batch_size, self.device)
         logits = self._logits(self.model)
         self.evaluations += 1
@@ -175,6 +219,10 @@ class ReducingRegrowingSearch(Allocation):
                                  minimum=1)
         fit_samples: int = option(256, "held-out calibration samples (disjoint from the BN ones) that score each "
                                   "candidate", minimum=1)
+        rescore_top: int = option(0, "re-score the best N distinct candidates and ERK after a short distillation "
+                                  "each and return the best of those (0: the one-shot fitness decides, the paper's)",
+                                  minimum=0)
+        rescore_steps: int = option(100, "distillation steps of each re-scored candidate", minimum=1)
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -190,9 +238,11 @@ class ReducingRegrowingSearch(Allocation):
 
     def __init__(self, delta: float = 0.05, population: int = 16, generations: int = 8, parents: int = 6,
                  elites: int = 2, mutation: float = 0.1, fitness: str = "kd", bn_samples: int = 256,
-                 fit_samples: int = 256, temperature: float = 4.0, seed: int = 0, show_progress: bool = False) -> None:
+                 fit_samples: int = 256, rescore_top: int = 0, rescore_steps: int = 100, temperature: float = 4.0,
+                 seed: int = 0, show_progress: bool = False) -> None:
         self.Settings(delta, population, generations, parents, elites, mutation, fitness, temperature, bn_samples,
-                      fit_samples)
+                      fit_samples, rescore_top, rescore_steps)
+        self.rescore_top, self.rescore_steps = rescore_top, rescore_steps
         self.delta, self.population, self.generations = delta, population, generations
         self.parents, self.elites, self.mutation = parents, elites, mutation
         self.fitness, self.bn_samples, self.fit_samples = fitness, bn_samples, fit_samples
@@ -262,14 +312,33 @@ class ReducingRegrowingSearch(Allocation):
             best = max([best, *fitness.values()], key=lambda c: c.key)
             history.append(best.fitness)
         anchor_fitness = cache[anchor.numpy().tobytes()].fitness
+        rescored = self._rescore(evaluate, [erk, *cache.values()]) if self.rescore_top else []
+        if rescored:
+            best = max(rescored, key=lambda pair: pair[1])[0]
         self.report = {"fitness": self.fitness, "evaluations": evaluate.evaluations, "best": best.label,
                        "best_fitness": best.fitness, "erk_fitness": erk.fitness,
                        "uniform_regrowth_fitness": anchor_fitness, "best_per_generation": history,
                        "bn_samples": len(evaluate.bn_slice), "fit_samples": len(evaluate.fit_slice),
                        "wall_time_s": round(time.perf_counter() - start, 3)}
+        if rescored:
+            self.report["rescored"] = [{"label": c.label, "fitness": c.fitness, "after_distillation": after[0]}
+                                       for c, after in rescored]
         log.info("unipts search: best %s (fitness %.5f; ERK %.5f) after %d evaluations", best.label, best.fitness,
                  erk.fitness, evaluate.evaluations)
         return {l.name: best.counts[l.name] / l.numel for l in layers}
+
+    def _rescore(self, evaluate: FitnessEvaluator,
+                 candidates: list[_Candidate]) -> list[tuple[_Candidate, tuple[float, float]]]:
+        """ERK and the ``rescore_top`` best distinct other candidates, each with its fitness after distillation."""
+        erk, others = candidates[0], sorted(candidates[1:], key=lambda c: c.key, reverse=True)
+        finalists, seen = [erk], {tuple(erk.counts.values())}
+        for candidate in others:
+            if len(finalists) > self.rescore_top:
+                break
+            if tuple(candidate.counts.values()) not in seen:
+                finalists.append(candidate)
+                seen.add(tuple(candidate.counts.values()))
+        return [(c, evaluate.after_distillation(c.counts, self.rescore_steps)) for c in finalists]
 
     def summary(self) -> dict[str, Any]:
         return dict(self.report)
