@@ -443,6 +443,51 @@ def regimes_section(reports: list[dict]) -> str:
     return text
 
 
+TIME_TO_ACCURACY_RUNS = ("magnitude_kd", "fcpts", "unipts", "iee", "recommended")
+
+
+def time_to_accuracy_section(reports: list[dict]) -> str:
+    """Per reference model at 0.9 with 1024 images: accuracy against wall time over the distillation budgets
+    that ran (``--steps``), one line per run, so a user can choose by budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ptsparse.checkpoint import atomic_path
+
+    text = ""
+    for model, title in MODEL_TITLES.items():
+        rows: dict[str, list[tuple[float, float, int]]] = {}
+        for key, values in accuracy_by_seed(reports).items():
+            cell_model, calib_size, steps, sparsity, run = key
+            if (cell_model, calib_size, sparsity) != (model, DEFAULT_CALIB_SIZE, 0.9) or steps is None \
+                    or run not in TIME_TO_ACCURACY_RUNS:
+                continue
+            wall = [r["wall_time_s"] for r in reports if cell_key(r) == key]
+            rows.setdefault(run, []).append((mean_std(wall)[0], mean_std(list(values.values()))[0], steps))
+        if not any(len(points) > 1 for points in rows.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run, points in sorted(rows.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run)
+            for wall, accuracy, steps in points:
+                ax.annotate(str(steps), (wall, accuracy), fontsize=6, textcoords="offset points", xytext=(2, 2))
+        ax.set_xscale("log")
+        ax.set_xlabel("wall time of the whole run (s, 2-core CPU; labels: distillation steps)")
+        ax.set_ylabel("test accuracy at 0.9 (%)")
+        ax.set_title(f"{title}, 1024 calibration images, sparsity 0.9")
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+        name = f"time_to_accuracy_{model}.png"
+        with atomic_path(HERE / name) as temporary:
+            fig.savefig(temporary, format="png", dpi=120)
+        plt.close(fig)
+        text += f"\n![time to accuracy, {title}]({name})\n"
+    return "\n## Time to accuracy\n" + text if text else ""
+
+
 def write_results() -> None:
     reports = load_reports()
     table = build_table(reports)
@@ -469,6 +514,7 @@ def write_results() -> None:
         + unipts_section(reports)
         + iee_section(reports)
         + regimes_section(reports)
+        + time_to_accuracy_section(reports)
         + "\n" + export_section()
         + scale_section()
     )
