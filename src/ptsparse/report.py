@@ -32,11 +32,20 @@ def format_table(report: dict[str, Any]) -> str:
         f"sparsity: target {report['target_sparsity']:.4f}  achieved {report['achieved_sparsity']:.4f}",
         *_learned_allocation_lines(report.get("recovery", {})),
         *_search_lines(report.get("allocation_search")),
-        f"accuracy: dense {pct(report.get('dense_accuracy'))}  sparse {pct(report.get('sparse_accuracy'))}",
+        f"accuracy: dense {pct(report.get('dense_accuracy'))}  sparse {pct(report.get('sparse_accuracy'))}"
+        + _one_shot(report),
         f"time {report['wall_time_s']:.1f} s  peak RSS {report['peak_rss_mb']:.0f} MiB  seed {report['seed']}  "
         f"calibration {report['calib_size']} samples (hash {report['calib_hash']})",
     ]
     return "\n".join(lines)
+
+
+def _one_shot(report: dict[str, Any]) -> str:
+    """How much recovery added to the same masks without it (one-shot)."""
+    before, after = report.get("one_shot_accuracy"), report.get("sparse_accuracy")
+    if before is None or after is None:
+        return ""
+    return f"  (the same masks before recovery {100 * before:.2f}%: recovery added {100 * (after - before):+.2f} points)"
 
 
 def _learned_allocation_lines(recovery: dict[str, Any]) -> list[str]:

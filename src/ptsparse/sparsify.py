@@ -235,6 +235,9 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
                 config.progress, scores=scores, offload=config.offload)
 
+    # What the masks are worth before recovery (one-shot, BatchNorm re-estimated), to say what recovery bought.
+    one_shot_accuracy = evaluate(_recalibrated_copy(student, calibration, config, device)) \
+        if recovery.needs_teacher and eval_data is not None else None
     recovery_report = recovery.run(student, teacher, targets, calibration, budgets, target_sparsity, device,
                                    checkpoint_dir, resume, stopwatch)
     del teacher
@@ -264,6 +267,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "counted_params": total,
         "dense_accuracy": dense_accuracy,
         "sparse_accuracy": sparse_accuracy,
+        "one_shot_accuracy": one_shot_accuracy,
         "layers": layers,
         "wall_time_s": round(stopwatch.elapsed(), 3),
         "peak_rss_mb": peak_rss_mb(),
@@ -283,6 +287,14 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     if architecture is None:
         architecture = architecture_of(model)  # built by ptsparse.models (load_reference, resolve_model, ...)
     return SparsifyResult(student.cpu(), masks, report, config, architecture)
+
+
+def _recalibrated_copy(student: nn.Module, calibration, config: SparsityConfig, device) -> nn.Module:
+    """A copy of the masked student as it would be without recovery: BatchNorm re-estimated if the run does."""
+    copied = copy.deepcopy(student)
+    if config.bn_recalibration:
+        recalibrate_batchnorm(copied, calibration, config.batch_size, device)
+    return copied.eval()
 
 
 def sparsity_of(model: nn.Module, config: SparsityConfig | dict | str | None = None) -> float:

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 import ptsparse
 from ptsparse.errors import CalibrationError, ConfigError, ModelError, UnknownOptionError
+from ptsparse.report import format_table
 from ptsparse.targets import find_targets
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -185,3 +186,17 @@ def test_model_with_nothing_to_prune(calib_images):
     model = nn.Sequential(nn.Flatten(), nn.ReLU())
     with pytest.raises(ModelError, match="nothing to prune"):
         ptsparse.sparsify(model, calib_images, progress=False)
+
+
+def test_distilling_runs_report_the_same_masks_before_recovery(tiny_cnn, calib_images):
+    from torch.utils.data import TensorDataset
+
+    labels = tiny_cnn(calib_images).argmax(1).detach()  # the dense model is right on every sample
+    eval_data = TensorDataset(calib_images, labels)
+    distilled = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude_kd", sparsity=0.8, distill_iterations=30,
+                                  batch_size=16, eval_data=eval_data, progress=False)
+    one_shot = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.8, eval_data=eval_data,
+                                 progress=False)
+    assert distilled.report["one_shot_accuracy"] == one_shot.report["sparse_accuracy"]  # ERK magnitude, BN re-estimated
+    assert one_shot.report["one_shot_accuracy"] is None
+    assert "the same masks before recovery" in format_table(distilled.report)
