@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 import torch.nn.functional as F
 
 import ptsparse
@@ -17,6 +18,27 @@ from ptsparse.targets import find_targets
 def test_following_norms_are_found_by_tracing(tiny_cnn, calib_images):
     norms = following_norms(tiny_cnn, find_targets(tiny_cnn), calib_images[:2])
     assert norms == {"stem": tiny_cnn.bn, "pointwise": tiny_cnn.bn2}
+
+
+class FreedOutput(nn.Module):
+    """The conv's output is reduced to a scalar and freed; the BatchNorm reads a new tensor with as many channels,
+    which CPython may place at the freed tensor's address (same ``id``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.conv(x).mean()
+        return self.fc(self.bn(x * scale).mean((2, 3)))
+
+
+def test_a_norm_reading_a_new_tensor_is_never_paired_with_a_freed_output():
+    model = FreedOutput()
+    for _ in range(20):
+        assert following_norms(model, find_targets(model), torch.randn(2, 4, 8, 8)) == {}
 
 
 def test_scores_equal_the_gate_formula_by_hand(tiny_cnn, calib_images):

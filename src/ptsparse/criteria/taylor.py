@@ -30,6 +30,7 @@ zero again; channel removal then keeps such a channel.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,26 +53,36 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def following_norms(model: nn.Module, targets: list[Target], example: torch.Tensor) -> dict[str, nn.Module]:
-    """The BatchNorm that directly consumes each target's output, found by tracing one forward pass."""
-    produced: dict[int, str] = {}
+    """The BatchNorm that directly consumes each target's output (the very tensor the layer returned, with as many
+    channels), found by tracing one forward pass.
+
+    Every output is held until the pass ends: a freed tensor's ``id`` can be reused by a new one, which would
+    pair a layer with a BatchNorm that never reads its output.
+    """
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
     consumers: dict[str, nn.Module] = {}
-    hooks = [t.module.register_forward_hook(lambda m, i, o, name=t.name: produced.__setitem__(id(o), name))
-             for t in targets]
+
+    def on_output(module: nn.Module, inputs: tuple, output: torch.Tensor, name: str) -> None:
+        if isinstance(output, torch.Tensor):
+            produced[id(output)] = (name, output)
 
     def on_norm(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        name = produced.get(id(inputs[0]))
-        if name is not None:
+        name, output = produced.get(id(inputs[0]), (None, None))
+        if name is not None and output is inputs[0] and output.dim() > 1 and output.shape[1] == module.num_features:
             consumers.setdefault(name, module)
 
+    hooks = [t.module.register_forward_hook(partial(on_output, name=t.name)) for t in targets]
     hooks += [m.register_forward_pre_hook(on_norm) for m in model.modules() if isinstance(m, BATCH_NORMS)]
     was_training = model.training
     model.eval()
     try:
-        model(example)
+        with torch.no_grad():
+            model(example)
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+        produced.clear()
     return consumers
 
 
