@@ -11,7 +11,9 @@ import copy
 import fnmatch
 import logging
 import os
+import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,26 +90,70 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
+# Autograd nodes (``ReluBackward0`` without ``Backward0``) that carry each channel of their input to the same channel
+# of their output, alone or beside others: what may lie between an output layer and the model's output.
+CHANNEL_PRESERVING_OPS = frozenset({
+    "Relu", "Hardtanh", "Gelu", "Sigmoid", "Silu", "Hardswish", "Hardsigmoid", "Tanh", "LeakyRelu", "Elu", "Mish",
+    "Softmax", "LogSoftmax", "AdaptiveAvgPool1D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AvgPool2D",
+    "AdaptiveMaxPool2D", "MaxPool2DWithIndices", "Mean", "Sum", "View", "UnsafeView", "Reshape", "Clone", "Squeeze",
+    "Unsqueeze", "Permute", "Transpose", "Select", "Slice", "Expand", "Cat", "Add", "Sub", "Mul", "Div",
+    "NativeBatchNorm", "CudnnBatchNorm", "ToCopy", "Alias",
+})
+
+
+def _op_name(node: object) -> str:
+    return re.sub(r"Backward\d*$", "", type(node).__name__)
+
+
+def output_layers(result: object, produced: dict[object, str]) -> set[str]:
+    """The layers whose channels are the output's channels: found by walking the autograd graph back from the
+    output through channel-preserving operations (activations, pooling, flatten, reshape, ...) to the nodes that
+    produced a layer's output (``produced``: autograd node -> layer name)."""
+    if not isinstance(result, torch.Tensor) or result.grad_fn is None:
+        return set()
+    found, seen, stack = set(), set(), [result.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node in produced:
+            found.add(produced[node])
+        elif _op_name(node) in CHANNEL_PRESERVING_OPS:
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
           device: torch.device) -> tuple[list[Target], set[str]]:
     """Runs two calibration samples through the model.
 
     Returns:
         The targets in execution order (those never called last, in module order), and the names of
-        the targets whose output is the model's output.
+        the output layers: the targets whose output is the model's output, or feeds it through activations,
+        pooling, flatten or reshape only (:func:`output_layers`; SqueezeNet's classifier conv is followed by
+        ReLU and pooling).
 
     Raises:
         CalibrationError: the inputs do not fit the model (wrong shape, dtype or channels).
     """
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [t.module.register_forward_hook(lambda m, i, o, name=t.name: outputs.__setitem__(name, o))
-             for t in targets]
+    produced: dict[object, str] = {}
+
+    def on_output(module: nn.Module, inputs: tuple, output: object, name: str) -> None:
+        outputs[name] = output
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            produced[output.grad_fn] = name
+
+    hooks = [t.module.register_forward_hook(partial(on_output, name=t.name)) for t in targets]
     was_training = model.training
     model.eval()
     sample = calibration.inputs[:2].to(device)
+    if sample.is_floating_point():  # a graph to walk even when the model's parameters are frozen
+        sample = sample.detach().requires_grad_()
     try:
-        result = model(sample)
+        with torch.enable_grad():
+            result = model(sample)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CalibrationError(
@@ -120,7 +166,8 @@ def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
         model.train(was_training)
     order = {name: position for position, name in enumerate(outputs)}
     ordered = sorted(targets, key=lambda t: order.get(t.name, len(order)))
-    return ordered, {name for name, out in outputs.items() if out is result}
+    direct = {name for name, out in outputs.items() if out is result}
+    return ordered, direct | output_layers(result, produced)
 
 
 def layer_budgets(targets: list[Target], config: SparsityConfig, pattern: Pattern,

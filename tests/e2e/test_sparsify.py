@@ -86,6 +86,37 @@ def test_channel_pattern_zeros_whole_channels_and_keeps_classes(tiny_cnn, calib_
     assert abs(zeros - 0.4 * total) <= largest_unit
 
 
+class ConvClassifier(nn.Module):
+    """SqueezeNet's head: the classes come from a 1x1 conv followed by ReLU, pooling and flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(16, 10, 1), nn.ReLU(inplace=True),
+                                        nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "taylor"])
+def test_an_output_layer_behind_activation_and_pooling_keeps_every_class(calib_images, method):
+    model = ConvClassifier().eval()
+    result = ptsparse.sparsify(model, calib_images, method=method, pattern="channel", sparsity=0.3, progress=False)
+    classes = result.model.classifier[1].weight.detach().flatten(1)
+    assert (classes != 0).any(1).all(), "a class always scores 0"
+    assert (result.model.features[0].weight.detach().flatten(1) == 0).all(1).any()  # the rest is pruned
+
+
+def test_squeezenet_keeps_its_classifier_conv(calib_images):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.squeezenet1_0(num_classes=10).eval()
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    result = ptsparse.sparsify(model, images, method="taylor", pattern="channel", sparsity=0.3, progress=False)
+    classes = result.model.classifier[1].weight.detach().flatten(1)
+    assert (classes != 0).any(1).all()
+
+
 def test_excluded_layers_untouched_and_not_counted(tiny_cnn, calib_images):
     result = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.9, exclude=["stem", "fc"], progress=False)
     assert torch.equal(result.model.stem.weight, tiny_cnn.stem.weight)
