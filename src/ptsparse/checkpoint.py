@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -241,7 +242,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
             parts.append("shape of " + ", ".join(f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
                                                  for k in wrong[:3]))
         raise CheckpointError(f"{source} does not match the model: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    # safetensors keeps tensors only; modules that read their version while loading (torchvision's MNASNet) get
+    # the versions of the model they are loaded into, which is what wrote the tensors.
+    versioned = OrderedDict(state)
+    versioned._metadata = getattr(own, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    model.load_state_dict(versioned)
     return model
 
 

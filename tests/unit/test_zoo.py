@@ -130,6 +130,17 @@ def test_torchvision_result_reloads_by_architecture(images, tmp_path):
     assert torch.equal(loaded(x), result.model(x)) and torch.equal(again(x), result.model(x))
 
 
+def test_a_model_that_reads_its_version_while_loading_reloads(tmp_path):
+    """torchvision's MNASNet refuses a state dict without its version (safetensors stores tensors only)."""
+    pytest.importorskip("torchvision")
+    model, architecture = resolve_model("torchvision:mnasnet0_5,num_classes=2")
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result = ptsparse.sparsify(model, images, method="magnitude", sparsity=0.5, progress=False,
+                               architecture=architecture)
+    ptsparse.save(result, tmp_path / "run")
+    assert torch.equal(ptsparse.load(tmp_path / "run")(images), result.model(images))
+
+
 def test_torchvision_preprocessing_matches_torchvision(tmp_path):
     """The built-in transform gives what the model's own `weights.transforms()` gives (no download)."""
     torchvision = pytest.importorskip("torchvision")
