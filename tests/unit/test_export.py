@@ -331,7 +331,7 @@ def test_onnx_export_matches_pytorch(reference_90, tmp_path):
 
     path = tmp_path / "model.onnx"
     report = export_model(reference_90.model, "onnx", path, metadata=ARCH)
-    assert path.is_file() and report["max_abs_difference"] < 1e-4
+    assert path.is_file() and report["max_relative_difference"] < 1e-4
     x = reference_inputs(5, seed=2)  # a batch size the export never saw
     assert torch.allclose(onnxruntime_outputs(path, x), reference_90.model(x), rtol=1e-3, atol=1e-4)
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary file left
@@ -503,3 +503,17 @@ def test_bench_latency_prints_the_spread_and_warns_when_runs_vary(capsys, monkey
     rows = json.loads(out.read_text())["models"]
     assert {"median_ms", "throughput", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "max_ms"} <= set(rows[1]["latency"]["1"])
     assert rows[1]["speedup"]["1"]["within_spread"] and rows[1]["latency"]["1"]["iqr_ms"] == pytest.approx(12.0)
+
+
+def test_output_checks_are_relative_to_the_output_scale_and_give_the_difference():
+    from ptsparse.export.base import check_outputs
+
+    reference = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 1e4  # large logits
+    reordered = reference + 2e-6 * reference.abs().max() * torch.randn(4, 1000, generator=torch.Generator())
+    assert check_outputs(reordered, reference, 1e-4, "check") < 1e-4  # rtol 1e-4 / atol 1e-5 refused this
+    broken = reference.clone()
+    broken[0, 0] += 0.01 * reference.abs().max()
+    with pytest.raises(ExportError, match=r"largest output difference .* is 0.01 of the largest output magnitude"):
+        check_outputs(broken, reference, 1e-4, "check")
+    with pytest.raises(ExportError, match=r"output shape \(4, 999\) instead of \(4, 1000\)"):
+        check_outputs(reference[:, :999], reference, 1e-4, "check")

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._registry import Registry
 from ..checkpoint import READERS, Reader
+from ..errors import ExportError
 from ..graph.cost import speedup_warnings
 
 
@@ -29,6 +31,24 @@ def size_summary(report: dict[str, Any], path: str | os.PathLike) -> str:
     """The written file's size against the dense checkpoint's."""
     return (f"wrote {path}: {report['bytes']:,} bytes, {report['size_ratio']:.2f}x smaller than the dense "
             f"checkpoint ({report['dense_bytes']:,} bytes)")
+
+
+def check_outputs(outputs: torch.Tensor, reference: torch.Tensor, tolerance: float, what: str) -> float:
+    """The largest difference of ``outputs`` from ``reference`` relative to the reference's largest magnitude
+    (float sums reordered by an exporter or a smaller layer differ by about 1e-7 of the output's scale, whatever
+    that scale is; a wrong model by far more).
+
+    Raises:
+        ExportError: the shapes differ or the relative difference exceeds ``tolerance`` (the message gives it).
+    """
+    if outputs.shape != reference.shape:
+        raise ExportError(f"{what}: output shape {tuple(outputs.shape)} instead of {tuple(reference.shape)}")
+    difference = float((outputs.double() - reference.double()).abs().max())
+    scale = max(float(reference.double().abs().max()), 1e-12)
+    if difference > tolerance * scale:
+        raise ExportError(f"{what}: largest output difference {difference:.3g} is {difference / scale:.2g} of the "
+                          f"largest output magnitude {scale:.3g}, beyond the tolerance {tolerance:g}")
+    return difference / scale
 
 
 @dataclass(frozen=True)
