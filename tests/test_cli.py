@@ -12,7 +12,7 @@ import torch
 
 from ptsparse.cli import main
 from ptsparse.config import SparsityConfig
-from ptsparse.models import load_reference, reference_metadata
+from ptsparse.models import architecture_of, load_reference, reference_metadata
 
 from .conftest import needs_fashion_mnist
 
@@ -26,20 +26,39 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_reference_weights_load_and_metadata():
-    model = load_reference()
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(272_186, rel=0.01)
-    metadata = reference_metadata()
-    assert metadata["test_accuracy"] >= 0.93
+REFERENCE_MODELS = [("reference", "reference_resnet20", 272_186, 0.93),
+                    ("reference_mobilenet", "reference_mobilenet", 158_954, 0.91)]
+
+
+@pytest.mark.parametrize("name, architecture, params, accuracy", REFERENCE_MODELS)
+def test_reference_weights_load_and_metadata(name, architecture, params, accuracy):
+    model = load_reference(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert architecture_of(model) == architecture
+    metadata = reference_metadata(name)
+    assert metadata["test_accuracy"] >= accuracy and metadata["architecture"] == architecture
     assert {"recipe", "seed"} <= metadata.keys()
+
+
+def test_the_compact_reference_has_depthwise_layers_and_identity_shortcuts():
+    model = load_reference("reference_mobilenet")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(c.groups == c.in_channels > 1 for c in convs) >= 9
+    assert sum(block.residual for block in model.blocks) >= 3
+
+
+def test_an_unknown_reference_model_is_one_line(capsys):
+    code, _, err = run_cli(capsys, "eval", "--model", "reference_mobilnet", "-q")
+    assert code == 2 and err.count("\n") == 1 and "reference_mobilenet" in err
 
 
 @pytest.mark.slow
 @needs_fashion_mnist
-def test_reference_model_reaches_93_percent(capsys):
-    code, out, _ = run_cli(capsys, "eval", "--model", "reference", "-q")
+@pytest.mark.parametrize("name, architecture, params, accuracy", REFERENCE_MODELS)
+def test_reference_models_reach_their_accuracy(capsys, name, architecture, params, accuracy):
+    code, out, _ = run_cli(capsys, "eval", "--model", name, "-q")
     assert code == 0
-    assert json.loads(out)["accuracy"] >= 0.93
+    assert json.loads(out)["accuracy"] >= accuracy
 
 
 def sparsify_eval_and_report(capsys, out, calib_size: int, dense_floor: float) -> dict:

@@ -115,7 +115,8 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 def _model_flags(parser: argparse.ArgumentParser, default: str = "reference") -> None:
     parser.add_argument("--model", default=default,
-                        help="reference; torchvision:NAME, timm:NAME (random weights unless --weights; "
+                        help="reference (the ResNet-20) or reference_mobilenet (the compact MobileNet); "
+                             "torchvision:NAME, timm:NAME (random weights unless --weights; "
                              "NAME,key=value passes constructor arguments) or hf:DIRECTORY (a local Hugging Face "
                              "model); or a safetensors checkpoint / output directory written by ptsparse")
     parser.add_argument("--weights", default=None,
@@ -295,8 +296,8 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
 
     recipe = Recipe(epochs=args.epochs, seed=args.seed)
     model, metadata = train_reference(recipe, data_root=args.data_dir, device=args.device,
-                                      show_progress=not args.quiet)
-    out = Path(args.out)
+                                      show_progress=not args.quiet, architecture=args.architecture)
+    out = Path(args.out or f"{args.architecture}.safetensors")
     save_model(model, out, metadata)
     write_json(out.with_suffix(".json"), metadata)
     print(json.dumps(metadata, indent=2))
@@ -454,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--details", action="store_true", help="each option's description and its own options")
     p.set_defaults(handler=cmd_list)
 
-    p = sub.add_parser("train-reference", help="train the reference ResNet-20 on Fashion-MNIST")
-    p.add_argument("--out", default="reference_resnet20.safetensors", help="safetensors path (a .json goes beside)")
+    p = sub.add_parser("train-reference", help="train a reference model on Fashion-MNIST")
+    p.add_argument("--architecture", default="reference_resnet20", choices=("reference_resnet20", "reference_mobilenet"))
+    p.add_argument("--out", default=None, help="safetensors path, a .json goes beside (default: ARCHITECTURE.safetensors)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -464,19 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_train_reference)
 
     p = sub.add_parser("export", help="compressed checkpoint, channel-removed model, or ONNX of a sparse model")
-    p.add_argument("model", help="reference, or a checkpoint / output directory written by ptsparse")
+    p.add_argument("model", help="a reference model, or a checkpoint / output directory written by ptsparse")
     p.add_argument("--format", required=True,
                    help="; ".join(f"{name}: {FORMATS.get(name).description}" for name in FORMATS.names()))
     p.add_argument("--out", required=True, help="file to write (.safetensors, or .onnx)")
     p.add_argument("--dtype", default=None,
                    help="compressed: storage dtype of the values: keep (default, bit-exact), float16, bfloat16")
     p.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",
-                   help="one sample's shape for tracing, e.g. 3 224 224 (known for the reference model)")
+                   help="one sample's shape for tracing, e.g. 3 224 224 (known for the reference models)")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("bench-latency", help="latency, throughput, MACs and parameters of models on this device")
     p.add_argument("models", nargs="*", default=["reference"],
-                   help="models to time, the first is the baseline: reference, checkpoints written by ptsparse "
+                   help="models to time, the first is the baseline: reference models, checkpoints written by ptsparse "
                         "(plain, compressed, channels) or .onnx files (onnxruntime)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], metavar="B")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs before timing")
@@ -486,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--semi-structured", action="store_true",
                    help="also time 2:4 kernels for Linear layers (CUDA only; elsewhere says why not)")
     p.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",
-                   help="one sample's shape (known for the reference model)")
+                   help="one sample's shape (known for the reference models)")
     p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     p.set_defaults(handler=cmd_bench_latency)
     return parser

@@ -70,7 +70,7 @@ def test_bad_export_input_is_one_line_and_writes_nothing(capsys, runs, tmp_path,
 
 def test_export_of_a_missing_model_is_an_error(capsys, tmp_path):
     code, _, stderr = run_cli(capsys, "export", tmp_path / "nope", "--format", "compressed", "--out", tmp_path / "x")
-    assert code == 2 and "neither 'reference' nor an existing checkpoint" in stderr
+    assert code == 2 and "neither a reference model (reference, " in stderr and "nor an existing checkpoint" in stderr
 
 
 def test_export_to_a_directory_is_an_error(capsys, runs, tmp_path):

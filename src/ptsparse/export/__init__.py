@@ -29,7 +29,7 @@ from torch import nn
 from .._extras import MissingExtraError, require
 from ..checkpoint import save_state
 from ..errors import CheckpointError, ConfigError
-from ..models import load_checkpoint, load_reference, zoo
+from ..models import REFERENCE_MODELS, load_checkpoint, load_reference, zoo
 from .base import FORMATS, ExportFormat
 
 # Each format module registers its format on import, in the order of the table above.
@@ -40,7 +40,7 @@ from . import onnx  # noqa: F401
 # isort: on
 
 # One sample's shape for the registered architectures (channel removal and ONNX trace an example input).
-INPUT_SHAPES: dict[str, tuple[int, ...]] = {"reference_resnet20": (1, 28, 28)}
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {"reference_resnet20": (1, 28, 28), "reference_mobilenet": (1, 28, 28)}
 
 
 def check_format(name: str) -> ExportFormat:
@@ -119,16 +119,17 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, meta
 
 
 def load_model(spec: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """``reference`` or any ptsparse checkpoint (plain, compressed, channel-removed): the model and its metadata.
+    """A reference model or any ptsparse checkpoint (plain, compressed, channel-removed): the model and its metadata.
 
     Raises:
         CheckpointError: the path does not exist or the file cannot be loaded.
     """
-    if str(spec) == "reference":
-        return load_reference(), {"architecture": "reference_resnet20"}
+    if str(spec) in REFERENCE_MODELS:
+        return load_reference(str(spec)), {"architecture": REFERENCE_MODELS[str(spec)]}
     path = Path(spec)
     if not path.exists():
-        raise CheckpointError(f"model {str(spec)!r} is neither 'reference' nor an existing checkpoint path")
+        raise CheckpointError(f"model {str(spec)!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}) "
+                              "nor an existing checkpoint path")
     return load_checkpoint(path)
 
 

@@ -1,12 +1,13 @@
 """Models by name: the bundled reference model, torchvision / timm / Hugging Face models, and checkpoints
 written by ptsparse.
 
-``--model`` accepts ``reference`` (the committed, trained ResNet-20 for Fashion-MNIST), a model spec
+``--model`` accepts a reference model (:data:`REFERENCE_MODELS`: ``reference``, the committed, trained ResNet-20
+for Fashion-MNIST, and ``reference_mobilenet``, the compact MobileNetV2-style one), a model spec
 ``torchvision:NAME``, ``timm:NAME`` or ``hf:DIRECTORY`` (:mod:`ptsparse.models.zoo`, optional extras), the
 path of a safetensors checkpoint whose metadata names an architecture (every checkpoint ptsparse writes
 does), or a sparsify output directory.
 
-Architectures are the registered names (``reference_resnet20``) and every model spec: a result sparsified
+Architectures are the registered names (``reference_resnet20``, ``reference_mobilenet``) and every model spec: a result sparsified
 from ``torchvision:resnet18`` records that string, and :func:`load_checkpoint` rebuilds the model from it.
 
 A model built here remembers its architecture, so ``ptsparse.sparsify`` records it without being told
@@ -32,8 +33,10 @@ from torch import nn
 
 from .._registry import Registry
 from ..checkpoint import load_into, load_state, shape_to_checkpoint
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ModelError
 from . import zoo
+from .compact import CompactMobileNet
+from .compact import compact_mobilenet as _compact_mobilenet
 from .reference import ReferenceResNet
 from .reference import reference_resnet as _reference_resnet
 
@@ -96,18 +99,29 @@ class Architectures(Registry):
 
 ARCHITECTURES: Registry[Callable[[], nn.Module]] = Architectures("architecture")
 reference_resnet = ARCHITECTURES.register("reference_resnet20")(_reference_resnet)
+compact_mobilenet = ARCHITECTURES.register("reference_mobilenet")(_compact_mobilenet)
 
-REFERENCE_WEIGHTS = "reference_resnet20.safetensors"
+# ``--model`` names of the trained models committed with the package, and the architecture each one is; the
+# weights are ``weights/ARCHITECTURE.safetensors`` with the training metadata beside them in a .json.
+REFERENCE_MODELS = {"reference": "reference_resnet20", "reference_resnet20": "reference_resnet20",
+                    "reference_mobilenet": "reference_mobilenet"}
 
 
-def reference_weights_path() -> Path:
-    """Path of the committed reference weights inside the installed package."""
-    return Path(str(resources.files(__package__).joinpath("weights", REFERENCE_WEIGHTS)))
+def _reference_architecture(name: str) -> str:
+    if name not in REFERENCE_MODELS:
+        raise ModelError(f"reference model {name!r} is not one of {', '.join(REFERENCE_MODELS)}")
+    return REFERENCE_MODELS[name]
 
 
-def reference_metadata() -> dict:
-    """Accuracy, recipe and seed of the committed reference weights."""
-    return json.loads(reference_weights_path().with_suffix(".json").read_text())
+def reference_weights_path(name: str = "reference") -> Path:
+    """Path of a committed reference model's weights inside the installed package."""
+    filename = f"{_reference_architecture(name)}.safetensors"
+    return Path(str(resources.files(__package__).joinpath("weights", filename)))
+
+
+def reference_metadata(name: str = "reference") -> dict:
+    """Accuracy, recipe and seed of a committed reference model."""
+    return json.loads(reference_weights_path(name).with_suffix(".json").read_text())
 
 
 def load_checkpoint(path: str | os.PathLike, architecture: str | None = None) -> tuple[nn.Module, dict]:
@@ -138,9 +152,10 @@ def load_checkpoint(path: str | os.PathLike, architecture: str | None = None) ->
     return model.eval(), dict(metadata or {}, architecture=name)
 
 
-def load_reference() -> ReferenceResNet:
-    """The trained reference ResNet-20 (eval mode), from the weights committed with the package."""
-    model, _ = load_checkpoint(reference_weights_path(), architecture="reference_resnet20")
+def load_reference(name: str = "reference") -> nn.Module:
+    """A trained reference model (eval mode) from the weights committed with the package: ``reference`` (the
+    ResNet-20) or ``reference_mobilenet`` (:data:`REFERENCE_MODELS`)."""
+    model, _ = load_checkpoint(reference_weights_path(name), architecture=_reference_architecture(name))
     return model
 
 
@@ -148,7 +163,7 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
     """``--model`` (and ``--weights``): the model (eval mode) and its architecture name.
 
     Args:
-        spec: ``"reference"``; ``"torchvision:NAME"``, ``"timm:NAME"`` (random weights unless ``weights``) or
+        spec: a reference model (:data:`REFERENCE_MODELS`); ``"torchvision:NAME"``, ``"timm:NAME"`` (random weights unless ``weights``) or
             ``"hf:DIRECTORY"`` (its own weights if it has any), see :mod:`ptsparse.models.zoo`; or a checkpoint
             path / output directory written by ptsparse.
         weights: a local state dict (safetensors, or a torch file read with ``weights_only=True``) loaded
@@ -163,15 +178,16 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
         MissingExtraError: the optional package of a spec is not installed (the message names the pip command).
         ModelError: a spec names no known model.
     """
-    if str(spec) == "reference":
-        model, architecture = load_reference(), "reference_resnet20"
+    if str(spec) in REFERENCE_MODELS:
+        model, architecture = load_reference(str(spec)), REFERENCE_MODELS[str(spec)]
     elif zoo.is_spec(str(spec)):
         architecture = zoo.canonical_spec(str(spec))
         model = tag_architecture(zoo.build_model(architecture), architecture)
     else:
         path = Path(spec)
         if not path.exists():
-            raise CheckpointError(f"model {str(spec)!r} is neither 'reference' nor an existing checkpoint path "
+            raise CheckpointError(f"model {str(spec)!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}) "
+                                  f"nor an existing checkpoint path "
                                   f"(nor a model spec: {', '.join(zoo.SPEC_FORMS)})")
         model, metadata = load_checkpoint(path)
         architecture = metadata["architecture"]
@@ -180,5 +196,6 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
     return model.eval(), architecture
 
 
-__all__ = ["ARCHITECTURES", "Architectures", "ReferenceResNet", "architecture_of", "load_checkpoint", "load_reference",
-           "reference_metadata", "reference_resnet", "reference_weights_path", "resolve_model", "tag_architecture"]
+__all__ = ["ARCHITECTURES", "Architectures", "CompactMobileNet", "REFERENCE_MODELS", "ReferenceResNet", "architecture_of",
+           "compact_mobilenet", "load_checkpoint", "load_reference", "reference_metadata", "reference_resnet",
+           "reference_weights_path", "resolve_model", "tag_architecture"]
