@@ -180,8 +180,8 @@ def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing(reference)
 def test_bf16_distillation_runs_convolutions_in_bf16(reference):
     dtypes = set()
     model = copy.deepcopy(reference)
-    model.stages[0][0].conv1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if torch.is_grad_enabled()
-                                                   else None)
+    model.stages[0][0].conv1.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training and
+                                                   torch.is_grad_enabled() else None)  # distillation steps only
     result = ptsparse.sparsify(model, randn(32, 1, 28, 28), distill_precision="bf16", **DISTILL)
     assert dtypes == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
