@@ -79,6 +79,11 @@ ABLATION_RUNS: dict[str, dict] = {
     # The shared core with more signal per image: random crops, the block loss, both.
     "magnitude_kd-crop": {"method": "magnitude_kd", "distill_augment": "flip_crop"},
     "magnitude_kd-blocks-crop": {"method": "magnitude_kd", "objective": "kd_blocks", "distill_augment": "flip_crop"},
+    # The block loss with each other part changed in turn (allocation, dynamics): a fractional factorial around it.
+    "magnitude_kd-blocks-global": {"method": "magnitude_kd", "objective": "kd_blocks", "allocation": "global"},
+    "magnitude_kd-blocks-dst": {"method": "magnitude_kd", "objective": "kd_blocks", "dynamics": "dst"},
+    "iee-blocks": {"method": "iee", "objective": "kd_blocks"},
+    "unipts-blocks": {"method": "unipts", "objective": "kd_blocks"},
     # Versions of the methods beside the papers' (each changes one mechanism).
     "fcpts-ste_floor": {"method": "fcpts", "learned_thresholds_score_grad": "ste",
                         "learned_thresholds_init_floor": 0.05},
