@@ -240,6 +240,18 @@ def test_kd_blocks_adds_block_mse_to_the_logit_term():
     assert float(terms["block_mse"]) == pytest.approx(3.0) and float(terms["loss"]) == pytest.approx(3.0)
 
 
+def test_kd_blocks_on_a_model_without_blocks_errors_or_falls_back_to_logits(tiny_mlp, caplog):
+    mlp_inputs = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="name them with `blocks`"):
+        ptsparse.sparsify(tiny_mlp, mlp_inputs, method="magnitude_kd", objective="kd_blocks", distill_iterations=2,
+                          batch_size=16, progress=False)
+    result = ptsparse.sparsify(tiny_mlp, mlp_inputs, method="magnitude_kd", objective="kd_blocks",
+                               kd_blocks_no_blocks="logits", distill_iterations=2, batch_size=16, progress=False)
+    history = result.report["recovery"]["history"]
+    assert history[0]["block_mse"] == 0.0 and history[0]["loss"] == history[0]["kd"]
+    assert "no blocks found" in caplog.text
+
+
 def test_fcpts_with_block_loss_runs_on_named_blocks(tiny_cnn, calib_images):
     result = ptsparse.sparsify(tiny_cnn, calib_images, method="fcpts", sparsity=0.7, iterations=6, batch_size=16,
                                objective="kd_blocks", blocks=["grouped", "pointwise"], progress=False)

@@ -9,6 +9,7 @@ and returns named loss terms with ``"loss"`` as the one minimised.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,8 +19,11 @@ from torch import nn
 
 from .._registry import Registry
 from ..blocks import find_blocks
+from ..errors import ConfigError
 from ..options import Options, Part, option, positive
 from ..targets import Target
+
+log = logging.getLogger(__name__)
 
 Features = dict[str, torch.Tensor]
 
@@ -95,15 +99,20 @@ class KDBlocks(Objective):
 
     Args:
         temperature: softmax temperature of the logit term.
+        no_blocks: a model in which no blocks are found automatically: ``"error"``, or ``"logits"`` (the logit
+            term alone, with a warning). Blocks named with ``blocks`` must always exist.
         blocks: name globs of the blocks; empty to find them automatically (:func:`ptsparse.blocks.find_blocks`).
     """
 
     @dataclass(frozen=True)
     class Settings(Options, part="kd_blocks"):
         temperature: float = option(4.0, "temperature of the logit term", check=positive)
+        no_blocks: str = option("error", "a model where no blocks are found automatically: error, or logits (the "
+                                "logit term alone, with a warning)", choices=("error", "logits"))
 
-    def __init__(self, temperature: float = 4.0, blocks: Sequence[str] = ()) -> None:
+    def __init__(self, temperature: float = 4.0, no_blocks: str = "error", blocks: Sequence[str] = ()) -> None:
         self.logits = KDLogits(temperature)
+        self.no_blocks = no_blocks
         self.blocks = tuple(blocks)
 
     @classmethod
@@ -111,10 +120,19 @@ class KDBlocks(Objective):
         return cls(**config.settings_of(cls).to_dict(), blocks=config.blocks)
 
     def features(self, model, targets):
-        return find_blocks(model, targets, self.blocks)
+        try:
+            return find_blocks(model, targets, self.blocks)
+        except ConfigError:
+            if self.blocks or self.no_blocks == "error":
+                raise
+            log.warning("kd_blocks: no blocks found in the model; distilling the logits alone (name blocks with "
+                        "--blocks to add their outputs)")
+            return []
 
     def __call__(self, student, teacher, student_features, teacher_features, progress=0.0):
         kd = self.logits(student, teacher, {}, {})["kd"]
+        if not student_features:
+            return {"kd": kd, "block_mse": torch.zeros_like(kd), "loss": kd}
         blocks = torch.stack([output_mse(_tensor(student_features[name]), _tensor(teacher_features[name]))
                               for name in student_features]).sum()
         return {"kd": kd, "block_mse": blocks, "loss": kd + blocks}
