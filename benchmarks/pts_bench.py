@@ -440,11 +440,17 @@ def regimes_section(reports: list[dict]) -> str:
         text += (f"\n**{MODEL_TITLES.get(model, model)}** (dense {dense[model]:.2f}), {calib_size} calibration images, "
                  f"{steps or 'preset'} steps, sparsity {sparsity:g}:\n\n"
                  "| run | sparse acc | vs magnitude_kd | wall time (s, mean) |\n|---|---|---|---|\n")
+        above, below = [], []
         for run in runs:
             key = (model, calib_size, steps, sparsity, run)
             difference = paired(cells[key], baseline) if run != "magnitude_kd" else None
             text += (f"| {run} | {format_cell(cells[key])} | {difference or ''} | "
                      f"{mean_std(wall[key])[0]:.0f} |\n")
+            if difference is not None and difference.significant:
+                (above if difference.mean > 0 else below).append(f"`{run}` ({difference.mean:+.2f})")
+        if baseline:
+            text += (f"\nBeyond two standard deviations of `magnitude_kd`: above: {', '.join(above) or 'none'}; "
+                     f"below: {', '.join(below) or 'none'}; every other run is within noise of it.\n")
     return text
 
 
