@@ -80,6 +80,7 @@ ABLATION_RUNS: dict[str, dict] = {
     "magnitude_kd-crop": {"method": "magnitude_kd", "distill_augment": "flip_crop"},
     "magnitude_kd-blocks-crop": {"method": "magnitude_kd", "objective": "kd_blocks", "distill_augment": "flip_crop"},
     # The block loss with each other part changed in turn (allocation, dynamics): a fractional factorial around it.
+    "magnitude_kd-blocks_rel": {"method": "magnitude_kd", "objective": "kd_blocks", "kd_blocks_normalize": "teacher"},
     "magnitude_kd-blocks-global": {"method": "magnitude_kd", "objective": "kd_blocks", "allocation": "global"},
     "magnitude_kd-blocks-dst": {"method": "magnitude_kd", "objective": "kd_blocks", "dynamics": "dst"},
     "iee-blocks": {"method": "iee", "objective": "kd_blocks"},

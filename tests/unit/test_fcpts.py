@@ -240,6 +240,16 @@ def test_kd_blocks_adds_block_mse_to_the_logit_term():
     assert float(terms["block_mse"]) == pytest.approx(3.0) and float(terms["loss"]) == pytest.approx(3.0)
 
 
+def test_kd_blocks_normalized_by_the_teacher_weighs_blocks_by_relative_error():
+    logits = torch.randn(4, 10)
+    teacher = {"small": torch.full((4, 3, 2, 2), 0.1), "large": torch.full((4, 3, 2, 2), 100.0)}
+    student = {name: 1.1 * value for name, value in teacher.items()}  # 10% off in both blocks
+    plain = KDBlocks()(logits, logits, student, teacher)["block_mse"]
+    relative = KDBlocks(normalize="teacher")(logits, logits, student, teacher)["block_mse"]
+    assert float(relative) == pytest.approx(2 * 0.01, rel=1e-4)
+    assert float(plain) == pytest.approx(3 * (0.01 ** 2 + 10.0 ** 2), rel=1e-4)  # dominated by the large block
+
+
 def test_kd_blocks_on_a_model_without_blocks_errors_or_falls_back_to_logits(tiny_mlp, caplog):
     mlp_inputs = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match="name them with `blocks`"):

@@ -101,6 +101,9 @@ class KDBlocks(Objective):
         temperature: softmax temperature of the logit term.
         no_blocks: a model in which no blocks are found automatically: ``"error"``, or ``"logits"`` (the logit
             term alone, with a warning). Blocks named with ``blocks`` must always exist.
+        normalize: ``"none"`` (the squared error summed over channels, FCPTS's form) or ``"teacher"`` (each block's
+            error divided by the teacher's mean squared output there, so every block weighs the same whatever
+            the scale of its activations)
         blocks: name globs of the blocks; empty to find them automatically (:func:`ptsparse.blocks.find_blocks`).
     """
 
@@ -109,10 +112,14 @@ class KDBlocks(Objective):
         temperature: float = option(4.0, "temperature of the logit term", check=positive)
         no_blocks: str = option("error", "a model where no blocks are found automatically: error, or logits (the "
                                 "logit term alone, with a warning)", choices=("error", "logits"))
+        normalize: str = option("none", "block error: none (squared error summed over channels, FCPTS's) or teacher "
+                                "(relative to the teacher's mean squared output, so every block weighs the same)",
+                                choices=("none", "teacher"))
 
-    def __init__(self, temperature: float = 4.0, no_blocks: str = "error", blocks: Sequence[str] = ()) -> None:
+    def __init__(self, temperature: float = 4.0, no_blocks: str = "error", normalize: str = "none",
+                 blocks: Sequence[str] = ()) -> None:
         self.logits = KDLogits(temperature)
-        self.no_blocks = no_blocks
+        self.no_blocks, self.normalize = no_blocks, normalize
         self.blocks = tuple(blocks)
 
     @classmethod
@@ -133,8 +140,14 @@ class KDBlocks(Objective):
         kd = self.logits(student, teacher, {}, {})["kd"]
         if not student_features:
             return {"kd": kd, "block_mse": torch.zeros_like(kd), "loss": kd}
-        blocks = torch.stack([output_mse(_tensor(student_features[name]), _tensor(teacher_features[name]))
-                              for name in student_features]).sum()
+        errors = []
+        for name in student_features:
+            student_out, teacher_out = _tensor(student_features[name]), _tensor(teacher_features[name])
+            error = output_mse(student_out, teacher_out)
+            if self.normalize == "teacher":
+                error = error / output_mse(teacher_out, torch.zeros_like(teacher_out)).clamp_min(1e-12)
+            errors.append(error)
+        blocks = torch.stack(errors).sum()
         return {"kd": kd, "block_mse": blocks, "loss": kd + blocks}
 
 
