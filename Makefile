@@ -37,7 +37,7 @@ test-slow: venv data
 test-all: test test-slow
 
 demo: venv data
-	$(VENV)/bin/ptsparse sparsify --model reference --data fashion-mnist --sparsity 0.9 --out runs/demo
+	$(VENV)/bin/ptsparse sparsify --model reference --data fashion-mnist --method recommended --sparsity 0.9 --out runs/demo
 
 clean:
 	rm -rf runs .pytest_cache build src/*.egg-info

@@ -59,6 +59,7 @@ RUNS: dict[str, dict] = {
     "fcpts": {"method": "fcpts"},
     "unipts": {"method": "unipts"},
     "iee": {"method": "iee"},
+    "recommended": {"method": "recommended"},
 }
 # Ablations run at ABLATION_SPARSITIES only (``--sparsities`` overrides): one FCPTS knob changed at a time.
 ABLATION_RUNS: dict[str, dict] = {

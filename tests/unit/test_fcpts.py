@@ -262,6 +262,18 @@ def test_kd_blocks_on_a_model_without_blocks_errors_or_falls_back_to_logits(tiny
     assert "no blocks found" in caplog.text
 
 
+def test_recommended_picks_the_relative_block_loss_and_runs_on_models_without_blocks(tiny_mlp):
+    config = ptsparse.SparsityConfig.from_dict({"method": "recommended"})
+    assert (config.allocation, config.criterion, config.recovery, config.objective, config.dynamics) == (
+        "erk", "magnitude", "distill", "kd_blocks", "static")
+    assert config.settings_of(KDBlocks).normalize == "teacher"
+    inputs = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    result = ptsparse.sparsify(tiny_mlp, inputs, method="recommended", sparsity=0.8, distill_iterations=3,
+                               batch_size=16, progress=False)
+    zeros, total = count_zeros(find_targets(result.model))
+    assert zeros == round(0.8 * total)
+
+
 def test_fcpts_with_block_loss_runs_on_named_blocks(tiny_cnn, calib_images):
     result = ptsparse.sparsify(tiny_cnn, calib_images, method="fcpts", sparsity=0.7, iterations=6, batch_size=16,
                                objective="kd_blocks", blocks=["grouped", "pointwise"], progress=False)
