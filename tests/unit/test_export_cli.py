@@ -35,7 +35,7 @@ def test_export_compressed_writes_a_loadable_smaller_file(capsys, runs, tmp_path
     assert code == 0
     assert "smaller than the dense checkpoint" in stdout and "runs no faster" in stderr
     report = json.loads(stdout[:stdout.rindex("}") + 1])
-    assert report["bytes"] == out.stat().st_size and report["size_ratio"] >= 7
+    assert report["bytes"] == out.stat().st_size and report["size_ratio"] >= 6.5  # the bitmask limit is 7.6x; the file also holds the config
     model = ptsparse.load(runs / "u90")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in ptsparse.load(out).state_dict().items())
 

@@ -68,6 +68,7 @@ EVERY_METHOD = [
     ("fcpts", {"distill_iterations": 2}),
     ("unipts", {"distill_iterations": 2, **SEARCH}),
     ("iee", {"distill_iterations": 2}),
+    ("recommended", {"distill_iterations": 2}),
     ("taylor", {"pattern": "channel"}),
 ]
 
