@@ -34,12 +34,12 @@ from seeds import (  # noqa: E402
     DEFAULT_CALIB_SIZE,
     DEFAULT_MODEL,
     accuracy_by_seed,
-    cell_key,
     format_cell,
     is_default_regime,
     mean_std,
     paired,
     regime_of,
+    wall_times,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -433,9 +433,7 @@ def regimes_section(reports: list[dict]) -> str:
             "within noise). Steps: the distillation budget of the distilling runs (`preset`: 100 epochs of the "
             "calibration set). These runs ran one at a time on the 2 cores, beside short unit tests at times, so wall "
             "times may be a few percent high.\n")
-    wall = {cell_key(r): [] for r in reports}
-    for r in reports:
-        wall[cell_key(r)].append(r["wall_time_s"])
+    wall = wall_times(reports)
     dense = {regime_of(r)["model"]: 100 * r["dense_accuracy"] for r in reports}
     text += "\nWhere the seed methods beat `magnitude_kd` by more than two standard deviations of the paired difference:\n\n"
     for method in ("fcpts", "unipts", "iee"):
@@ -482,15 +480,15 @@ def time_to_accuracy_section(reports: list[dict]) -> str:
     from ptsparse.checkpoint import atomic_path
 
     text = ""
+    cells, wall = accuracy_by_seed(reports), wall_times(reports)
     for model, title in MODEL_TITLES.items():
         rows: dict[str, list[tuple[float, float, int]]] = {}
-        for key, values in accuracy_by_seed(reports).items():
+        for key, values in cells.items():
             cell_model, calib_size, steps, sparsity, run = key
             if (cell_model, calib_size, sparsity) != (model, DEFAULT_CALIB_SIZE, 0.9) or steps is None \
                     or run not in TIME_TO_ACCURACY_RUNS:
                 continue
-            wall = [r["wall_time_s"] for r in reports if cell_key(r) == key]
-            rows.setdefault(run, []).append((mean_std(wall)[0], mean_std(list(values.values()))[0], steps))
+            rows.setdefault(run, []).append((mean_std(wall[key])[0], mean_std(list(values.values()))[0], steps))
         if not any(len(points) > 1 for points in rows.values()):
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))

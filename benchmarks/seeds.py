@@ -77,6 +77,14 @@ def accuracy_by_seed(reports: list[dict]) -> dict[tuple, dict[int, float]]:
     return cells
 
 
+def wall_times(reports: list[dict]) -> dict[tuple, list[float]]:
+    """cell key -> the wall times of its seeds (s)."""
+    cells: dict[tuple, list[float]] = {}
+    for report in reports:
+        cells.setdefault(cell_key(report), []).append(report["wall_time_s"])
+    return cells
+
+
 def format_cell(values: dict[int, float]) -> str:
     mean, std = mean_std(list(values.values()))
     return f"{mean:.2f}" if len(values) < 2 else f"{mean:.2f} ± {std:.2f} ({len(values)})"

@@ -11,9 +11,7 @@ import copy
 import fnmatch
 import logging
 import os
-import re
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .evaluate import accuracy
 from .graph.cost import speedup_warnings
+from .graph.outputs import feeding_the_output, record_output_nodes, traceable_input
 from .masking import bake, masks_of
 from .models import architecture_of
 from .patterns import NM, Channel, Pattern, parse_pattern
@@ -90,40 +89,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# Autograd nodes (``ReluBackward0`` without ``Backward0``) that carry each channel of their input to the same channel
-# of their output, alone or beside others: what may lie between an output layer and the model's output.
-CHANNEL_PRESERVING_OPS = frozenset({
-    "Relu", "Hardtanh", "Gelu", "Sigmoid", "Silu", "Hardswish", "Hardsigmoid", "Tanh", "LeakyRelu", "Elu", "Mish",
-    "Softmax", "LogSoftmax", "AdaptiveAvgPool1D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AvgPool2D",
-    "AdaptiveMaxPool2D", "MaxPool2DWithIndices", "Mean", "Sum", "View", "UnsafeView", "Reshape", "Clone", "Squeeze",
-    "Unsqueeze", "Permute", "Transpose", "Select", "Slice", "Expand", "Cat", "Add", "Sub", "Mul", "Div",
-    "NativeBatchNorm", "CudnnBatchNorm", "ToCopy", "Alias",
-})
-
-
-def _op_name(node: object) -> str:
-    return re.sub(r"Backward\d*$", "", type(node).__name__)
-
-
-def output_layers(result: object, produced: dict[object, str]) -> set[str]:
-    """The layers whose channels are the output's channels: found by walking the autograd graph back from the
-    output through channel-preserving operations (activations, pooling, flatten, reshape, ...) to the nodes that
-    produced a layer's output (``produced``: autograd node -> layer name)."""
-    if not isinstance(result, torch.Tensor) or result.grad_fn is None:
-        return set()
-    found, seen, stack = set(), set(), [result.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node in produced:
-            found.add(produced[node])
-        elif _op_name(node) in CHANNEL_PRESERVING_OPS:
-            stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
-
-
 def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
           device: torch.device) -> tuple[list[Target], set[str]]:
     """Runs two calibration samples through the model.
@@ -131,26 +96,20 @@ def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
     Returns:
         The targets in execution order (those never called last, in module order), and the names of
         the output layers: the targets whose output is the model's output, or feeds it through activations,
-        pooling, flatten or reshape only (:func:`output_layers`; SqueezeNet's classifier conv is followed by
-        ReLU and pooling).
+        pooling, flatten or reshape only (:mod:`ptsparse.graph.outputs`; SqueezeNet's classifier conv is
+        followed by ReLU and pooling).
 
     Raises:
         CalibrationError: the inputs do not fit the model (wrong shape, dtype or channels).
     """
     outputs: dict[str, torch.Tensor] = {}
     produced: dict[object, str] = {}
-
-    def on_output(module: nn.Module, inputs: tuple, output: object, name: str) -> None:
-        outputs[name] = output
-        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
-            produced[output.grad_fn] = name
-
-    hooks = [t.module.register_forward_hook(partial(on_output, name=t.name)) for t in targets]
+    hooks = [t.module.register_forward_hook(lambda m, i, o, name=t.name: outputs.__setitem__(name, o))
+             for t in targets]
+    hooks += [t.module.register_forward_hook(record_output_nodes(produced, t.name)) for t in targets]
     was_training = model.training
     model.eval()
-    sample = calibration.inputs[:2].to(device)
-    if sample.is_floating_point():  # a graph to walk even when the model's parameters are frozen
-        sample = sample.detach().requires_grad_()
+    sample = traceable_input(calibration.inputs[:2].to(device))
     try:
         with torch.enable_grad():
             result = model(sample)
@@ -166,8 +125,8 @@ def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
         model.train(was_training)
     order = {name: position for position, name in enumerate(outputs)}
     ordered = sorted(targets, key=lambda t: order.get(t.name, len(order)))
-    direct = {name for name, out in outputs.items() if out is result}
-    return ordered, direct | output_layers(result, produced)
+    direct = {name for name, out in outputs.items() if out is result}  # no graph: integer inputs, frozen model
+    return ordered, direct | feeding_the_output(result, produced)
 
 
 def layer_budgets(targets: list[Target], config: SparsityConfig, pattern: Pattern,

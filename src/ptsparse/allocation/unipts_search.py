@@ -150,23 +150,31 @@ class FitnessEvaluator:
         optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
         generator = torch.Generator().manual_seed(self.seed)
         inputs = self.bn_slice.inputs
+        teacher_was_training = self.teacher.training
         self.model.train()
         self.teacher.eval()
-        for _ in range(steps):
-            x = inputs[torch.randint(len(inputs), (min(self.batch_size, len(inputs)),), generator=generator)]
-            x = x.to(self.device)
-            with torch.no_grad():
-                teacher = self.teacher(x)
-            loss = F.kl_div(F.log_softmax(self.model(x) / self.temperature, -1),
-                            F.log_softmax(teacher / self.temperature, -1), reduction="batchmean", log_target=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for name, module in self.layers.items():
-                    module.weight.mul_(kept[name])
-        self.model.eval()
+        try:
+            for _ in range(steps):
+                x = inputs[torch.randint(len(inputs), (min(self.batch_size, len(inputs)),), generator=generator)]
+                x = x.to(self.device)
+                with torch.no_grad():
+                    teacher = self.teacher(x)
+                loss = self._kl(self.model(x), teacher)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for name, module in self.layers.items():
+                        module.weight.mul_(kept[name])
+        finally:
+            self.model.eval()
+            self.teacher.train(teacher_was_training)  # the context's model is the caller's: left as it was
         return self._score()
+
+    def _kl(self, logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """KL from ``reference``'s softened outputs to ``logits``' at the fitness temperature (batch mean)."""
+        return F.kl_div(F.log_softmax(logits / self.temperature, -1), F.log_softmax(reference / self.temperature, -1),
+                        reduction="batchmean", log_target=True)
 
     @torch.no_grad()
     def _score(self) -> tuple[float, float]:
@@ -175,9 +183,7 @@ class FitnessEvaluator:
         recalibrate_batchnorm(self.model, self.bn_slice, self.batch_size, self.device)
         logits = self._logits(self.model)
         self.evaluations += 1
-        kl = float(F.kl_div(F.log_softmax(logits / self.temperature, -1),
-                            F.log_softmax(self.dense_logits / self.temperature, -1),
-                            reduction="batchmean", log_target=True))
+        kl = float(self._kl(logits, self.dense_logits))
         if self.fitness == "kd":
             return -kl, 0.0
         if self.fitness == "agreement":

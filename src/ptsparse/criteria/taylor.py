@@ -76,13 +76,11 @@ def following_norms(model: nn.Module, targets: list[Target], example: torch.Tens
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(example)
+        model(example)
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-        produced.clear()
     return consumers
 
 

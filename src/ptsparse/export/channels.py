@@ -32,6 +32,7 @@ from ..checkpoint import Reader, save_state
 from ..errors import CheckpointError, ExportError
 from ..graph.cost import count_macs, count_params
 from ..graph.coupling import PRODUCER_TYPES, build_dependency_graph, eval_mode, iter_groups
+from ..graph.outputs import feeding_the_output, record_output_nodes, traceable_input
 from ..norms import BATCH_NORMS
 from .base import ExportFormat, check_outputs, register_format
 
@@ -56,17 +57,20 @@ def _channels_alive(module: nn.Module) -> torch.Tensor | None:
 
 
 def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """Modules whose output is the model's output (their output channels must stay)."""
+    """Layers whose output channels are the model's output channels (:mod:`ptsparse.graph.outputs`): they stay."""
     outputs: dict[nn.Module, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, o))
-             for m in model.modules() if isinstance(m, PRODUCER_TYPES)]
+    produced: dict[object, nn.Module] = {}
+    producers = [m for m in model.modules() if isinstance(m, PRODUCER_TYPES)]
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, o)) for m in producers]
+    hooks += [m.register_forward_hook(record_output_nodes(produced, m)) for m in producers]
     try:
-        with eval_mode(model), torch.no_grad():
-            result = model(example)
+        with eval_mode(model), torch.enable_grad():
+            result = model(traceable_input(example))
     finally:
         for hook in hooks:
             hook.remove()
-    return [m for m, out in outputs.items() if out is result]
+    direct = {m for m, out in outputs.items() if out is result}
+    return list(direct | feeding_the_output(result, produced))
 
 
 def _forward_naming_failures(model: nn.Module, example: torch.Tensor) -> torch.Tensor:

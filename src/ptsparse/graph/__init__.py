@@ -5,4 +5,6 @@
   channel removal.
 * :mod:`.cost`: the cost model (parameters, MACs, latency) and the warnings where zeros buy no speed; used
   by the knapsack's budgets, the report of a run and the export benchmarks.
+* :mod:`.outputs`: the output layers (whose channels are the classes), found on the autograd graph; used by
+  ``sparsify`` (they are never channel-pruned) and channel removal.
 """

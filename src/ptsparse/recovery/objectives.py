@@ -145,7 +145,7 @@ class KDBlocks(Objective):
             student_out, teacher_out = _tensor(student_features[name]), _tensor(teacher_features[name])
             error = output_mse(student_out, teacher_out)
             if self.normalize == "teacher":
-                error = error / output_mse(teacher_out, torch.zeros_like(teacher_out)).clamp_min(1e-12)
+                error = error / teacher_out.pow(2).sum(1).mean().clamp_min(1e-12)  # the teacher's output_mse from 0
             errors.append(error)
         blocks = torch.stack(errors).sum()
         return {"kd": kd, "block_mse": blocks, "loss": kd + blocks}
