@@ -64,7 +64,8 @@ def test_reference_models_reach_their_accuracy(capsys, name, architecture, param
 def sparsify_eval_and_report(capsys, out, calib_size: int, dense_floor: float) -> dict:
     """Runs `sparsify` (reference model, 90%) into ``out``, then `eval` and `report` on it, checking each step;
     returns the run's report."""
-    code, stdout, _ = run_cli(capsys, "sparsify", "--model", "reference", "--data", "fashion-mnist",
+    code, stdout, _ = run_cli(capsys, "sparsify", "--method", "magnitude", "--model", "reference", "--data",
+                              "fashion-mnist",
                               "--sparsity", "0.9", "--calib-size", str(calib_size), "--seed", "0", "--out", str(out),
                               "-q")
     assert code == 0
@@ -113,7 +114,7 @@ def test_sparsify_eval_and_report_on_a_tiny_fashion_mnist(capsys, tmp_path, monk
 @needs_fashion_mnist
 def test_config_file_and_flag_precedence(capsys, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("sparsity: 0.7\nallocation: uniform\ncalib_size: 128\nseed: 1\n")
+    config.write_text("method: magnitude\nsparsity: 0.7\nallocation: uniform\ncalib_size: 128\nseed: 1\n")
     code, _, _ = run_cli(capsys, "sparsify", "--config", str(config), "--allocation", "global",
                          "--no-eval", "--out", str(tmp_path / "run"), "-q")
     assert code == 0
@@ -125,7 +126,7 @@ def test_config_file_and_flag_precedence(capsys, tmp_path):
 def test_same_seed_same_calibration_hash(capsys, tmp_path):
     hashes = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
-        run_cli(capsys, "sparsify", "--calib-size", "64", "--seed", seed, "--no-eval", "--out",
+        run_cli(capsys, "sparsify", "--method", "magnitude", "--calib-size", "64", "--seed", seed, "--no-eval", "--out",
                 str(tmp_path / name), "-q")
         hashes.append(json.loads((tmp_path / name / "report.json").read_text())["calib_hash"])
     assert hashes[0] == hashes[1] != hashes[2]
@@ -165,7 +166,8 @@ def wrong_checkpoint(tmp_path):
 def test_bad_input_one_line_error_no_output(capsys, tmp_path, args, message):
     args = [a(tmp_path) if callable(a) else a for a in args]
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "sparsify", "--no-eval", "--calib-size", "64", "--out", str(out), "-q", *args)
+    code, _, err = run_cli(capsys, "sparsify", "--method", "magnitude", "--no-eval", "--calib-size", "64", "--out",
+                           str(out), "-q", *args)
     assert code == 2
     assert err.startswith("ptsparse: error:") and err.count("\n") == 1 and message in err
     assert not out.exists()
@@ -174,7 +176,7 @@ def test_bad_input_one_line_error_no_output(capsys, tmp_path, args, message):
 
 def test_missing_fashion_mnist_names_the_install_command(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PTSPARSE_FASHION_MNIST_DIR", str(tmp_path))
-    code, _, err = run_cli(capsys, "sparsify", "--out", str(tmp_path / "out"), "-q")
+    code, _, err = run_cli(capsys, "sparsify", "--method", "magnitude", "--out", str(tmp_path / "out"), "-q")
     assert code == 2
     assert "apt-get install dataset-fashion-mnist" in err and str(tmp_path) in err
     assert not (tmp_path / "out").exists()
@@ -218,7 +220,8 @@ def test_a_moved_flag_still_works_and_says_once_where_it_moved(capsys):
 
 def test_console_script_exits_2_without_traceback(tmp_path):
     env = dict(os.environ, PTSPARSE_FASHION_MNIST_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "ptsparse.cli", "sparsify", "--sparsity", "2"],
+    done = subprocess.run([sys.executable, "-m", "ptsparse.cli", "sparsify", "--method", "magnitude", "--sparsity",
+                           "2"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
@@ -237,7 +240,8 @@ def test_sparsify_from_an_image_folder(capsys, tmp_path):
                 pixels = (torch.rand(32, 30, generator=generator) * 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
     out = tmp_path / "run"
-    code, _, _ = run_cli(capsys, "sparsify", "--data", str(tmp_path / "images"), "--calib-size", "12",
+    code, _, _ = run_cli(capsys, "sparsify", "--method", "magnitude", "--data", str(tmp_path / "images"),
+                         "--calib-size", "12",
                          "--sparsity", "0.8", "--out", str(out), "-q")
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -256,7 +260,7 @@ def test_distill_run_leaves_no_checkpoint_and_resume_needs_out(capsys, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "report.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["recovery"]["iterations"] == 6 and report["recovery"]["teacher_bn"] == "eval"
-    code, _, err = run_cli(capsys, "sparsify", "--resume", "--calib-size", "64", "-q")
+    code, _, err = run_cli(capsys, "sparsify", "--method", "magnitude", "--resume", "--calib-size", "64", "-q")
     assert code == 2 and "--resume needs --out" in err
 
 

@@ -26,7 +26,7 @@ def test_out_naming_a_file_is_refused_before_any_work(capsys, tmp_path, monkeypa
     monkeypatch.setattr(ptsparse.models, "resolve_model", lambda *a: pytest.fail("loaded the model"))
     path = tmp_path / "taken.txt"
     path.write_text("keep me")
-    code, _, err = run_cli(capsys, "sparsify", "--out", path)
+    code, _, err = run_cli(capsys, "sparsify", "--method", "magnitude", "--out", path)
     assert code == 2 and err.count("\n") == 1
     assert err == f"ptsparse: error: output directory {str(path)!r} is an existing file; give a directory for " \
                   f"model.safetensors, config.yaml, report.json\n"
@@ -38,7 +38,7 @@ def test_out_holding_other_files_is_refused_unless_forced(capsys, tmp_path, monk
 
     monkeypatch.setattr(ptsparse.models, "resolve_model", lambda *a: pytest.fail("loaded the model"))
     (tmp_path / "notes.txt").write_text("mine")
-    code, _, err = run_cli(capsys, "sparsify", "--out", tmp_path)
+    code, _, err = run_cli(capsys, "sparsify", "--method", "magnitude", "--out", tmp_path)
     assert code == 2 and "holds files that are not a ptsparse result" in err and "--force" in err
     check_output_directory(tmp_path, force=True)  # no error
 
@@ -78,7 +78,7 @@ def test_forced_into_a_directory_of_other_files_the_result_is_written_among_them
 # interrupted runs ---------------------------------------------------------------------------------------
 
 def test_resume_without_a_checkpoint_is_an_error(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "sparsify", "--out", tmp_path / "run", "--resume")
+    code, _, err = run_cli(capsys, "sparsify", "--method", "magnitude", "--out", tmp_path / "run", "--resume")
     assert code == 2 and "--resume: no checkpoint in" in err and "run without --resume" in err
 
 
@@ -98,7 +98,7 @@ def test_an_interrupt_says_what_it_kept_and_how_to_continue(tmp_path):
 
 def test_a_mistyped_flag_is_one_line_with_a_suggestion(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["sparsify", "--sparsty", "0.5"])
+        main(["sparsify", "--method", "magnitude", "--sparsty", "0.5"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "unrecognized arguments: --sparsty 0.5; did you mean '--sparsity'?" in err
@@ -113,7 +113,7 @@ def test_a_mistyped_config_key_gets_a_suggestion_not_the_key_list(tmp_path):
     from ptsparse.config import SparsityConfig
 
     with pytest.raises(ConfigError) as info:
-        SparsityConfig(sparsty=0.5)
+        SparsityConfig(method="magnitude", sparsty=0.5)
     message = str(info.value)
     assert "did you mean 'sparsity'?" in message and "calib_balanced" not in message
 

@@ -9,9 +9,10 @@ runs it (add a marker to ``BLOCKS``).
 Budgets. The snippets are written for real sizes: 1024 calibration images, the 10,000-image test split,
 ResNet-50 at 224 x 224. The fast tests run them unchanged under the ``tiny_budget`` fixture, which
 monkeypatches what the snippets import when they run: ``ptsparse.data.sample_calibration`` draws at most
-``TINY_CALIB`` (128) samples, ``ptsparse.sparsify`` evaluates on the first ``TINY_EVAL`` (512) samples of its
-``eval_data`` only, and ``ptsparse.data.FashionMNIST`` reads each split once per module. The ``slow`` tests
-run the quick start with no override at all, and the torchvision block (ResNet-50, Wanda) with random weights
+``TINY_CALIB`` (128) samples, ``ptsparse.sparsify`` distils for ``TINY_STEPS`` (20) steps where the method
+distils and evaluates on the first ``TINY_EVAL`` (512) samples of its ``eval_data`` only, and
+``ptsparse.data.FashionMNIST`` reads each split once per module. The ``slow`` tests run the quick start with no
+override at all (1600 distillation steps), and the torchvision block (ResNet-50, Wanda) with random weights
 written to ``resnet50.pth``, four random JPEGs in ``imagenet/train/`` and the calibration capped at those four.
 
 The last tests pin the design that makes the quick start's ``ptsparse.load`` work: a model built by
@@ -53,6 +54,7 @@ BLOCKS = {"quick start": "from ptsparse.models import load_reference",
           "torchvision": 'resolve_model("torchvision:resnet50"'}
 TINY_CALIB = 128
 TINY_EVAL = 512
+TINY_STEPS = 20
 
 
 def readme_blocks() -> list[str]:
@@ -95,13 +97,15 @@ def fashion_mnist_once():
 
 @pytest.fixture
 def tiny_budget(monkeypatch, fashion_mnist_once):
-    """At most ``TINY_CALIB`` calibration samples, ``TINY_EVAL`` evaluation samples (see the module doc)."""
+    """At most ``TINY_CALIB`` calibration samples, ``TINY_STEPS`` distillation steps, ``TINY_EVAL`` evaluation
+    samples (see the module doc)."""
     real_sample, real_sparsify = ptsparse.data.sample_calibration, ptsparse.sparsify
 
     def sample_calibration(source, size, seed, **kwargs):
         return real_sample(source, min(size, TINY_CALIB), seed, **kwargs)
 
     def sparsify(model, calib, config=None, *, eval_data=None, **kwargs):
+        kwargs.setdefault("distill_iterations", TINY_STEPS)
         if eval_data is not None:
             eval_data = Subset(eval_data, range(min(TINY_EVAL, len(eval_data))))
         return real_sparsify(model, calib, config, eval_data=eval_data, **kwargs)
@@ -202,12 +206,13 @@ def test_readme_torchvision_block(tmp_path, monkeypatch):
 def test_models_built_by_ptsparse_models_record_their_architecture(build):
     model = build()
     assert architecture_of(model) == "reference_resnet20"
-    result = ptsparse.sparsify(model, torch.randn(8, 1, 28, 28), sparsity=0.5, progress=False)
+    result = ptsparse.sparsify(model, torch.randn(8, 1, 28, 28), method="magnitude", sparsity=0.5, progress=False)
     assert result.architecture == "reference_resnet20"
 
 
 def test_a_recorded_architecture_reloads_without_being_named(tmp_path):
-    result = ptsparse.sparsify(reference_resnet(), torch.randn(8, 1, 28, 28), sparsity=0.5, progress=False)
+    result = ptsparse.sparsify(reference_resnet(), torch.randn(8, 1, 28, 28), method="magnitude", sparsity=0.5,
+                               progress=False)
     loaded = ptsparse.load(ptsparse.save(result, tmp_path / "run"))  # no model=, no architecture=
     assert isinstance(loaded, ReferenceResNet) and same_weights(loaded, result.model)
     assert architecture_of(loaded) == "reference_resnet20"  # so a loaded result can be sparsified again
@@ -220,8 +225,10 @@ def test_changed_or_foreign_models_record_no_architecture(tiny_cnn):
     new_activation.stages[0][0].relu = nn.GELU()
     for model in (new_head, new_activation, reference_resnet(num_classes=3), tiny_cnn):
         assert architecture_of(model) is None
-    assert ptsparse.sparsify(new_head, torch.randn(8, 1, 28, 28), sparsity=0.5, progress=False).architecture is None
-    given = ptsparse.sparsify(tiny_cnn, torch.randn(8, 1, 12, 12), sparsity=0.5, progress=False, architecture="mine")
+    assert ptsparse.sparsify(new_head, torch.randn(8, 1, 28, 28), method="magnitude", sparsity=0.5,
+                             progress=False).architecture is None
+    given = ptsparse.sparsify(tiny_cnn, torch.randn(8, 1, 12, 12), method="magnitude", sparsity=0.5, progress=False,
+                              architecture="mine")
     assert given.architecture == "mine"  # an explicit architecture= always wins
     assert architecture_of(tag_architecture(tiny_cnn, "mine")) == "mine"
 
@@ -232,7 +239,7 @@ def test_zoo_spec_models_record_their_spec(tmp_path):
     model, architecture = resolve_model(spec)
     assert architecture_of(model) == architecture == spec
     assert architecture_of(ARCHITECTURES.get(spec)()) == spec
-    result = ptsparse.sparsify(model, torch.randn(4, 3, 32, 32), sparsity=0.5, progress=False)
+    result = ptsparse.sparsify(model, torch.randn(4, 3, 32, 32), method="magnitude", sparsity=0.5, progress=False)
     assert result.architecture == spec
     loaded = ptsparse.load(result.save(tmp_path / "run"))
     assert isinstance(loaded, torchvision.models.MobileNetV3) and same_weights(loaded, result.model)

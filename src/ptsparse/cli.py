@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 
 from ._registry import did_you_mean
 from .config import (
-    AXES, AXIS_SETTINGS, FLAT_KEYS, MOVED_KEYS, RUN_FIELDS, SECTIONS, SparsityConfig, read_config_file, resolve_config)
+    AXES, AXIS_SETTINGS, DEFAULT_METHOD, FLAT_KEYS, MOVED_KEYS, RUN_FIELDS, SECTIONS, SparsityConfig, read_config_file,
+    resolve_config)
 from .errors import ConfigError, PtsparseError
 from .export import FORMATS
 from .options import default_of
@@ -260,7 +261,8 @@ def _method_lines(name: str, details: bool) -> list[str]:
     picks = preset("unstructured")
     axes = ", ".join(f"{axis} {picks[axis]}" for axis in AXES if axis in picks)
     cost = next((line.removeprefix("Cost: ") for line in doc.splitlines() if line.startswith("Cost: ")), "")
-    lines = [f"{name:<13} {axes or 'the defaults'}" + (f"; {cost}" if cost else "")]
+    default = " (the default)" if name == DEFAULT_METHOD else ""
+    lines = [f"{name:<13} {axes or 'the defaults'}{default}" + (f"; {cost}" if cost else "")]
     if details:
         lines.append(f"    {doc.strip().partition(chr(10))[0]}")
         lines += [f"    sets {part}: {options}" for part, options in picks.items() if isinstance(options, dict)]

@@ -12,8 +12,9 @@ A part's option is also one flat key ``<part>_<option>`` (``iee_alpha: 0.2``), w
 (``--iee-alpha``). Keys of earlier releases that named options otherwise (``lr``, ``search_population``,
 ``penalty``, ...) still work and warn once that they moved (:data:`MOVED_KEYS`).
 
-Precedence, lowest first: defaults < the method's preset < a config file < explicit overrides (CLI flags or
-``sparsify(**overrides)``). :func:`resolve_config` applies it. The resolved config is written beside every
+Precedence, lowest first: defaults < the method's preset (``recommended`` when no method is given) < a config
+file < explicit overrides (CLI flags or ``sparsify(**overrides)``). The constructor lays the keys over the preset;
+:func:`resolve_config` reads files and lays overrides over them. The resolved config is written beside every
 output; loading it back reproduces the run.
 """
 
@@ -40,6 +41,9 @@ from .recovery import DYNAMICS, OBJECTIVES, RECOVERIES
 from .targets import resolve_layer_types
 
 # The axes in flow order, each with its registry; a part of any axis may declare settings.
+# The method a run uses when none is given: the benchmark's best (issue 16, benchmarks/RESULTS.md "Regimes").
+DEFAULT_METHOD = "recommended"
+
 AXES = {"pattern": PATTERNS, "allocation": ALLOCATIONS, "criterion": CRITERIA, "recovery": RECOVERIES,
         "objective": OBJECTIVES, "dynamics": DYNAMICS}
 
@@ -101,16 +105,17 @@ def _device(name: str, value: Any) -> None:
 class SparsityConfig:
     """Everything that decides a ptsparse run.
 
-    Build it from keys: ``SparsityConfig(sparsity=0.9, allocation="global", global_normalize="l2")``; a part's
-    settings are given flat (``iee_alpha=0.2``) or as a section (``iee={"alpha": 0.2}``). Field names and
-    section names are the keys of config files.
+    Build it from keys: ``SparsityConfig(method="magnitude", sparsity=0.9, allocation="global")``; the keys are laid
+    over the ``method``'s preset (``recommended`` when none is given). A part's settings are given flat
+    (``iee_alpha=0.2``) or as a section (``iee={"alpha": 0.2}``). Field names and section names are the keys of
+    config files.
 
     Attributes:
         parts: each part's settings by part name (:data:`SECTIONS`); :meth:`settings_of` reads them.
     """
 
     # what and how much
-    method: str = option("magnitude", "method preset (see `ptsparse list methods`)", check=_registered(METHODS))
+    method: str = option(DEFAULT_METHOD, "method preset (see `ptsparse list methods`)", check=_registered(METHODS))
     sparsity: float = option(0.5, "global fraction of zero weights, in [0, 1) (allocation knapsack: the fraction "
                              "of MACs or latency removed)", minimum=0, maximum=1, open_maximum=True)
     # the axes
@@ -152,13 +157,18 @@ class SparsityConfig:
     def __init__(self, **keys: Any) -> None:
         keys = normalize_keys(keys)
         given_parts = keys.pop("parts", {})
+        keys = {**{part: settings for part, settings in given_parts.items() if part not in keys}, **keys}
+        keys = {key: value.to_dict() if isinstance(value, Options) else value for key, value in keys.items()}
+        method = keys.get("method", DEFAULT_METHOD)
+        if isinstance(method, str) and method in METHODS:
+            preset = METHODS.get(method)(keys.get("pattern", "unstructured"))
+            keys = merge_keys(normalize_keys(preset, f"method {method!r}"), keys)
         for f in RUN_FIELDS:
             value = keys.pop(f.name) if f.name in keys else default_of(f)
             object.__setattr__(self, f.name, _coerce(f, value))
         parts = {}
         for part, settings in SECTIONS.items():
-            given = keys.pop(part, given_parts.get(part, {}))
-            parts[part] = given if isinstance(given, settings) else settings.build(dict(given))
+            parts[part] = settings.build(dict(keys.pop(part, {})))
         object.__setattr__(self, "parts", parts)
         check_fields(self)
         self._check_combination()
@@ -202,7 +212,7 @@ class SparsityConfig:
         raise AttributeError(f"{type(self).__name__} has no field or option {name!r}")
 
     def updated(self, **keys: Any) -> SparsityConfig:
-        """A copy with ``keys`` laid over this config (no preset is applied)."""
+        """A copy with ``keys`` laid over this config's values (a new ``method`` does not bring its preset)."""
         return SparsityConfig(**merge_keys(self.to_dict(), normalize_keys(keys, "override")))
 
     # round trip -------------------------------------------------------------------------------
@@ -362,10 +372,7 @@ def resolve_config(config: SparsityConfig | Mapping[str, Any] | str | os.PathLik
         keys = {}
     else:
         raise ConfigError(f"config must be a SparsityConfig, a mapping or a file path, got {type(config).__name__}")
-    keys = merge_keys(keys, override_keys)
-    method = keys.pop("method", "magnitude")
-    preset = METHODS.get(method)(keys.get("pattern", "unstructured"))
-    return SparsityConfig(method=method, **merge_keys(normalize_keys(preset, f"method {method!r}"), keys))
+    return SparsityConfig(**merge_keys(keys, override_keys))
 
 
 def stage_config(config: SparsityConfig, method: str) -> SparsityConfig:

@@ -112,7 +112,7 @@ def test_every_criterion_works_with_its_patterns_and_refuses_the_others(name, cr
 def test_every_allocation_meets_the_target_exactly(name, allocation, pattern, tiny_cnn, calib_images):
     if not supports(allocation, pattern):
         with pytest.raises(IncompatibleOptionsError, match=f"allocation {name!r} does not support"):
-            SparsityConfig(allocation=name, pattern=pattern)
+            SparsityConfig(method="magnitude", allocation=name, pattern=pattern)
         return
     result = ptsparse.sparsify(tiny_cnn, calib_images, allocation=name, pattern=pattern, sparsity=0.5, **QUICK)
     report = result.report
@@ -145,7 +145,7 @@ def test_every_dynamics_meets_the_target_and_keeps_per_layer_counts_unless_it_le
         assert after == before
     if dynamics.moves_masks:
         with pytest.raises(IncompatibleOptionsError, match="needs recovery 'distill'"):
-            SparsityConfig(dynamics=name, recovery="none")
+            SparsityConfig(method="magnitude", dynamics=name, recovery="none")
 
 
 # recoveries and objectives --------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_every_dynamics_meets_the_target_and_keeps_per_layer_counts_unless_it_le
 @pytest.mark.parametrize("name, recovery", parts("recovery"), ids=[n for n, _ in parts("recovery")])
 def test_every_recovery_keeps_the_masks_and_reports_its_kind(name, recovery, tiny_cnn, calib_images):
     keys = {"recovery": name, "sparsity": 0.5, "layerwise": {"iterations": 3}, **QUICK}
-    one_shot = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.5, progress=False)
+    one_shot = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.5, progress=False)
     result = ptsparse.sparsify(tiny_cnn, calib_images, **keys)
     assert result.report["recovery"]["kind"] == name
     assert zeros_per_layer(result.model) == zeros_per_layer(one_shot.model)

@@ -29,7 +29,8 @@ def counted(model: nn.Module) -> tuple[int, int]:
 @pytest.mark.parametrize("allocation", ["uniform", "global", "erk"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.98])
 def test_unstructured_target_is_exact(tiny_cnn, calib_images, allocation, sparsity):
-    result = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=sparsity, allocation=allocation, progress=False)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=sparsity, allocation=allocation,
+                               progress=False)
     zeros, total = counted(result.model)
     assert zeros == round(sparsity * total)
     assert ptsparse.sparsity_of(result.model) == pytest.approx(zeros / total, abs=0)
@@ -40,8 +41,8 @@ def test_unstructured_target_is_exact(tiny_cnn, calib_images, allocation, sparsi
 
 @pytest.mark.parametrize("allocation", ["uniform", "global", "erk"])
 def test_layer_caps_and_max_sparsity_are_honoured(tiny_cnn, calib_images, allocation):
-    result = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.6, allocation=allocation, max_sparsity=0.8,
-                               layer_caps={"fc": 0.0, "stem": 0.25}, progress=False)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.6, allocation=allocation,
+                               max_sparsity=0.8, layer_caps={"fc": 0.0, "stem": 0.25}, progress=False)
     layers = {l["name"]: l for l in result.report["layers"]}
     assert layers["fc"]["achieved"] == 0.0
     assert layers["stem"]["achieved"] <= 0.25 + 1 / layers["stem"]["params"]
@@ -51,7 +52,7 @@ def test_layer_caps_and_max_sparsity_are_honoured(tiny_cnn, calib_images, alloca
 
 
 def test_nm_structure_on_weights(tiny_cnn, calib_images):
-    result = ptsparse.sparsify(tiny_cnn, calib_images, pattern="2:4", progress=False)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", pattern="2:4", progress=False)
     model = result.model
     for name in ("grouped", "pointwise", "fc"):
         weight = getattr(model, name).weight.detach()
@@ -64,16 +65,18 @@ def test_nm_structure_on_weights(tiny_cnn, calib_images):
 
 def test_nm_pad_fallback_prunes_partial_groups(calib_images):
     model = nn.Sequential(nn.Flatten(), nn.Linear(144, 6), nn.ReLU(), nn.Linear(6, 3))
-    result = ptsparse.sparsify(model, calib_images, pattern="2:4", nm_fallback="pad", progress=False)
+    result = ptsparse.sparsify(model, calib_images, method="magnitude", pattern="2:4", nm_fallback="pad",
+                               progress=False)
     last = result.model[3].weight  # 6 inputs: one full group of 4, one partial group of 2 (keeps 2)
     assert ((last[:, :4] != 0).sum(1) == 2).all()
     assert (last[:, 4:] != 0).all()
-    skipped = ptsparse.sparsify(model, calib_images, pattern="2:4", progress=False).model[3].weight
+    skipped = ptsparse.sparsify(model, calib_images, method="magnitude", pattern="2:4", progress=False).model[3].weight
     assert (skipped != 0).all()
 
 
 def test_channel_pattern_zeros_whole_channels_and_keeps_classes(tiny_cnn, calib_images):
-    result = ptsparse.sparsify(tiny_cnn, calib_images, pattern="channel", sparsity=0.4, progress=False)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", pattern="channel", sparsity=0.4,
+                               progress=False)
     for module in result.model.modules():
         if isinstance(module, PRUNABLE):
             rows = module.weight.detach().flatten(1)
@@ -118,7 +121,8 @@ def test_squeezenet_keeps_its_classifier_conv(calib_images):
 
 
 def test_excluded_layers_untouched_and_not_counted(tiny_cnn, calib_images):
-    result = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.9, exclude=["stem", "fc"], progress=False)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.9, exclude=["stem", "fc"],
+                               progress=False)
     assert torch.equal(result.model.stem.weight, tiny_cnn.stem.weight)
     assert torch.equal(result.model.fc.weight, tiny_cnn.fc.weight)
     assert {l["name"] for l in result.report["layers"]} == {"grouped", "depthwise", "pointwise"}
@@ -127,7 +131,7 @@ def test_excluded_layers_untouched_and_not_counted(tiny_cnn, calib_images):
 
 def test_input_model_is_never_modified(tiny_cnn, calib_images):
     before = copy.deepcopy(tiny_cnn.state_dict())
-    result = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.8, progress=False)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.8, progress=False)
     after = tiny_cnn.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -138,7 +142,7 @@ def test_input_model_is_never_modified(tiny_cnn, calib_images):
 
 
 def test_result_is_plain_modules_with_masks_baked_in(tiny_cnn, calib_images):
-    result = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.7, progress=False)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.7, progress=False)
     assert not any(parametrize.is_parametrized(m) for m in result.model.modules())
     for target in find_targets(result.model):
         assert torch.equal(target.weight != 0, result.masks[target.name] & (target.weight != 0))
@@ -146,8 +150,8 @@ def test_result_is_plain_modules_with_masks_baked_in(tiny_cnn, calib_images):
 
 
 def test_same_seed_same_masks(tiny_cnn, calib_images):
-    first = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.9, seed=3, progress=False)
-    second = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.9, seed=3, progress=False)
+    first = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.9, seed=3, progress=False)
+    second = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.9, seed=3, progress=False)
     assert first.masks.keys() == second.masks.keys()
     assert all(torch.equal(first.masks[k], second.masks[k]) for k in first.masks)
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
@@ -155,8 +159,9 @@ def test_same_seed_same_masks(tiny_cnn, calib_images):
 
 
 def test_batchnorm_recalibrated_on_calibration_data(tiny_cnn, calib_images):
-    on = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.9, progress=False).model
-    off = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.9, bn_recalibration=False, progress=False).model
+    on = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.9, progress=False).model
+    off = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.9, bn_recalibration=False,
+                            progress=False).model
     assert torch.equal(off.bn.running_mean, tiny_cnn.bn.running_mean)
     expected = on.stem(calib_images).mean((0, 2, 3))
     assert torch.allclose(on.bn.running_mean, expected, atol=1e-5)
@@ -166,14 +171,14 @@ def test_accepts_dataloader_and_batches(tiny_mlp):
     x = torch.randn(32, 1, 8, 8)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(32, dtype=torch.long)),
                                          batch_size=8)
-    a = ptsparse.sparsify(tiny_mlp, loader, sparsity=0.5, progress=False)
-    b = ptsparse.sparsify(tiny_mlp, [x[:16], x[16:]], sparsity=0.5, progress=False)
+    a = ptsparse.sparsify(tiny_mlp, loader, method="magnitude", sparsity=0.5, progress=False)
+    b = ptsparse.sparsify(tiny_mlp, [x[:16], x[16:]], method="magnitude", sparsity=0.5, progress=False)
     assert a.report["calib_size"] == b.report["calib_size"] == 32
     assert a.report["calib_hash"] == b.report["calib_hash"]
 
 
 def test_save_and_load_round_trip(tiny_cnn, calib_images, tmp_path):
-    result = ptsparse.sparsify(tiny_cnn, calib_images, sparsity=0.75, progress=False)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.75, progress=False)
     ptsparse.save(result, tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "model.safetensors",
                                                                     "report.json"]
@@ -192,7 +197,7 @@ def test_save_and_load_round_trip(tiny_cnn, calib_images, tmp_path):
 ])
 def test_bad_calibration_data(tiny_cnn, calib, error):
     with pytest.raises(error):
-        ptsparse.sparsify(tiny_cnn, calib, sparsity=0.5, progress=False)
+        ptsparse.sparsify(tiny_cnn, calib, method="magnitude", sparsity=0.5, progress=False)
 
 
 @pytest.mark.parametrize("overrides, error", [
@@ -216,7 +221,7 @@ def test_bad_configuration(tiny_cnn, calib_images, overrides, error):
 def test_model_with_nothing_to_prune(calib_images):
     model = nn.Sequential(nn.Flatten(), nn.ReLU())
     with pytest.raises(ModelError, match="nothing to prune"):
-        ptsparse.sparsify(model, calib_images, progress=False)
+        ptsparse.sparsify(model, calib_images, method="magnitude", progress=False)
 
 
 def test_distilling_runs_report_the_same_masks_before_recovery(tiny_cnn, calib_images):

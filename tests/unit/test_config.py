@@ -14,31 +14,40 @@ from ptsparse.errors import ConfigError, UnknownOptionError
 
 def test_defaults_are_valid():
     config = SparsityConfig()
-    assert config.method == "magnitude" and config.sparsity == 0.5
+    assert config.method == "recommended" and config.sparsity == 0.5
     assert config.pattern == "unstructured" and config.allocation == "erk" and config.criterion == "magnitude"
     assert config.layer_types == ("Linear", "Conv1d", "Conv2d", "Conv3d")
     assert config.include == ("*",) and config.exclude == () and config.layer_caps == {}
     assert config.device == "cpu" and config.seed == 0
 
 
-def test_resolve_without_arguments_gives_the_magnitude_preset():
-    assert resolve_config() == SparsityConfig()
-    assert resolve_config(None) == SparsityConfig()
+def test_without_a_method_the_recommended_preset_lies_under_the_keys():
+    assert resolve_config() == resolve_config(None) == SparsityConfig() == resolve_config(method="recommended")
+    config = SparsityConfig(sparsity=0.9, kd_blocks_temperature=2.0)
+    assert (config.recovery, config.objective, config.kd_blocks_normalize) == ("distill", "kd_blocks", "teacher")
+    assert config.kd_blocks_temperature == 2.0 and config.distill_lr == 0.01
+
+
+def test_a_named_method_brings_its_preset_under_the_keys():
+    config = SparsityConfig(method="magnitude", criterion="wanda")
+    assert (config.method, config.criterion, config.recovery) == ("magnitude", "wanda", "none")
+    assert config.updated(sparsity=0.7).recovery == "none"  # updated keeps every value; no preset is re-laid
+    assert dataclasses.replace(config, sparsity=0.7) == config.updated(sparsity=0.7)
 
 
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        SparsityConfig().sparsity = 0.9
+        SparsityConfig(method="magnitude").sparsity = 0.9
 
 
 def test_string_globs_become_tuples():
-    config = SparsityConfig(include="stage*", exclude=["fc"], layer_types=["Conv2d"])
+    config = SparsityConfig(method="magnitude", include="stage*", exclude=["fc"], layer_types=["Conv2d"])
     assert config.include == ("stage*",) and config.exclude == ("fc",) and config.layer_types == ("Conv2d",)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.999, 0])
 def test_sparsity_in_range_is_accepted(sparsity):
-    assert SparsityConfig(sparsity=sparsity).sparsity == sparsity
+    assert SparsityConfig(method="magnitude", sparsity=sparsity).sparsity == sparsity
 
 
 BAD_VALUES = [
@@ -86,13 +95,13 @@ def test_bad_value_raises_config_error_naming_it(name, value):
 
 def test_bad_nm_fallback_raises_with_an_nm_pattern():
     with pytest.raises(ConfigError, match="'zero'"):
-        SparsityConfig(pattern="2:4", nm_fallback="zero")
+        SparsityConfig(method="magnitude", pattern="2:4", nm_fallback="zero")
 
 
 def test_bad_nm_fallback_raises_whatever_the_pattern():
     """An invalid value is rejected when given, not only once the pattern happens to be N:M."""
     with pytest.raises(ConfigError, match="'zero'"):
-        SparsityConfig(nm_fallback="zero")
+        SparsityConfig(method="magnitude", nm_fallback="zero")
 
 
 @pytest.mark.parametrize("name, value", [("method", "nope"), ("allocation", "bogus"),
@@ -109,7 +118,7 @@ def test_unknown_names_are_unknown_option_errors_listing_choices(name, value):
 @pytest.mark.parametrize("caps, bad", [({"fc": 1.5}, "1.5"), ({"fc": -0.1}, "-0.1"), ({"fc": "half"}, "'half'")])
 def test_bad_layer_cap_raises(caps, bad):
     with pytest.raises(ConfigError, match=bad):
-        SparsityConfig(layer_caps=caps)
+        SparsityConfig(method="magnitude", layer_caps=caps)
 
 
 @pytest.mark.parametrize("field, value", [("layer_caps", ["fc"]), ("include", [1, 2]), ("exclude", 3)])
@@ -120,16 +129,16 @@ def test_bad_container_types_raise(field, value):
 
 def test_unknown_override_key_raises_naming_it():
     with pytest.raises(ConfigError, match="'sparsty'"):
-        resolve_config(sparsty=0.5)
+        resolve_config(method="magnitude", sparsty=0.5)
     with pytest.raises(ConfigError, match="'sparsty'"):
-        resolve_config(SparsityConfig(), sparsty=0.5)
+        resolve_config(SparsityConfig(method="magnitude"), sparsty=0.5)
     with pytest.raises(ConfigError, match="'sparsty'"):
         resolve_config({"sparsty": 0.5})
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
 def test_devices_accepted(device):
-    assert SparsityConfig(device=device).device == device
+    assert SparsityConfig(method="magnitude", device=device).device == device
 
 
 # round trip -----------------------------------------------------------------------------------------
@@ -137,7 +146,7 @@ def test_devices_accepted(device):
 @pytest.fixture
 def custom() -> SparsityConfig:
     return SparsityConfig(
-        sparsity=0.9, pattern="2:4", nm_fallback="pad", allocation="global", global_normalize="l2",
+        method="magnitude", sparsity=0.9, pattern="2:4", nm_fallback="pad", allocation="global", global_normalize="l2",
         erk_power=0.5, max_sparsity=0.95, layer_caps={"fc": 0.5, "stem*": 0.0},
         layer_types=("Conv2d", "Linear"), include=("stages.*", "fc"), exclude=("stages.0.*",),
         calib_size=256, calib_balanced=True, batch_size=32, bn_recalibration=False, seed=7,
@@ -163,8 +172,8 @@ def test_round_trip(tmp_path, custom, suffix):
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_round_trip_of_defaults(tmp_path, suffix):
     path = tmp_path / f"defaults{suffix}"
-    SparsityConfig().save(path)
-    assert SparsityConfig.load(path) == SparsityConfig()
+    SparsityConfig(method="magnitude").save(path)
+    assert SparsityConfig.load(path) == SparsityConfig(method="magnitude")
 
 
 def test_to_dict_from_dict_round_trip(custom):
@@ -185,14 +194,14 @@ def test_file_beats_defaults_and_override_beats_file(tmp_path):
     path.write_text("sparsity: 0.7\npattern: '2:4'\nseed: 3\n")
     from_file = resolve_config(path)
     assert (from_file.sparsity, from_file.pattern, from_file.seed) == (0.7, "2:4", 3)
-    assert from_file.allocation == SparsityConfig().allocation  # untouched keys keep their defaults
+    assert from_file.allocation == SparsityConfig(method="magnitude").allocation  # untouched keys keep their defaults
     overridden = resolve_config(path, sparsity=0.8)
     assert (overridden.sparsity, overridden.pattern, overridden.seed) == (0.8, "2:4", 3)
     assert resolve_config(str(path), seed=9).seed == 9
 
 
 def test_override_of_a_complete_config():
-    base = SparsityConfig(sparsity=0.3, seed=4)
+    base = SparsityConfig(method="magnitude", sparsity=0.3, seed=4)
     assert resolve_config(base) is base
     changed = resolve_config(base, sparsity=0.6)
     assert changed.sparsity == 0.6 and changed.seed == 4 and base.sparsity == 0.3
@@ -283,19 +292,19 @@ def test_a_moved_key_still_works_and_warns_where_it_moved(old, new, value):
 
 def test_temperature_moved_to_every_part_it_drove():
     with pytest.warns(FutureWarning, match="moved to kd_logits_temperature and"):
-        config = SparsityConfig(temperature=2.0)
+        config = SparsityConfig(method="magnitude", temperature=2.0)
     assert (config.kd_logits_temperature, config.kd_blocks_temperature, config.base_decayed_temperature,
             config.unipts_search_temperature) == (2.0, 2.0, 2.0, 2.0)
 
 
 def test_a_section_that_is_not_a_mapping_is_a_clear_error():
     with pytest.raises(ConfigError, match="key 'iee' holds the options of iee; give a mapping"):
-        SparsityConfig(iee=0.2)
+        SparsityConfig(method="magnitude", iee=0.2)
 
 
 def test_an_unknown_option_in_a_section_names_it():
     with pytest.raises(ConfigError, match="unknown option 'beta' of iee; its options: exploit_steps"):
-        SparsityConfig(iee={"beta": 0.2})
+        SparsityConfig(method="magnitude", iee={"beta": 0.2})
 
 
 def test_a_stage_runs_its_preset_with_every_change_the_run_made():

@@ -33,7 +33,7 @@ def reference_inputs(count: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def reference_90():
     """The reference model at 90% unstructured (magnitude, ERK)."""
-    return ptsparse.sparsify(load_reference(), reference_inputs(64), sparsity=0.9, progress=False,
+    return ptsparse.sparsify(load_reference(), reference_inputs(64), method="magnitude", sparsity=0.9, progress=False,
                              architecture="reference_resnet20")
 
 
@@ -223,7 +223,7 @@ def test_channel_multiple_combinations_are_checked(options, message):
     with pytest.raises(IncompatibleOptionsError, match=message):
         ptsparse.SparsityConfig(channel_multiple=8, **options)
     with pytest.raises(ConfigError, match="channel_multiple must be a positive integer, got 0"):
-        ptsparse.SparsityConfig(channel_multiple=0)
+        ptsparse.SparsityConfig(method="magnitude", channel_multiple=0)
 
 
 def test_uncoupled_channel_masks_keep_the_channels_still_in_use():
@@ -364,7 +364,7 @@ def test_two_four_kernels_on_cuda_give_the_same_outputs():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
-    result = ptsparse.sparsify(model, torch.randn(64, 256), pattern="2:4", progress=False)
+    result = ptsparse.sparsify(model, torch.randn(64, 256), method="magnitude", pattern="2:4", progress=False)
     swapped, report = to_semi_structured(result.model, "cuda")
     assert report["swapped"] == ["0"] and "2" in report["skipped"]  # 10 outputs: below the kernel's minimum
     assert isinstance(swapped[0].weight, SparseSemiStructuredTensor)

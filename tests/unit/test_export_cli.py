@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
     """Output directories of an unstructured and a channel run, as `ptsparse sparsify --out` writes them."""
     root = tmp_path_factory.mktemp("runs")
     calib = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    for name, overrides in {"u90": {"sparsity": 0.9}, "ch30": {"method": "taylor", "sparsity": 0.3}}.items():
+    for name, overrides in {"u90": {"method": "magnitude", "sparsity": 0.9}, "ch30": {"method": "taylor", "sparsity": 0.3}}.items():
         ptsparse.sparsify(load_reference(), calib, progress=False, architecture="reference_resnet20",
                           **overrides).save(root / name)
     return root

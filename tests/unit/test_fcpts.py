@@ -292,7 +292,7 @@ def test_fcpts_options_are_validated_and_reach_the_cli(capsys):
     with pytest.raises(ConfigError, match="density 'gauss' is not allowed"):
         ptsparse.SparsityConfig.from_dict({"method": "fcpts", "density": "gauss"})
     with pytest.raises(IncompatibleOptionsError, match="needs recovery 'distill'"):
-        ptsparse.SparsityConfig.from_dict({"dynamics": "learned_thresholds"})
+        ptsparse.SparsityConfig.from_dict({"method": "magnitude", "dynamics": "learned_thresholds"})
     assert main(["sparsify", "--method", "fcpts", "--pattern", "2:4", "--no-eval"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("ptsparse: error:") and "\n" not in error

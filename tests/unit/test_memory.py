@@ -192,7 +192,7 @@ def test_bf16_distillation_runs_convolutions_in_bf16(reference):
 @pytest.mark.parametrize("value", ["fp16", "half"])
 def test_precision_choices_are_checked(value):
     with pytest.raises(ConfigError, match=f"precision '{value}' is not allowed; choose from fp32, bf16"):
-        ptsparse.SparsityConfig(precision=value)
+        ptsparse.SparsityConfig(method="magnitude", precision=value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

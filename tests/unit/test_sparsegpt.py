@@ -191,7 +191,7 @@ def test_channel_pattern_is_refused():
     with pytest.raises(IncompatibleOptionsError, match="sparsegpt does not support pattern 'channel'"):
         SparseGPT().prune_layer(Target("fc", nn.Linear(4, 4)), {}, 4, Channel())
     with pytest.raises(IncompatibleOptionsError, match="'sparsegpt' does not support pattern 'channel'"):
-        ptsparse.SparsityConfig(criterion="sparsegpt", pattern="channel")  # refused before any work
+        ptsparse.SparsityConfig(method="magnitude", criterion="sparsegpt", pattern="channel")  # refused before any work
     assert CRITERIA.get("sparsegpt") is SparseGPT
 
 
@@ -224,7 +224,8 @@ def test_sparsify_with_sparsegpt_is_exact_and_beats_magnitude(tiny_cnn, tiny_mlp
 
 
 def test_sparsify_with_sparsegpt_two_four(tiny_cnn, calib_images):
-    result = ptsparse.sparsify(tiny_cnn, calib_images, criterion="sparsegpt", pattern="2:4", progress=False)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", criterion="sparsegpt", pattern="2:4",
+                               progress=False)
     for name in ("grouped", "pointwise", "fc"):
         weight = getattr(result.model, name).weight.detach()
         assert ((weight.movedim(1, -1).reshape(-1, 4) != 0).sum(1) == 2).all(), name

@@ -75,4 +75,4 @@ def test_taylor_preset_prunes_whole_channels(tiny_cnn, calib_images):
 
 def test_taylor_needs_the_channel_pattern():
     with pytest.raises(IncompatibleOptionsError, match="'unstructured'"):
-        ptsparse.SparsityConfig(criterion="taylor", pattern="unstructured")
+        ptsparse.SparsityConfig(method="magnitude", criterion="taylor", pattern="unstructured")

@@ -165,14 +165,15 @@ def test_compare_must_be_row_or_layer():
     with pytest.raises(ConfigError, match="wanda_compare 'column'"):
         Wanda(compare="column")
     assert CRITERIA.get("wanda") is Wanda
-    assert Wanda.from_config(ptsparse.SparsityConfig()).compare == "row"
+    assert Wanda.from_config(ptsparse.SparsityConfig(method="magnitude")).compare == "row"
 
 
 # end to end ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("allocation", ["erk", "global"])
 def test_sparsify_with_wanda_hits_the_exact_count(tiny_cnn, calib_images, allocation):
-    result = ptsparse.sparsify(tiny_cnn, calib_images, criterion="wanda", allocation=allocation, sparsity=0.5,
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", criterion="wanda", allocation=allocation,
+                               sparsity=0.5,
                                progress=False)
     total = sum(t.numel for t in find_targets(result.model))
     assert sum(int((~mask).sum()) for mask in result.masks.values()) == round(0.5 * total)

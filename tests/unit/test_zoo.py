@@ -388,7 +388,8 @@ def test_missing_extra_names_the_install_command(monkeypatch, tmp_path, spec, mo
 
 def test_cli_missing_extra_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "timm", None)
-    code, _, err = run_cli(capsys, "sparsify", "--model", "timm:resnet18", "--out", tmp_path / "out", "-q")
+    code, _, err = run_cli(capsys, "sparsify", "--method", "magnitude", "--model", "timm:resnet18", "--out",
+                           tmp_path / "out", "-q")
     assert code == 2 and err.strip().count("\n") == 0
     assert err.startswith("ptsparse: error:") and "pip install 'ptsparse[timm]'" in err
     assert not (tmp_path / "out").exists()
