@@ -34,10 +34,12 @@ from seeds import (  # noqa: E402
     DEFAULT_CALIB_SIZE,
     DEFAULT_MODEL,
     accuracy_by_seed,
+    cell_key,
     format_cell,
     is_default_regime,
     mean_std,
     paired,
+    parts_of,
     regime_of,
     wall_times,
 )
@@ -431,9 +433,13 @@ def regimes_section(reports: list[dict]) -> str:
             "sparse accuracy (seeds); `vs magnitude_kd`: mean ± standard deviation of the paired difference over "
             "the shared seeds, `**` where it exceeds two standard deviations (a difference; anything else is "
             "within noise). Steps: the distillation budget of the distilling runs (`preset`: 100 epochs of the "
-            "calibration set). These runs ran one at a time on the 2 cores, beside short unit tests at times, so wall "
-            "times may be a few percent high.\n")
+            "calibration set). The second column gives each run's parts; with 1024 images and 200 steps at 0.9 on "
+            "the compact model the runs form a fractional factorial of allocation x objective x dynamics. These runs "
+            "ran one at a time, but shared the 2 cores at times with unit tests and other work (those of 2026-12-04 "
+            "often did), so their wall times can be up to about 3x high: the main table's `recommended` and the "
+            "presets' costs ran alone.\n")
     wall = wall_times(reports)
+    parts = {cell_key(r): parts_of(r) for r in reports}
     dense = {regime_of(r)["model"]: 100 * r["dense_accuracy"] for r in reports}
     text += "\nWhere the seed methods beat `magnitude_kd` by more than two standard deviations of the paired difference:\n\n"
     for method in ("fcpts", "unipts", "iee"):
@@ -451,12 +457,13 @@ def regimes_section(reports: list[dict]) -> str:
         baseline = cells.get((model, calib_size, steps, sparsity, "magnitude_kd"), {})
         text += (f"\n**{MODEL_TITLES.get(model, model)}** (dense {dense[model]:.2f}), {calib_size} calibration images, "
                  f"{steps or 'preset'} steps, sparsity {sparsity:g}:\n\n"
-                 "| run | sparse acc | vs magnitude_kd | wall time (s, mean) |\n|---|---|---|---|\n")
+                 "| run | allocation / objective / dynamics | sparse acc | vs magnitude_kd | wall time (s, mean) |\n"
+                 "|---|---|---|---|---|\n")
         above, below = [], []
         for run in runs:
             key = (model, calib_size, steps, sparsity, run)
             difference = paired(cells[key], baseline) if run != "magnitude_kd" else None
-            text += (f"| {run} | {format_cell(cells[key])} | {difference or ''} | "
+            text += (f"| {run} | {parts[key]} | {format_cell(cells[key])} | {difference or ''} | "
                      f"{mean_std(wall[key])[0]:.0f} |\n")
             if difference is not None and difference.significant:
                 (above if difference.mean > 0 else below).append(f"`{run}` ({difference.mean:+.2f})")
@@ -471,7 +478,7 @@ TIME_TO_ACCURACY_RUNS = ("magnitude_kd", "fcpts", "unipts", "iee", "recommended"
 
 def time_to_accuracy_section(reports: list[dict]) -> str:
     """Per reference model at 0.9 with 1024 images: accuracy against wall time over the distillation budgets
-    that ran (``--steps``), one line per run, so a user can choose by budget."""
+    that ran (``--steps``, and the presets' own 1600), one line per run, so a user can choose by budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -480,15 +487,21 @@ def time_to_accuracy_section(reports: list[dict]) -> str:
     from ptsparse.checkpoint import atomic_path
 
     text = ""
-    cells, wall = accuracy_by_seed(reports), wall_times(reports)
     for model, title in MODEL_TITLES.items():
+        by_budget: dict[tuple[str, int], list[dict]] = {}
+        for report in reports:
+            regime = regime_of(report)
+            if (regime["model"], regime["calib_size"], regime["sparsity"]) == (model, DEFAULT_CALIB_SIZE, 0.9) \
+                    and report["run"] in TIME_TO_ACCURACY_RUNS:
+                by_budget.setdefault((report["run"], report["recovery"]["iterations"]), []).append(report)
         rows: dict[str, list[tuple[float, float, int]]] = {}
-        for key, values in cells.items():
-            cell_model, calib_size, steps, sparsity, run = key
-            if (cell_model, calib_size, sparsity) != (model, DEFAULT_CALIB_SIZE, 0.9) or steps is None \
-                    or run not in TIME_TO_ACCURACY_RUNS:
-                continue
-            rows.setdefault(run, []).append((mean_std(wall[key])[0], mean_std(list(values.values()))[0], steps))
+        table = "| run | steps | sparse acc | wall time (s, mean) |\n|---|---|---|---|\n"
+        for (run, steps), group in sorted(by_budget.items()):
+            wall = mean_std([r["wall_time_s"] for r in group])[0]
+            accuracy = {r["seed"]: 100 * r["sparse_accuracy"] for r in group}
+            rows.setdefault(run, []).append((wall, mean_std(list(accuracy.values()))[0], steps))
+            table += f"| {run} | {steps} | {format_cell(accuracy)} | {wall:.0f} |\n"
+            dense = 100 * group[0]["dense_accuracy"]
         if not any(len(points) > 1 for points in rows.values()):
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -507,8 +520,10 @@ def time_to_accuracy_section(reports: list[dict]) -> str:
         with atomic_path(HERE / name) as temporary:
             fig.savefig(temporary, format="png", dpi=120)
         plt.close(fig)
-        text += f"\n![time to accuracy, {title}]({name})\n"
-    return "\n## Time to accuracy\n" + text if text else ""
+        text += f"\n**{title}** (dense {dense:.2f}):\n\n{table}\n![time to accuracy, {title}]({name})\n"
+    return ("\n## Time to accuracy\n\nAccuracy at 0.9 with 1024 calibration images against the wall time of the "
+            "whole run, over distillation budgets (`--steps`; the presets' own is 1600), mean over the seeds that "
+            "ran.\n" + text) if text else ""
 
 
 def write_results() -> None:

@@ -85,6 +85,18 @@ def wall_times(reports: list[dict]) -> dict[tuple, list[float]]:
     return cells
 
 
+def parts_of(report: dict) -> str:
+    """The run's allocation / objective / dynamics (the factorial's axes; ``-`` where it does not distil);
+    ``kd_blocks (rel)``: normalised by the teacher's block outputs."""
+    config = report["config"]
+    if config.get("recovery") != "distill":
+        return f"{config['allocation']} / - / -"
+    objective = config["objective"]
+    if objective == "kd_blocks" and config.get("kd_blocks", {}).get("normalize") == "teacher":
+        objective += " (rel)"
+    return f"{config['allocation']} / {objective} / {config['dynamics']}"
+
+
 def format_cell(values: dict[int, float]) -> str:
     mean, std = mean_std(list(values.values()))
     return f"{mean:.2f}" if len(values) < 2 else f"{mean:.2f} ± {std:.2f} ({len(values)})"
