@@ -30,7 +30,6 @@ zero again; channel removal then keeps such a channel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,7 +39,7 @@ from torch import nn
 from ..attention import find_attention, heads_by_layer
 from ..data import Calibration
 from ..masking import zero_channels
-from ..norms import BATCH_NORMS
+from ..norms import following_norms
 from ..options import Options, option
 from ..patterns import Channel, Pattern
 from ..targets import Target
@@ -48,40 +47,6 @@ from .base import CRITERIA, Criterion
 
 if TYPE_CHECKING:
     from ..graph.coupling import ChannelGroup
-
-
-
-@torch.no_grad()
-def following_norms(model: nn.Module, targets: list[Target], example: torch.Tensor) -> dict[str, nn.Module]:
-    """The BatchNorm that directly consumes each target's output (the very tensor the layer returned, with as many
-    channels), found by tracing one forward pass.
-
-    Every output is held until the pass ends: a freed tensor's ``id`` can be reused by a new one, which would
-    pair a layer with a BatchNorm that never reads its output.
-    """
-    produced: dict[int, tuple[str, torch.Tensor]] = {}
-    consumers: dict[str, nn.Module] = {}
-
-    def on_output(module: nn.Module, inputs: tuple, output: torch.Tensor, name: str) -> None:
-        if isinstance(output, torch.Tensor):
-            produced[id(output)] = (name, output)
-
-    def on_norm(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        name, output = produced.get(id(inputs[0]), (None, None))
-        if name is not None and output is inputs[0] and output.dim() > 1 and output.shape[1] == module.num_features:
-            consumers.setdefault(name, module)
-
-    hooks = [t.module.register_forward_hook(partial(on_output, name=t.name)) for t in targets]
-    hooks += [m.register_forward_pre_hook(on_norm) for m in model.modules() if isinstance(m, BATCH_NORMS)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return consumers
 
 
 @CRITERIA.register("taylor")

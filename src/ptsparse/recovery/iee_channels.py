@@ -30,9 +30,9 @@ from torch.nn.utils import parametrize
 
 from ..allocation.knapsack import ChannelCosts, solve_knapsack, unit_minimums
 from ..attention import find_attention, heads_by_layer
-from ..criteria.taylor import following_norms
 from ..errors import ConfigError
 from ..masking import WeightMask, mask_of, weight_mask
+from ..norms import following_norms
 from ..targets import Target
 from .dynamics import Masks, reset_optimizer_entries
 
