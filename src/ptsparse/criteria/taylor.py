@@ -20,11 +20,9 @@ own allocated count; the other members prune the same channels, so a member's co
 (under a uniform allocation, within one channel of its own allocation; a member allocated nothing, e.g.
 capped at 0, stays whole). The q/k/v projections of an attention module (:mod:`ptsparse.attention`) are
 pruned by whole heads: a unit's channels are then heads, a head's score in a member the mean of its rows'
-scores (summed over the members, as for any unit), and every row of a head receives it. A pruned
-channel's bias and its following BatchNorm's weight and bias are zeroed, so the channel outputs exactly 0
-(not the bias or the BatchNorm's shift) and removing it (``ptsparse export --format channels``) leaves the
-outputs as they are. Recovery that trains biases and BatchNorm (``recovery: distill``) can move them off
-zero again; channel removal then keeps such a channel.
+scores (summed over the members, as for any unit), and every row of a head receives it. As under every
+criterion, a pruned channel's bias and following BatchNorm are masked with its filter
+(:func:`~ptsparse.masking.attach_channel_masks`), so the channel outputs exactly 0 and can be removed.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ from torch import nn
 
 from ..attention import find_attention, heads_by_layer
 from ..data import Calibration
-from ..masking import zero_channels
 from ..norms import following_norms
 from ..options import Options, option
 from ..patterns import Channel, Pattern
@@ -71,7 +68,6 @@ class Taylor(Criterion):
 
     def __init__(self, aggregation: str = "squared", batch_size: int = 64) -> None:
         self.aggregation, self.batch_size = self.Settings(aggregation=aggregation).aggregation, batch_size
-        self._norms: dict[str, nn.Module] = {}
         self._units: dict[str, ChannelUnit] = {}
 
     @classmethod
@@ -85,7 +81,6 @@ class Taylor(Criterion):
         device = next(model.parameters()).device
         example = calibration.inputs[:2].to(device)
         norms = following_norms(model, targets, example)
-        self._norms = norms
         totals = {t.name: torch.zeros(t.shape[0], device=device) for t in targets}
         modes = {module: module.training for module in model.modules()}
         model.eval()  # running statistics stay untouched; gradients only
@@ -135,15 +130,8 @@ class Taylor(Criterion):
                     pattern: Pattern) -> torch.Tensor:
         unit = self._units.get(target.name)
         if not isinstance(pattern, Channel) or unit is None or len(unit.group.members) == 1:
-            keep = pattern.mask(stats["scores"], count, target.name)
-        else:
-            keep = unit.mask(target.name, target.shape, pattern.pruned_channels(count, target.shape, target.name))
-        if isinstance(pattern, Channel):
-            kept_channels = keep.flatten(1).any(1)
-            zero_channels(target.module, kept_channels, ("bias",))
-            if self._norms.get(target.name) is not None:
-                zero_channels(self._norms[target.name], kept_channels)
-        return keep
+            return pattern.mask(stats["scores"], count, target.name)
+        return unit.mask(target.name, target.shape, pattern.pruned_channels(count, target.shape, target.name))
 
 
 class ChannelUnit:
