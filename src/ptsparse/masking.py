@@ -3,10 +3,10 @@
 A mask is a boolean tensor of the weight's shape (``True`` = kept). :func:`attach_masks` registers it as
 a parametrization (:mod:`torch.nn.utils.parametrize`), so the layer computes with ``weight * mask`` and
 gradients reach the stored weight through the product; mask dynamics may change a mask in place.
-:func:`bake` removes the parametrizations and leaves plain modules whose weights hold exact zeros
-(+0.0: ``w * False`` is -0.0 for a negative ``w``; the sign is dropped so the zeros of a baked model are
-one bit pattern, which keeps compressed checkpoints bit-exact).
-:func:`zero_channels` silences a pruned channel's bias and BatchNorm, so the channel outputs exactly zero.
+Under the channel pattern, :func:`attach_channel_masks` masks a pruned channel's bias and BatchNorm the same
+way, so the channel outputs exactly zero. :func:`bake` removes the parametrizations and leaves plain modules
+whose masked entries hold exact zeros (+0.0: ``w * False`` is -0.0 for a negative ``w``; the sign is dropped
+so the zeros of a baked model are one bit pattern, which keeps compressed checkpoints bit-exact).
 """
 
 from __future__ import annotations
@@ -78,27 +78,44 @@ def masks_of(targets: list[Target]) -> dict[str, torch.Tensor]:
     return result
 
 
-def bake(targets: list[Target]) -> None:
-    """Removes the masks, writing ``weight * mask`` into the plain ``weight`` parameter (exact zeros)."""
-    for target in targets:
-        if parametrize.is_parametrized(target.module, "weight"):
-            parametrize.remove_parametrizations(target.module, "weight", leave_parametrized=True)
-            with torch.no_grad():
-                weight = target.module.weight
-                weight.masked_fill_(weight == 0, 0.0)
+def attach_channel_masks(target: Target, norm: nn.Module | None = None) -> None:
+    """Masks the rest of each pruned output channel of ``target``: the layer's bias, and the affine weight and
+    bias of ``norm``, the BatchNorm that directly follows it (:func:`ptsparse.norms.following_norms`).
 
+    Each gets a 1-D :class:`WeightMask` keeping the channels whose weight row keeps an entry. A BatchNorm fed
+    zeros still outputs its shift ``bias - weight * mean / sqrt(var + eps)``; with the layer's bias and both
+    affine parameters masked, the channel outputs exactly 0 whatever the running statistics and whatever
+    recovery trains, so channel removal (``ptsparse export --format channels``) can drop it. Dynamics that
+    move channels write these masks with the weight's (:mod:`ptsparse.recovery.iee_channels`). Tensors
+    masked already are left as they are.
 
-@torch.no_grad()
-def zero_channels(module: nn.Module, keep: torch.Tensor, names: tuple[str, ...] = ("weight", "bias")) -> None:
-    """Zeroes the entries of a module's per-channel parameters ``names`` where ``keep`` is False, in place.
-
-    For a pruned output channel: the bias of its convolution and the affine weight and bias of the
-    BatchNorm after it. A pruned convolution channel feeds zeros into its BatchNorm, which still outputs
-    its shift ``bias - weight * mean / sqrt(var + eps)``; with both affine parameters zero (and no conv
-    bias) the channel outputs exactly 0 whatever the statistics, so it can be physically removed without
-    changing the outputs.
+    Raises:
+        ValueError: ``target`` has no mask attached.
     """
-    for name in names:
-        parameter = getattr(module, name, None)
-        if isinstance(parameter, torch.Tensor) and parameter.dim() == 1:
-            parameter[~keep.to(device=parameter.device, dtype=torch.bool).flatten()] = 0.0
+    mask = mask_of(target.module)
+    if mask is None:
+        raise ValueError(f"layer {target.name} has no mask to take its channels from")
+    keep = mask.flatten(1).any(1)
+    for owner, name in ((target.module, "bias"), (norm, "weight"), (norm, "bias")):
+        tensor = getattr(owner, name, None) if owner is not None else None
+        if tensor is not None and tensor.shape == keep.shape and weight_mask(owner, name) is None:
+            parametrize.register_parametrization(owner, name, WeightMask(keep.clone()))
+
+
+def trainable(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The tensor an optimiser trains for ``module.<name>``: the stored one behind its mask, or the parameter."""
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return getattr(module, name)
+
+
+def bake(model: nn.Module) -> None:
+    """Removes every mask in ``model``, writing ``tensor * mask`` into the plain parameter (exact zeros)."""
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for name in [name for name in module.parametrizations if weight_mask(module, name) is not None]:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+            with torch.no_grad():
+                tensor = getattr(module, name)
+                tensor.masked_fill_(tensor == 0, 0.0)

@@ -250,7 +250,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     if config.bn_recalibration:
         recalibrate_batchnorm(student, calibration, config.batch_size, device)
     masks = masks_of(targets)
-    bake(targets)
+    bake(student)
     student.eval()
     warnings = speedup_warnings(student, device, config.pattern)
     for warning in warnings:

@@ -181,6 +181,30 @@ def test_timm_vit_channel_pattern_prunes_whole_heads_and_exports_a_smaller_model
         assert block.attn.qkv.out_features == 3 * 128 and block.attn.proj.in_features == 128
 
 
+def test_pruned_heads_lose_their_projection_biases_so_channel_removal_drops_them(timm_vit):
+    pytest.importorskip("torch_pruning")
+    import copy
+
+    from ptsparse.export.channels import remove_channels
+
+    model, calib = timm_vit
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # pretrained projections have biases; this random model's are zero
+        for block in model.blocks:
+            block.attn.qkv.bias.normal_(generator=torch.Generator().manual_seed(0))
+    result = ptsparse.sparsify(model, calib, method="magnitude", pattern="channel", allocation="uniform",
+                               sparsity=0.3, batch_size=8, progress=False)
+    for name, heads in pruned_heads(result.model).items():
+        attention = next(a for a in find_attention(result.model) if name in a.projections)
+        rows = attention.rows(name)[sorted(heads)].flatten()
+        assert len(rows) and not result.model.get_submodule(name).bias[rows].any(), name
+
+    x = calib.inputs[:4]
+    smaller, _ = remove_channels(result.model, x)
+    assert [block.attn.num_heads for block in smaller.blocks] == [2, 2]
+    assert torch.allclose(smaller(x), result.model(x), atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["magnitude", "taylor"])
 def test_bert_prunes_the_same_whole_heads_in_query_key_and_value(bert, method):
     pytest.importorskip("torch_pruning")

@@ -11,12 +11,12 @@ from torch import nn
 
 import ptsparse
 from ptsparse.allocation import AllocationContext, ChannelCosts, Knapsack, LayerBudget, knapsack, solve_knapsack
-from ptsparse.criteria.taylor import following_norms
 from ptsparse.data import as_calibration
 from ptsparse.errors import ConfigError
 from ptsparse.export.channels import remove_channels
 from ptsparse.graph.cost import count_macs
 from ptsparse.models import reference_resnet
+from ptsparse.norms import following_norms
 from ptsparse.targets import find_targets
 
 

@@ -212,7 +212,7 @@ def test_bake_leaves_plain_parameters_with_exact_zeros(zoo):
     dense = {t.name: t.weight.detach().clone() for t in targets}
     masks = {t.name: random_mask(t.shape, seed=i) for i, t in enumerate(targets)}
     attach_masks(targets, masks)
-    bake(targets)
+    bake(zoo)
     for target in targets:
         module = target.module
         assert not parametrize.is_parametrized(module)
@@ -228,7 +228,7 @@ def test_bake_leaves_plain_parameters_with_exact_zeros(zoo):
 def test_bake_is_a_no_op_without_masks(zoo):
     targets = find_targets(zoo)
     before = {t.name: t.weight.detach().clone() for t in targets}
-    bake(targets)
+    bake(zoo)
     assert all(torch.equal(t.weight, before[t.name]) for t in targets)
 
 

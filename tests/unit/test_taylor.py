@@ -11,7 +11,7 @@ import ptsparse
 from ptsparse.data import as_calibration
 from ptsparse.errors import IncompatibleOptionsError
 from ptsparse.criteria import Taylor
-from ptsparse.criteria.taylor import following_norms
+from ptsparse.norms import following_norms
 from ptsparse.targets import find_targets
 
 

@@ -23,8 +23,9 @@ from torch import nn
 
 from .._progress import progress
 from ..data import Calibration
-from ..masking import attach_masks
-from ..patterns import Pattern
+from ..masking import attach_channel_masks, attach_masks
+from ..norms import following_norms
+from ..patterns import Channel, Pattern
 from ..targets import Target
 from .base import Criterion
 from .block_inputs import BlockInputs, Chain, find_chains
@@ -38,6 +39,10 @@ def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int],
                 cache_block_inputs: bool = True) -> dict[str, torch.Tensor]:
     """Chooses and attaches a mask for every target; returns the masks by layer name.
 
+    Under the channel pattern a layer's pruned channels are masked in its bias and in the BatchNorm that
+    follows it too (:func:`~ptsparse.masking.attach_channel_masks`), as soon as the layer is pruned, so the
+    statistics of later layers see those channels as the pruned model will: exactly zero.
+
     Args:
         targets: the layers, in execution order (data-driven criteria rely on it).
         counts: weights to prune per layer.
@@ -48,6 +53,7 @@ def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int],
             chains of blocks (``False`` runs every pass through the whole model; same statistics).
     """
     masks: dict[str, torch.Tensor] = {}
+    norms = following_norms(model, targets, calibration.inputs[:2].to(device)) if isinstance(pattern, Channel) else {}
     whole_model_scores = None
     if criterion.requires_data and not criterion.statistics:
         whole_model_scores = dict(scores) if scores is not None else criterion.scores(model, targets, calibration)
@@ -65,6 +71,8 @@ def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int],
         with torch.no_grad():
             masks[target.name] = criterion.prune_layer(target, stats, counts[target.name], pattern)
         attach_masks([target], {target.name: masks[target.name]})
+        if isinstance(pattern, Channel):
+            attach_channel_masks(target, norms.get(target.name))
         del stats
     return masks
 

@@ -20,17 +20,14 @@ own allocated count; the other members prune the same channels, so a member's co
 (under a uniform allocation, within one channel of its own allocation; a member allocated nothing, e.g.
 capped at 0, stays whole). The q/k/v projections of an attention module (:mod:`ptsparse.attention`) are
 pruned by whole heads: a unit's channels are then heads, a head's score in a member the mean of its rows'
-scores (summed over the members, as for any unit), and every row of a head receives it. A pruned
-channel's bias and its following BatchNorm's weight and bias are zeroed, so the channel outputs exactly 0
-(not the bias or the BatchNorm's shift) and removing it (``ptsparse export --format channels``) leaves the
-outputs as they are. Recovery that trains biases and BatchNorm (``recovery: distill``) can move them off
-zero again; channel removal then keeps such a channel.
+scores (summed over the members, as for any unit), and every row of a head receives it. As under every
+criterion, a pruned channel's bias and following BatchNorm are masked with its filter
+(:func:`~ptsparse.masking.attach_channel_masks`), so the channel outputs exactly 0 and can be removed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,8 +36,7 @@ from torch import nn
 
 from ..attention import find_attention, heads_by_layer
 from ..data import Calibration
-from ..masking import zero_channels
-from ..norms import BATCH_NORMS
+from ..norms import following_norms
 from ..options import Options, option
 from ..patterns import Channel, Pattern
 from ..targets import Target
@@ -48,40 +44,6 @@ from .base import CRITERIA, Criterion
 
 if TYPE_CHECKING:
     from ..graph.coupling import ChannelGroup
-
-
-
-@torch.no_grad()
-def following_norms(model: nn.Module, targets: list[Target], example: torch.Tensor) -> dict[str, nn.Module]:
-    """The BatchNorm that directly consumes each target's output (the very tensor the layer returned, with as many
-    channels), found by tracing one forward pass.
-
-    Every output is held until the pass ends: a freed tensor's ``id`` can be reused by a new one, which would
-    pair a layer with a BatchNorm that never reads its output.
-    """
-    produced: dict[int, tuple[str, torch.Tensor]] = {}
-    consumers: dict[str, nn.Module] = {}
-
-    def on_output(module: nn.Module, inputs: tuple, output: torch.Tensor, name: str) -> None:
-        if isinstance(output, torch.Tensor):
-            produced[id(output)] = (name, output)
-
-    def on_norm(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        name, output = produced.get(id(inputs[0]), (None, None))
-        if name is not None and output is inputs[0] and output.dim() > 1 and output.shape[1] == module.num_features:
-            consumers.setdefault(name, module)
-
-    hooks = [t.module.register_forward_hook(partial(on_output, name=t.name)) for t in targets]
-    hooks += [m.register_forward_pre_hook(on_norm) for m in model.modules() if isinstance(m, BATCH_NORMS)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return consumers
 
 
 @CRITERIA.register("taylor")
@@ -106,7 +68,6 @@ class Taylor(Criterion):
 
     def __init__(self, aggregation: str = "squared", batch_size: int = 64) -> None:
         self.aggregation, self.batch_size = self.Settings(aggregation=aggregation).aggregation, batch_size
-        self._norms: dict[str, nn.Module] = {}
         self._units: dict[str, ChannelUnit] = {}
 
     @classmethod
@@ -120,7 +81,6 @@ class Taylor(Criterion):
         device = next(model.parameters()).device
         example = calibration.inputs[:2].to(device)
         norms = following_norms(model, targets, example)
-        self._norms = norms
         totals = {t.name: torch.zeros(t.shape[0], device=device) for t in targets}
         modes = {module: module.training for module in model.modules()}
         model.eval()  # running statistics stay untouched; gradients only
@@ -170,15 +130,8 @@ class Taylor(Criterion):
                     pattern: Pattern) -> torch.Tensor:
         unit = self._units.get(target.name)
         if not isinstance(pattern, Channel) or unit is None or len(unit.group.members) == 1:
-            keep = pattern.mask(stats["scores"], count, target.name)
-        else:
-            keep = unit.mask(target.name, target.shape, pattern.pruned_channels(count, target.shape, target.name))
-        if isinstance(pattern, Channel):
-            kept_channels = keep.flatten(1).any(1)
-            zero_channels(target.module, kept_channels, ("bias",))
-            if self._norms.get(target.name) is not None:
-                zero_channels(self._norms[target.name], kept_channels)
-        return keep
+            return pattern.mask(stats["scores"], count, target.name)
+        return unit.mask(target.name, target.shape, pattern.pruned_channels(count, target.shape, target.name))
 
 
 class ChannelUnit:

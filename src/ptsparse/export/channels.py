@@ -3,10 +3,11 @@
 torch-pruning's dependency graph (:mod:`ptsparse.graph.coupling`) groups the channels that can only be
 removed together. A group channel is removed when it is *dead* in the given model: every layer that
 produces it outputs exactly zero there (a Conv/Linear row of zeros with a zero bias, a BatchNorm whose
-output for a zero input is zero, e.g. zero weight and bias as the ``taylor`` criterion leaves it). Only
-dead channels go, so the smaller model computes what the masked model computes; a channel zeroed in one
-layer but alive in a coupled one (a residual stream pruned layer by layer) stays and is counted in the
-report. The result is checked: it must give the masked model's outputs on the example inputs.
+output for a zero input is zero, e.g. zero weight and bias, as channel pruning leaves it:
+:func:`~ptsparse.masking.attach_channel_masks`). Only dead channels go, so the smaller model computes what the
+masked model computes; a channel zeroed in one layer but alive in a coupled one (a residual stream pruned
+layer by layer) stays and is counted in the report. The result is checked: it must give the masked model's
+outputs on the example inputs.
 
 Attention (:mod:`ptsparse.attention`): a q/k/v projection loses whole heads only, those dead in q, k and v
 alike (torch-pruning removes the output projection's input columns with them), and the module's head count

@@ -259,8 +259,7 @@ class ExploitExplore(Dynamics):
         if self.channels:
             from .iee_channels import ChannelUnits
 
-            self.units = ChannelUnits(model, targets, self.criterion, self.knapsack_cost, self.batch_size, teacher,
-                                      example)
+            self.units = ChannelUnits(model, targets, self.criterion, self.knapsack_cost, self.batch_size, example)
         else:
             self.units = WeightUnits(targets, self.criterion)
         self.units.set_straight_through(True)

@@ -3,9 +3,9 @@
 A unit is a set of coupled channels (:class:`~ptsparse.allocation.knapsack.ChannelCosts` groups: layers
 added into one residual stream share one mask). A channel's *entries* are its filter rows in every member
 layer, the member's bias, and the affine weight and bias of the BatchNorm after it; each is masked by a
-parametrization, so a pruned channel outputs exactly 0 while its stored values stay for reactivation. At
-the start, the stored BatchNorm and bias values of channels the allocation pruned are restored from the
-dense teacher, so reactivated channels resume their pretrained filters with their BatchNorm.
+parametrization (the run's channel masks, :func:`~ptsparse.masking.attach_channel_masks`), and every mask
+of a channel is written together, so a pruned channel outputs exactly 0 while its stored values stay for
+reactivation, and a regrown one resumes its filter with its bias and BatchNorm.
 
 Prune is a knapsack over the active channels with the budget lowered by ``ζ_t`` of it, grow a knapsack
 over the explored channels that refills it (:func:`~ptsparse.allocation.knapsack.solve_knapsack`); the
@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..allocation.knapsack import ChannelCosts, solve_knapsack, unit_minimums
 from ..attention import find_attention, heads_by_layer
-from ..criteria.taylor import following_norms
 from ..errors import ConfigError
-from ..masking import WeightMask, mask_of, weight_mask
+from ..masking import WeightMask, attach_channel_masks, mask_of, weight_mask
+from ..norms import following_norms
 from ..targets import Target
 from .dynamics import Masks, reset_optimizer_entries
 
@@ -46,7 +45,7 @@ class _Entry:
     unit: int
     channels: torch.Tensor  # rows of the tensor for each unit channel, (channels, width): width > 1 for heads
     gate: bool  # part of the channel's Taylor gate (the BatchNorm's, or the layer's where none follows)
-    filter: bool = False  # the member layer's weight (baked by the run; the others are baked here)
+    filter: bool = False  # the member layer's weight (its norm is the magnitude score)
 
     @property
     def stored(self) -> torch.Tensor:
@@ -67,7 +66,7 @@ class ChannelUnits:
     """Coupled output channels as units of IEE (see the module docstring)."""
 
     def __init__(self, model: nn.Module, targets: list[Target], criterion: str, cost: str, batch_size: int,
-                 teacher: nn.Module | None, example: torch.Tensor | None) -> None:
+                 example: torch.Tensor | None) -> None:
         if example is None:
             raise ConfigError("dynamics 'iee' on channels traces the model; it needs an example input")
         for target in targets:
@@ -79,8 +78,6 @@ class ChannelUnits:
         self.costs = ChannelCosts.trace(model, targets, example, cost, example.device, batch_size, heads=heads)
         self.keys = [next(iter(unit.members)) for unit in self.costs.units]
         norms = following_norms(model, targets, example)
-        teacher_modules = dict(teacher.named_modules()) if teacher is not None else {}
-        module_names = {module: name for name, module in model.named_modules()}
         self.entries: list[_Entry] = []
         self.active: Masks = {}
         self.modules = {name: by_name[name].module for unit in self.costs.units for name in unit.members}
@@ -90,19 +87,13 @@ class ChannelUnits:
             self.active[key] = rows[unit.rows(key).to(rows.device)].any(1)
             for name in unit.members:
                 module, norm = self.modules[name], norms.get(name)
+                attach_channel_masks(by_name[name], norm)  # as the run attached them, unless it did already
                 rows_of_unit = unit.rows(name).to(module.weight.device)
                 self.entries.append(_Entry(module, "weight", index, rows_of_unit, gate=norm is None, filter=True))
                 owners = [(module, "bias", norm is None), (norm, "weight", True), (norm, "bias", True)]
                 for owner, parameter, gate in owners:
-                    if owner is None or not isinstance(getattr(owner, parameter, None), nn.Parameter):
-                        continue
-                    source = teacher_modules.get(module_names[owner])
-                    if source is not None:  # the allocation zeroed pruned channels' BatchNorm and bias
-                        with torch.no_grad():
-                            getattr(owner, parameter).copy_(getattr(source, parameter))
-                    keep = torch.ones_like(getattr(owner, parameter), dtype=torch.bool)
-                    parametrize.register_parametrization(owner, parameter, WeightMask(keep))
-                    self.entries.append(_Entry(owner, parameter, index, rows_of_unit, gate))
+                    if owner is not None and weight_mask(owner, parameter) is not None:
+                        self.entries.append(_Entry(owner, parameter, index, rows_of_unit, gate))
         self.budget: float | None = None
         self.scores_sum: list[torch.Tensor] = []
         self.show(dense=False)
@@ -227,10 +218,6 @@ class ChannelUnits:
         self.scores_sum, self.budget = list(state["scores_sum"]), state["budget"]
 
     def finish(self) -> None:
-        """Plain boolean masks on the layers; pruned channels' bias and BatchNorm written as exact zeros."""
+        """Plain boolean masks of the final channels on the layers, their biases and BatchNorms (baked by the run)."""
         self.set_straight_through(False)
         self.show(dense=False)
-        for entry in self.entries:
-            if not entry.filter:
-                parametrize.remove_parametrizations(entry.module, entry.parameter, leave_parametrized=True)
-        self.entries = [entry for entry in self.entries if entry.filter]

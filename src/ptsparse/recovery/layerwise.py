@@ -19,7 +19,7 @@ from torch import nn
 
 from .._progress import progress
 from ..data import Calibration
-from ..masking import mask_of
+from ..masking import mask_of, trainable
 from ..targets import Target
 from .objectives import output_mse
 
@@ -42,13 +42,6 @@ def cache_layer_io(model: nn.Module, name: str, calibration: Calibration, batch_
     return torch.cat(inputs), torch.cat(outputs)
 
 
-def _stored_weight(module: nn.Module) -> torch.Tensor:
-    """The trainable weight behind a mask (or the plain weight)."""
-    if mask_of(module) is not None:
-        return module.parametrizations.weight.original
-    return module.weight
-
-
 @torch.no_grad()
 def correct_weights(module: nn.Module) -> None:
     """POT weight correction: per output channel c, ``W_c <- r_c * W_c + m_c`` with
@@ -56,7 +49,7 @@ def correct_weights(module: nn.Module) -> None:
     mask = mask_of(module)
     if mask is None:
         return
-    weight = _stored_weight(module)
+    weight = trainable(module)
     dense = weight.flatten(1)
     sparse = (weight * mask).flatten(1)
     ratio = dense.std(1) / (sparse.std(1) + 1e-9)
@@ -80,7 +73,7 @@ def correct_bias(module: nn.Module, inputs: torch.Tensor, dense_outputs: torch.T
         gap = _per_channel(dense_outputs[start: start + batch_size] - module(inputs[start: start + batch_size]), module)
         total += gap.sum(1)
         count += gap.shape[1]
-    module.bias += total / count
+    trainable(module, "bias").add_(total / count)  # behind its mask under the channel pattern
 
 
 def reconstruct_layers(student: nn.Module, teacher: nn.Module, targets: list[Target], calibration: Calibration, *,
@@ -102,9 +95,9 @@ def reconstruct_layers(student: nn.Module, teacher: nn.Module, targets: list[Tar
             correct_weights(module)
         if bias_correction:
             correct_bias(module, inputs, dense_outputs, batch_size)
-        groups = [{"params": [_stored_weight(module)], "lr": lr_weight}]
+        groups = [{"params": [trainable(module)], "lr": lr_weight}]
         if getattr(module, "bias", None) is not None:
-            groups.append({"params": [module.bias], "lr": lr_bias})
+            groups.append({"params": [trainable(module, "bias")], "lr": lr_bias})
         optimizer = torch.optim.Adam(groups)
         loss = torch.tensor(float("inf"))
         for _ in range(iterations):
