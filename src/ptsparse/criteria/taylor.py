@@ -20,7 +20,9 @@ own allocated count; the other members prune the same channels, so a member's co
 (under a uniform allocation, within one channel of its own allocation; a member allocated nothing, e.g.
 capped at 0, stays whole). The q/k/v projections of an attention module (:mod:`ptsparse.attention`) are
 pruned by whole heads: a unit's channels are then heads, a head's score in a member the mean of its rows'
-scores (summed over the members, as for any unit), and every row of a head receives it. A pruned
+scores (summed over the members, as for any unit), and every row of a head receives it. Channels that a grouped
+convolution ties (the same offset in each of its groups, :mod:`ptsparse.graph.coupling`) are one unit likewise,
+scored by the mean of their rows; a member prunes the number of units nearest its allocated count of channels. A pruned
 channel's bias and its following BatchNorm's weight and bias are zeroed, so the channel outputs exactly 0
 (not the bias or the BatchNorm's shift) and removing it (``ptsparse export --format channels``) leaves the
 outputs as they are. Recovery that trains biases and BatchNorm (``recovery: distill``) can move them off
@@ -119,6 +121,9 @@ class Taylor(Criterion):
 
         device = next(model.parameters()).device
         example = calibration.inputs[:2].to(device)
+        names = [t.name for t in targets]
+        heads = heads_by_layer(find_attention(model, names))
+        groups = head_groups(channel_groups(model, example, names), heads)  # before the gradients: it may refuse
         norms = following_norms(model, targets, example)
         self._norms = norms
         totals = {t.name: torch.zeros(t.shape[0], device=device) for t in targets}
@@ -142,9 +147,7 @@ class Taylor(Criterion):
                 module.training = mode
         channel = {name: total / batches for name, total in totals.items()}
         self._units = {}
-        names = [t.name for t in targets]
-        heads = heads_by_layer(find_attention(model, names))
-        for group in head_groups(channel_groups(model, example, names), heads):
+        for group in groups:
             unit = ChannelUnit(group, sum(channel[n][group.rows(n).to(device)].mean(1) for n in group.members))
             for name in group.members:
                 channel[name] = channel[name].clone()
@@ -169,10 +172,12 @@ class Taylor(Criterion):
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor:
         unit = self._units.get(target.name)
-        if not isinstance(pattern, Channel) or unit is None or len(unit.group.members) == 1:
+        tied = unit is not None and unit.group.width > 1 and target.name not in pattern.heads  # grouped convolution
+        if not isinstance(pattern, Channel) or unit is None or (len(unit.group.members) == 1 and not tied):
             keep = pattern.mask(stats["scores"], count, target.name)
         else:
-            keep = unit.mask(target.name, target.shape, pattern.pruned_channels(count, target.shape, target.name))
+            channels = pattern.pruned_channels(count, target.shape, target.name)  # heads, or rows
+            keep = unit.mask(target.name, target.shape, round(channels / unit.group.width) if tied else channels)
         if isinstance(pattern, Channel):
             kept_channels = keep.flatten(1).any(1)
             zero_channels(target.module, kept_channels, ("bias",))
