@@ -54,7 +54,7 @@ FAMILIES: dict[str, tuple[str, int]] = {
     "vgg11_bn": ("", 32),
     "vit_b_16": (",image_size=32", 32),
     "swin_t": ("", 32),
-    "maxvit_t": (",input_size=[64,64]", 64),
+    "maxvit_t": ("", 224),  # every stage's side must be a multiple of its partition size 7
     "shufflenet_v2_x0_5": ("", 32),
 }
 
@@ -198,7 +198,8 @@ def families_section(directory: str | Path = RESULTS) -> str:
     limits = rows[0].get("limits", {})
     lines = ["## Channel pruning across torchvision families", "",
              "Produced by `python benchmarks/family_sweep.py` (JSON in `benchmarks/results/families/`). One model "
-             f"per family, random weights, {CLASSES} classes, the smallest input it takes; `sparsify(method=\"taylor\", "
+             f"per family, random weights, {CLASSES} classes, the smallest input it takes; "
+             "`sparsify(method=\"taylor\", "
              f"pattern=\"channel\", sparsity={SPARSITY})` on {CALIB_SIZE} random images, then the channel export "
              "(`ptsparse export --format channels`), `ptsparse.load` of the file, and the reloaded model's outputs "
              "against the masked model's (largest difference relative to the largest output). Channels: fraction of "

@@ -6,7 +6,8 @@ parts of a concatenation. torch-pruning traces the model once and groups every s
 (``DependencyGraph.get_all_groups``); a :class:`ChannelGroup` keeps, of each group, the prunable layers
 that *produce* its channels and which of their output channels each group channel is. A grouped convolution
 (not depthwise) further ties each channel it reads or writes to the channels at the same offset in its other
-groups (:attr:`ChannelGroup.ties`): torch-pruning prunes it by offsets common to all groups. :func:`head_groups` turns the groups of attention projections into groups whose channels are whole heads
+groups (:attr:`ChannelGroup.ties`): torch-pruning prunes it by offsets common to all groups.
+:func:`head_groups` turns the groups of attention projections into groups whose channels are whole heads
 (:mod:`ptsparse.attention`).
 """
 
