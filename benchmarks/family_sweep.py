@@ -128,7 +128,8 @@ def run_family(name: str) -> dict:
             matches = got.shape == expected.shape and difference <= TOLERANCE
             row["status"] = "ok" if matches else "failed"
             if not matches:
-                row["message"] = f"reloaded model differs from the masked model by {difference:.3g} (relative)"
+                row.update(stage="check", message=f"reloaded model differs from the masked model by {difference:.3g} "
+                           "(relative)")
     except PtsparseError as error:
         row.update(status="refused", stage=stage, message=_first_line(error))
     except Exception as error:  # noqa: BLE001  the sweep records whatever breaks
