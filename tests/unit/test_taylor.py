@@ -50,7 +50,9 @@ def test_scores_equal_the_gate_formula_by_hand(tiny_cnn, calib_images):
     F.cross_entropy(logits, logits.detach().argmax(1)).backward()
     bn = tiny_cnn.bn
     gate = bn.weight * bn.weight.grad + bn.bias * bn.bias.grad
-    assert torch.allclose(scores["stem"][:, 0, 0, 0], gate.detach().pow(2), rtol=1e-4, atol=1e-12)
+    # the grouped conv (2 groups) ties stem channel c to c + 4: their unit scores the mean of the two
+    tied = gate.detach().pow(2).view(2, 4).mean(0).repeat(2)
+    assert torch.allclose(scores["stem"][:, 0, 0, 0], tied, rtol=1e-4, atol=1e-12)
     fc = tiny_cnn.fc  # no BatchNorm after it: sum of w * dL/dw over the row, plus b * dL/db
     plain = (fc.weight * fc.weight.grad).sum(1) + fc.bias * fc.bias.grad
     assert torch.allclose(scores["fc"][:, 0], plain.detach().pow(2), rtol=1e-4, atol=1e-12)
@@ -70,7 +72,9 @@ def test_taylor_preset_prunes_whole_channels(tiny_cnn, calib_images):
     for target in find_targets(result.model):
         rows = target.weight.flatten(1)
         assert torch.equal((rows == 0).all(1), (rows == 0).any(1)), target.name
-    assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=0.05)
+    # The grouped conv (2 groups) prunes channels in tied pairs, so each 8- or 16-channel layer prunes the nearest
+    # whole pairs of its allocation (0.576, raised to make up for the protected fc): half its channels.
+    assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=0.07)
 
 
 def test_taylor_needs_the_channel_pattern():

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -146,7 +146,7 @@ class ChannelCosts:
             members = {n: m for n, m in channels.members.items() if n in names and n not in covered}
             if not members:
                 continue
-            for unit in head_groups([ChannelGroup(channels.size, members)], heads):
+            for unit in head_groups([replace(channels, members=members).tied_units()], heads):
                 found.append((unit, channels, group.items))
                 covered.update(unit.members)
         for n in sorted(names - covered):  # a target torch-pruning does not see stays a unit of its own

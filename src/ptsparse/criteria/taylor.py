@@ -20,8 +20,10 @@ own allocated count; the other members prune the same channels, so a member's co
 (under a uniform allocation, within one channel of its own allocation; a member allocated nothing, e.g.
 capped at 0, stays whole). The q/k/v projections of an attention module (:mod:`ptsparse.attention`) are
 pruned by whole heads: a unit's channels are then heads, a head's score in a member the mean of its rows'
-scores (summed over the members, as for any unit), and every row of a head receives it. As under every
-criterion, a pruned channel's bias and following BatchNorm are masked with its filter
+scores (summed over the members, as for any unit), and every row of a head receives it. Channels that a grouped
+convolution ties (the same offset in each of its groups, :mod:`ptsparse.graph.coupling`) are one unit likewise,
+scored by the mean of their rows; a member prunes the number of units nearest its allocated count of channels. As
+under every criterion, a pruned channel's bias and following BatchNorm are masked with its filter
 (:func:`~ptsparse.masking.attach_channel_masks`), so the channel outputs exactly 0 and can be removed.
 """
 
@@ -80,6 +82,9 @@ class Taylor(Criterion):
 
         device = next(model.parameters()).device
         example = calibration.inputs[:2].to(device)
+        names = [t.name for t in targets]
+        heads = heads_by_layer(find_attention(model, names))
+        groups = head_groups(channel_groups(model, example, names), heads)  # before the gradients: it may refuse
         norms = following_norms(model, targets, example)
         totals = {t.name: torch.zeros(t.shape[0], device=device) for t in targets}
         modes = {module: module.training for module in model.modules()}
@@ -102,9 +107,7 @@ class Taylor(Criterion):
                 module.training = mode
         channel = {name: total / batches for name, total in totals.items()}
         self._units = {}
-        names = [t.name for t in targets]
-        heads = heads_by_layer(find_attention(model, names))
-        for group in head_groups(channel_groups(model, example, names), heads):
+        for group in groups:
             unit = ChannelUnit(group, sum(channel[n][group.rows(n).to(device)].mean(1) for n in group.members))
             for name in group.members:
                 channel[name] = channel[name].clone()
@@ -129,9 +132,11 @@ class Taylor(Criterion):
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor:
         unit = self._units.get(target.name)
-        if not isinstance(pattern, Channel) or unit is None or len(unit.group.members) == 1:
+        tied = unit is not None and unit.group.width > 1 and target.name not in pattern.heads  # grouped convolution
+        if not isinstance(pattern, Channel) or unit is None or (len(unit.group.members) == 1 and not tied):
             return pattern.mask(stats["scores"], count, target.name)
-        return unit.mask(target.name, target.shape, pattern.pruned_channels(count, target.shape, target.name))
+        channels = pattern.pruned_channels(count, target.shape, target.name)  # heads, or rows
+        return unit.mask(target.name, target.shape, round(channels / unit.group.width) if tied else channels)
 
 
 class ChannelUnit:

@@ -14,6 +14,9 @@ alike (torch-pruning removes the output projection's input columns with them), a
 (timm ``num_heads``/``attn_dim``, Hugging Face ``num_attention_heads``/``all_head_size``) is set to the heads
 left; the rows per head stay. A head pruned in part keeps all its rows.
 
+A grouped convolution (ResNeXt, RegNet) loses channels at the same offsets in all its groups, on its input and
+its output (torch-pruning's way): a channel goes only with those tied to it (:attr:`ChannelGroup.ties`).
+
 The output layer keeps its outputs. The model passed in is never modified. The file stores the smaller
 model's weights and, in its metadata, the new sizes of the resized layers; ``ptsparse.load`` rebuilds the
 architecture and resizes those layers before loading (this format's checkpoint reader).
@@ -140,10 +143,10 @@ def remove_channels(model: nn.Module, example: torch.Tensor,
         for name, mapping in channels.members.items():
             weight = graph.model.get_submodule(name).weight
             zeroed |= weight.detach().flatten(1).eq(0).all(1)[torch.tensor(mapping)]
-        dead = whole_heads(dead, channels.members, heads)
+        dead = channels.tie(whole_heads(dead, channels.members, heads))
+        if bool(dead.all()):  # a layer keeps at least one channel (an attention, one head: whole_heads)
+            dead[list(channels.ties[0]) if channels.ties else 0] = False
         removable = dead.nonzero().flatten()
-        if len(removable) == channels.size:
-            removable = removable[1:]  # a layer keeps at least one channel (an attention, one head: whole_heads)
         kept_zeroed += int((zeroed & ~dead).sum())
         if len(removable) == 0:
             continue

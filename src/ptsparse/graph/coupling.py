@@ -4,7 +4,9 @@ Two layers' output channels are *coupled* when removing channel ``c`` of one for
 the other: layers whose outputs are added (residual streams), a depthwise convolution and its input, the
 parts of a concatenation. torch-pruning traces the model once and groups every such dependency
 (``DependencyGraph.get_all_groups``); a :class:`ChannelGroup` keeps, of each group, the prunable layers
-that *produce* its channels and which of their output channels each group channel is.
+that *produce* its channels and which of their output channels each group channel is. A grouped convolution
+(not depthwise) further ties each channel it reads or writes to the channels at the same offset in its other
+groups (:attr:`ChannelGroup.ties`): torch-pruning prunes it by offsets common to all groups.
 :func:`head_groups` turns the groups of attention projections into groups whose channels are whole heads
 (:mod:`ptsparse.attention`).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -34,17 +36,37 @@ class ChannelGroup:
         members: layer name -> its output channel for each of the group's channels (so
             ``members[name][c]`` is the channel of ``name`` that group channel ``c`` is); with ``width`` > 1,
             its ``width`` output channels (rows) for each group channel, one after the other.
-        width: output rows of each member per group channel: 1, or a head's rows when the group's channels
-            are attention heads (:func:`head_groups`).
+        width: output rows of each member per group channel: 1, a head's rows when the group's channels
+            are attention heads (:func:`head_groups`), or the channels tied together by a grouped convolution
+            (:meth:`tied_units`).
+        ties: for a group of single rows read or written by a grouped (not depthwise) convolution: the sets of
+            group channels that can only go together, one channel per convolution group at the same offset
+            within it (torch-pruning removes a grouped convolution's channels at the same offsets in every
+            group); empty when every channel can go alone.
     """
 
     size: int
     members: dict[str, tuple[int, ...]]
     width: int = 1
+    ties: tuple[tuple[int, ...], ...] = ()
 
     def rows(self, name: str) -> torch.Tensor:
         """Output rows of member ``name`` per group channel, a ``(size, width)`` index tensor."""
         return torch.tensor(self.members[name]).view(self.size, self.width)
+
+    def tie(self, chosen: torch.Tensor) -> torch.Tensor:
+        """``chosen`` (per group channel) narrowed to whole :attr:`ties`: a channel stays chosen only with its set."""
+        chosen = chosen.clone()
+        for tied in self.ties:
+            chosen[list(tied)] = bool(chosen[list(tied)].all())
+        return chosen
+
+    def tied_units(self) -> ChannelGroup:
+        """The group whose channels are its :attr:`ties` (``width`` rows of each member each); itself without ties."""
+        if not self.ties:
+            return self
+        return ChannelGroup(len(self.ties), {name: tuple(rows[c] for tied in self.ties for c in tied)
+                                             for name, rows in self.members.items()}, len(self.ties[0]))
 
 
 def head_group(attention: AttentionHeads, layers: Sequence[str]) -> ChannelGroup:
@@ -93,24 +115,146 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
+def _owner(node, names: Mapping[object, str]) -> str:
+    """The nearest module or parameter of the model at or upstream of torch-pruning's graph ``node``."""
+    queue, seen = [node], set()
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.module in names:
+            return names[current.module]
+        queue += current.inputs
+    return "the model's input"
+
+
+def _failing_node(error: BaseException):
+    """The node of torch-pruning's graph that was being handled when ``error`` was raised, if any."""
+    tp = require("torch_pruning", "coupled channel pruning")
+    found, trace = None, error.__traceback__
+    while trace is not None:
+        found = next((v for v in trace.tb_frame.f_locals.values() if isinstance(v, tp.dependency.Node)), found)
+        trace = trace.tb_next
+    return found
+
+
+def lookup_tables(model: nn.Module, example: torch.Tensor) -> list[nn.Parameter]:
+    """The parameters that ``model`` reads by indexing (gathers), e.g. a Swin attention's relative position bias table.
+
+    Such a table holds no channels of the layers around it, but torch-pruning maps channels through the reshapes
+    that follow the gather, round a cycle that multiplies its index lists at each pass (swin_t grew past 22 GB).
+    """
+    parameters = {id(p): p for p in model.parameters() if p.requires_grad}
+    found: dict[int, nn.Parameter] = {}
+    with eval_mode(model), torch.enable_grad():
+        output = model(example)
+    stack, seen = [output.grad_fn] if isinstance(output, torch.Tensor) else [], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        gather = type(node).__name__.startswith("IndexBackward")
+        for child, _ in node.next_functions:
+            variable = getattr(child, "variable", None)
+            if gather and variable is not None and id(variable) in parameters:
+                found[id(variable)] = parameters[id(variable)]
+            stack.append(child)
+    return list(found.values())
+
+
 def build_dependency_graph(model: nn.Module, example: torch.Tensor):
     """torch-pruning's dependency graph of ``model`` traced on ``example`` (eval mode, model unchanged).
 
+    The model's :func:`lookup_tables` are left out of the trace, so the grouping stays bounded: Swin's coupling
+    analysis (swin_t, ``get_all_groups``) then takes seconds and under 1 GB instead of growing past 22 GB.
+
     Raises:
         MissingExtraError: torch-pruning is not installed.
-        ExportError: torch-pruning cannot trace the model.
+        ExportError: torch-pruning cannot trace the model (the message names the module or parameter nearest
+            upstream of the operation it failed on, e.g. a channel shuffle).
     """
     tp = require("torch_pruning", "coupled channel pruning")
+    tables = lookup_tables(model, example)
     with eval_mode(model), torch.enable_grad():
         try:
+            for table in tables:
+                table.requires_grad_(False)
             return tp.DependencyGraph().build_dependency(model, example_inputs=example)
         except Exception as error:  # torch-pruning raises plain exceptions of many kinds while tracing
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ExportError(f"torch-pruning cannot trace the model: {reason}") from None
+            names: dict[object, str] = {module: name for name, module in model.named_modules()}
+            names.update({parameter: name for name, parameter in model.named_parameters()})
+            node = _failing_node(error)
+            where = f" at the operation after {_owner(node, names)!r}" if node is not None else ""
+            raise ExportError(f"torch-pruning cannot trace the model{where}: {reason}") from None
+        finally:
+            for table in tables:
+                table.requires_grad_(True)
+
+
+def _grouped(module: object) -> bool:
+    """A grouped convolution that is not depthwise (torch-pruning couples a depthwise one's input and output)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups != module.out_channels
+
+
+def _ties(graph, group, names: Mapping[nn.Module, str]) -> tuple[tuple[int, ...], ...]:
+    """The sets of ``group``'s channels that its grouped convolutions tie together (:attr:`ChannelGroup.ties`).
+
+    The channel at offset ``o`` of one convolution group is tied to the channel at ``o`` of every other group, on
+    the convolution's input and output alike; ties through several convolutions join.
+
+    Raises:
+        ExportError: some of a grouped convolution's channels lie outside the group (another torch-pruning group
+            holds them), or the tied sets differ in size.
+    """
+    parent = list(range(len(group.items[0].idxs)))
+
+    def find(channel: int) -> int:
+        while parent[channel] != channel:
+            parent[channel] = parent[parent[channel]]
+            channel = parent[channel]
+        return channel
+
+    convolutions = [item for item in group.items if _grouped(item.dep.target.module)]
+    for item in convolutions:
+        module = item.dep.target.module
+        out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        per_group = (module.out_channels if out else module.in_channels) // module.groups
+        first: dict[int, int] = {}
+        seen: dict[int, int] = {}
+        for index, root in zip(item.idxs, item.root_idxs):
+            offset = int(index) % per_group
+            seen[offset] = seen.get(offset, 0) + 1
+            parent[find(int(root))] = find(first.setdefault(offset, int(root)))
+        if any(count != module.groups for count in seen.values()):
+            raise ExportError(f"grouped convolution {names.get(module, type(module).__name__)!r} (groups="
+                              f"{module.groups}) {'writes' if out else 'reads'} channels that torch-pruning couples "
+                              "unevenly across its groups; channel pruning cannot keep its groups equal")
+    if not convolutions:
+        return ()
+    sets: dict[int, list[int]] = {}
+    for channel in range(len(parent)):
+        sets.setdefault(find(channel), []).append(channel)
+    ties = tuple(tuple(tied) for tied in sets.values())
+    if len({len(tied) for tied in ties}) > 1:
+        module = convolutions[0].dep.target.module
+        raise ExportError(f"grouped convolution {names.get(module, type(module).__name__)!r} (groups="
+                          f"{module.groups}) ties channels in sets of different sizes with other grouped "
+                          "convolutions; channel pruning cannot keep their groups equal")
+    return ties
 
 
 def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
-    """Yields ``(torch-pruning group, ChannelGroup)`` for every group rooted at a Conv/Linear output."""
+    """Yields ``(torch-pruning group, ChannelGroup)`` for every group rooted at a Conv/Linear output.
+
+    Each ChannelGroup's channels are the torch-pruning group's (width 1), with the ties of its grouped
+    convolutions (:attr:`ChannelGroup.ties`).
+
+    Raises:
+        ExportError: a grouped convolution's channels cannot be pruned evenly across its groups.
+    """
     names = {module: name for name, module in model.named_modules()}
     for group in graph.get_all_groups(root_module_types=PRODUCER_TYPES, ignored_layers=list(ignored)):
         size = len(group.items[0][1])
@@ -124,7 +268,7 @@ def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
                 mapping[int(root)] = int(index)
             if -1 not in mapping and module in names:
                 members[names[module]] = tuple(mapping)
-        yield group, ChannelGroup(size, members)
+        yield group, ChannelGroup(size, members, ties=_ties(graph, group, names))
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor, layers: Sequence[str] | None = None) -> list[ChannelGroup]:
@@ -136,11 +280,12 @@ def channel_groups(model: nn.Module, example: torch.Tensor, layers: Sequence[str
         layers: keep only these layers in the groups (the targets of a run); ``None`` keeps all.
 
     Returns:
-        One group per set of coupled channels that holds at least one of ``layers``.
+        One group per set of coupled channels that holds at least one of ``layers``; where grouped convolutions
+        tie channels, its channels are the tied sets (:meth:`ChannelGroup.tied_units`).
 
     Raises:
         MissingExtraError: torch-pruning is not installed.
-        ExportError: torch-pruning cannot trace the model.
+        ExportError: torch-pruning cannot trace the model, or a grouped convolution cannot be pruned evenly.
     """
     graph = build_dependency_graph(model, example)
     wanted = None if layers is None else set(layers)
@@ -148,5 +293,5 @@ def channel_groups(model: nn.Module, example: torch.Tensor, layers: Sequence[str
     for _, group in iter_groups(graph, model):
         members = {n: m for n, m in group.members.items() if wanted is None or n in wanted}
         if members:
-            groups.append(ChannelGroup(group.size, members))
+            groups.append(replace(group, members=members).tied_units())
     return groups

@@ -1,0 +1,90 @@
+"""Channel pruning on architectures beyond plain convolution chains (issue 17): grouped convolutions (ResNeXt,
+RegNet), an operation torch-pruning cannot trace (ShuffleNet's channel shuffle), and a bounded coupling analysis
+on a Swin block (its relative position bias)."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import ptsparse
+from ptsparse.errors import ExportError
+
+pytest.importorskip("torch_pruning")
+
+from ptsparse.export.channels import remove_channels  # noqa: E402
+
+
+class GroupedBlock(nn.Module):
+    """A ResNeXt bottleneck: 1x1, grouped 3x3 (4 groups), 1x1, added to the stem's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.reduce, self.reduce_bn = nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32)
+        self.grouped, self.grouped_bn = nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(32)
+        self.expand, self.expand_bn = nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        y = torch.relu(self.reduce_bn(self.reduce(x)))
+        y = torch.relu(self.grouped_bn(self.grouped(y)))
+        return self.fc(torch.relu(x + self.expand_bn(self.expand(y))).mean((2, 3)))
+
+
+def test_grouped_convolution_prunes_the_same_offsets_in_every_group_and_exports() -> None:
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 8, 8)
+    result = ptsparse.sparsify(GroupedBlock().eval(), calib, method="taylor", pattern="channel", sparsity=0.3,
+                               progress=False)
+    pruned = result.model.grouped.weight.flatten(1).eq(0).all(1).view(4, 8)  # (group, offset)
+    assert pruned.any() and bool((pruned == pruned[0]).all())  # the same offsets in all 4 groups
+    smaller, report = remove_channels(result.model, calib[:4])
+    assert smaller.grouped.groups == 4 and smaller.grouped.in_channels < 32 and smaller.grouped.out_channels < 32
+    assert smaller.grouped.out_channels % 4 == 0 and smaller.grouped.in_channels % 4 == 0
+    with torch.no_grad():
+        expected = result.model.eval()(calib)
+        assert torch.allclose(smaller(calib), expected, atol=1e-5 * float(expected.abs().max()))
+    assert report["max_relative_difference"] < 1e-5
+
+
+def test_untraceable_model_is_refused_in_one_line_naming_where_before_scoring(monkeypatch) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from ptsparse.criteria.taylor import Taylor
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()  # its channel shuffle stops torch-pruning
+    monkeypatch.setattr(Taylor, "_gate", staticmethod(lambda *a: pytest.fail("gradients computed before the refusal")))
+    with pytest.raises(ExportError) as caught:
+        ptsparse.sparsify(model, torch.randn(4, 3, 16, 16), method="taylor", pattern="channel", sparsity=0.3,
+                          progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "cannot trace the model at the operation after 'stage" in message
+
+
+SWIN_GROUPS = """
+import torch
+from torchvision.models.swin_transformer import SwinTransformer
+from ptsparse.graph.coupling import channel_groups
+model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                        num_classes=10).eval()
+print(len(channel_groups(model, torch.randn(2, 3, 32, 32))))
+"""
+
+
+def test_swin_coupling_analysis_stays_bounded() -> None:
+    pytest.importorskip("torchvision")
+    limit = 5 * 2**30  # address space (importing torch maps ~3 GB); the unbounded grouping exhausts 6 GB
+
+    def bounded() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-c", SWIN_GROUPS], preexec_fn=bounded, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]
+    assert int(done.stdout.split()[-1]) > 0
