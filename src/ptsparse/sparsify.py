@@ -149,12 +149,19 @@ def layer_budgets(targets: list[Target], config: SparsityConfig, pattern: Patter
 
 def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern, allocation: Allocation,
                 scores: dict[str, torch.Tensor] | None, budgets: list[LayerBudget],
-                context: AllocationContext | None = None) -> tuple[dict[str, int], dict[str, float], float]:
+                context: AllocationContext | None = None,
+                units: list[LayerBudget] | None = None) -> tuple[dict[str, int], dict[str, float], float]:
     """Prune counts per layer, the allocated ratios, and the global target they meet.
 
     For N:M the pattern fixes each layer's count and the target follows from it; otherwise the
     allocation gives ratios and :func:`exact_counts` rounds them to meet ``round(sparsity * total)``; an
     ``exact`` allocation's ratios are whole counts already, and the target is the weight sparsity they give.
+
+    Args:
+        units: the layers as the criterion prunes them (:meth:`~ptsparse.criteria.Criterion.unit_budgets`):
+            the ratios are rounded by those units, so the layers of a coupled unit get one count of its steps,
+            planned from their ratios together, and the total stays within a step of the target (default:
+            ``budgets``).
     """
     total = sum(t.numel for t in targets)
     if isinstance(pattern, NM):
@@ -171,7 +178,7 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
         return counts, ratios, sum(counts.values()) / total
     wanted = target_count(budgets, config.sparsity)
     ratios = allocation.allocate(budgets, config.sparsity, scores, context)
-    counts = exact_counts(budgets, ratios, wanted)
+    counts = exact_counts(units if units is not None else budgets, ratios, wanted)
     return counts, ratios, config.sparsity
 
 
@@ -233,11 +240,14 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     # A stage is a whole run of another method whose result the allocation needs (fcpts: learned sparsities).
     stage_report = sparsify(student, calibration, stage_config(config, allocation.stage)).report \
         if allocation.stage else None
-    scores = criterion.scores(student, targets, calibration) if allocation.needs_scores else None
+    prunes_units = criterion.prunes_units and isinstance(pattern, Channel)  # its units are known once it scored
+    scores = criterion.scores(student, targets, calibration) if allocation.needs_scores or prunes_units else None
     budgets = layer_budgets(targets, config, pattern, protected)
     context = AllocationContext(student, targets, calibration, config.batch_size, device, stage_report) \
         if allocation.needs_context else None
-    counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets, context)
+    units = criterion.unit_budgets(budgets, pattern) if prunes_units else None
+    counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets, context,
+                                                  units)
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
                 config.progress, scores=scores, offload=config.offload)
 

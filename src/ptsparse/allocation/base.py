@@ -38,6 +38,9 @@ class LayerBudget:
         attention: the attention module whose whole heads this layer prunes (a q/k/v projection under the
             channel pattern, :mod:`ptsparse.attention`); the layers of one module get the same head count.
             ``None`` for other layers.
+        coupled: the coupled channels this layer prunes together with other layers (a criterion's units,
+            :meth:`~ptsparse.criteria.Criterion.unit_budgets`); the layers with one key prune the same number of
+            ``unit`` steps. ``None`` for a layer pruned on its own.
     """
 
     name: str
@@ -45,6 +48,7 @@ class LayerBudget:
     cap: float = 1.0
     unit: int = 1
     attention: str | None = None
+    coupled: str | None = None
 
     @property
     def numel(self) -> int:
@@ -116,7 +120,8 @@ ALLOCATIONS: Registry[type] = Registry("allocation")
 
 @dataclass(frozen=True)
 class _Block:
-    """Layers whose counts move together: one layer, or the projections of one attention module (a head each)."""
+    """Layers whose counts move together: one layer, the projections of one attention module (a head each), or the
+    members of one coupled unit (a step each)."""
 
     layers: tuple[LayerBudget, ...]
 
@@ -137,14 +142,16 @@ class _Block:
         return min(layer.max_prune // layer.unit for layer in self.layers) * self.unit
 
     @property
-    def heads(self) -> bool:
-        return self.layers[0].attention is not None
+    def together(self) -> bool:
+        """Whole heads or coupled channels: steps too large to round with the single channels of other layers."""
+        return self.layers[0].attention is not None or self.layers[0].coupled is not None
 
 
 def _blocks(layers: Sequence[LayerBudget]) -> list[_Block]:
     grouped: dict[tuple[str, str], list[LayerBudget]] = {}
     for layer in layers:
-        key = ("attention", layer.attention) if layer.attention is not None else ("layer", layer.name)
+        key = ("coupled", layer.coupled) if layer.coupled is not None else \
+            ("attention", layer.attention) if layer.attention is not None else ("layer", layer.name)
         grouped.setdefault(key, []).append(layer)
     return [_Block(tuple(members)) for members in grouped.values()]
 
@@ -175,21 +182,22 @@ def exact_counts(layers: Sequence[LayerBudget], ratios: Mapping[str, float], wan
     and every layer is within one weight of its ideal. With channel units every layer is within one
     channel of its ideal and the total falls short by less than one channel.
 
-    Attention heads (layers with an ``attention`` module) are units too large to round this way (one head can
-    be thousands of weights), so they are placed first: the projections of one module as one block (its ideal
-    the sum of theirs, one head of each per step) rounded to the nearest whole head within the caps and what
-    is wanted. The other layers then share what is left, their ideals scaled in proportion, and are rounded as
-    above; the total again falls short by less than one of their channels.
+    Attention heads (layers with an ``attention`` module) and coupled channels (layers with a ``coupled`` unit)
+    are steps too large to round this way (one head can be thousands of weights), so they are placed first: the
+    layers of one module or unit as one block (its ideal the sum of theirs, one step of each per block step)
+    rounded to the nearest whole step within the caps and what is wanted. The other layers then share what is
+    left, their ideals scaled in proportion, and are rounded as above; the total again falls short by less than
+    one of their channels. Without such other layers the blocks are rounded as above (largest remainder).
     """
     blocks = _blocks(layers)
     ideal = {b.name: sum(min(max(ratios[l.name], 0.0), 1.0) * l.numel for l in b.layers) for b in blocks}
-    heads = [b for b in blocks if b.heads]
-    rest = [b for b in blocks if not b.heads]
-    if not heads or not rest:
+    together = [b for b in blocks if b.together]
+    rest = [b for b in blocks if not b.together]
+    if not together or not rest:
         return _per_layer(blocks, _placed(blocks, ideal, wanted))
-    counts = {b.name: min(round(ideal[b.name] / b.unit) * b.unit, b.max_prune) for b in heads}
+    counts = {b.name: min(round(ideal[b.name] / b.unit) * b.unit, b.max_prune) for b in together}
     while sum(counts.values()) > wanted:  # rounding up overshot: take back where it overshot most
-        block = max((b for b in heads if counts[b.name] > 0), key=lambda b: counts[b.name] - ideal[b.name])
+        block = max((b for b in together if counts[b.name] > 0), key=lambda b: counts[b.name] - ideal[b.name])
         counts[block.name] -= block.unit
     left = wanted - sum(counts.values())
     share = sum(ideal[b.name] for b in rest)
@@ -199,7 +207,8 @@ def exact_counts(layers: Sequence[LayerBudget], ratios: Mapping[str, float], wan
 
 
 def _per_layer(blocks: Sequence[_Block], counts: Mapping[str, int]) -> dict[str, int]:
-    """Each block's count as its layers' counts (a block of projections: the same heads in each)."""
+    """Each block's count as its layers' counts (a block of projections: the same heads in each; of a coupled
+    unit: the same steps)."""
     return {layer.name: counts[block.name] // block.unit * layer.unit for block in blocks for layer in block.layers}
 
 

@@ -3,7 +3,9 @@
 Contract, in two calls:
 
 Options are declared as ``Settings`` (:mod:`ptsparse.options`); ``patterns`` names the pattern kinds a
-criterion supports (``None``: all) and :meth:`layer_errors` what the report records per layer.
+criterion supports (``None``: all) and :meth:`layer_errors` what the report records per layer. A criterion
+that prunes channels of several layers as one unit (``prunes_units``) describes its units, once :meth:`scores`
+has run, in :meth:`unit_budgets`; the prune counts are planned per unit from them (:func:`ptsparse.sparsify`).
 
 * ``scores(model, targets, calibration)`` returns ``{layer name: tensor of the weight's shape}`` (higher =
   keep), measured on the dense model; score-driven allocations (``global``) rank these.
@@ -20,7 +22,8 @@ layer's statistics in memory at a time (:func:`ptsparse.criteria.sequential.prun
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +34,9 @@ from ..options import Part
 from ..patterns import Pattern
 from ..targets import Target
 
+if TYPE_CHECKING:
+    from ..allocation import LayerBudget
+
 
 class Criterion(Part, abc.ABC):
     """Scores weights and chooses a layer's mask; see the module docstring for the contract."""
@@ -38,6 +44,7 @@ class Criterion(Part, abc.ABC):
     patterns: ClassVar[tuple[str, ...] | None] = None
     requires_data: ClassVar[bool] = False
     statistics: ClassVar[tuple[str, ...]] = ()
+    prunes_units: ClassVar[bool] = False
 
     @abc.abstractmethod
     def scores(self, model: nn.Module, targets: list[Target],
@@ -46,6 +53,12 @@ class Criterion(Part, abc.ABC):
     @abc.abstractmethod
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor: ...
+
+    def unit_budgets(self, budgets: Sequence[LayerBudget], pattern: Pattern) -> list[LayerBudget]:
+        """The layers as this criterion prunes them, after :meth:`scores`: layers whose channels it prunes
+        together share a ``coupled`` key, with their weights of one step of the unit as ``unit`` (by default the
+        budgets as given: every layer pruned on its own)."""
+        return list(budgets)
 
     def layer_errors(self) -> dict[str, float]:
         """A measured error per pruned layer, for the report (none by default)."""

@@ -15,21 +15,28 @@ Coupled channels (our reading, so that pruned channels can be physically removed
 exist together (the outputs of layers added into one residual stream, a depthwise convolution and its
 input; torch-pruning's dependency groups, :mod:`ptsparse.graph.coupling`) are scored and pruned as one
 unit. The unit's score is the sum of its members' scores (every gate writing into the stream), each
-member receives it, and the first member pruned (execution order) chooses the unit's channels with its
-own allocated count; the other members prune the same channels, so a member's count follows its unit
-(under a uniform allocation, within one channel of its own allocation; a member allocated nothing, e.g.
-capped at 0, stays whole). The q/k/v projections of an attention module (:mod:`ptsparse.attention`) are
-pruned by whole heads: a unit's channels are then heads, a head's score in a member the mean of its rows'
-scores (summed over the members, as for any unit), and every row of a head receives it. Channels that a grouped
-convolution ties (the same offset in each of its groups, :mod:`ptsparse.graph.coupling`) are one unit likewise,
-scored by the mean of their rows; a member prunes the number of units nearest its allocated count of channels. As
+member receives it, and every member prunes the unit's lowest-scoring channels. The q/k/v projections of an
+attention module (:mod:`ptsparse.attention`) are pruned by whole heads: a unit's channels are then heads, a
+head's score in a member the mean of its rows' scores (summed over the members, as for any unit), and every
+row of a head receives it. Channels that a grouped convolution ties (the same offset in each of its groups,
+:mod:`ptsparse.graph.coupling`) are one unit likewise, scored by the mean of their rows.
+
+How many channels a unit prunes is planned with every other count (:meth:`Taylor.unit_budgets`, used by
+:func:`~ptsparse.sparsify.plan_counts`): the weights allocated to its members together, divided by
+the weights one step of the unit removes from all of them, rounded to the nearest step (a step: one unit channel,
+or ``channel_multiple`` rows when every member's width is a multiple of it), the other layers making up the
+difference (:func:`~ptsparse.allocation.exact_counts`). So the achieved sparsity is within a step of the
+target, whatever the allocation gave each member, and no member loses all its channels or goes past its cap (a
+member capped at 0 keeps the whole unit). As
 under every criterion, a pruned channel's bias and following BatchNorm are masked with its filter
 (:func:`~ptsparse.masking.attach_channel_masks`), so the channel outputs exactly 0 and can be removed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +52,7 @@ from ..targets import Target
 from .base import CRITERIA, Criterion
 
 if TYPE_CHECKING:
+    from ..allocation import LayerBudget
     from ..graph.coupling import ChannelGroup
 
 
@@ -67,6 +75,7 @@ class Taylor(Criterion):
 
     requires_data = True
     patterns = ("channel",)
+    prunes_units = True
 
     def __init__(self, aggregation: str = "squared", batch_size: int = 64) -> None:
         self.aggregation, self.batch_size = self.Settings(aggregation=aggregation).aggregation, batch_size
@@ -129,14 +138,36 @@ class Taylor(Criterion):
             gate = gate + module.bias * module.bias.grad
         return gate.detach()
 
+    def unit_budgets(self, budgets: Sequence[LayerBudget], pattern: Pattern) -> list[LayerBudget]:
+        """The members of each coupled unit keyed together, with their weights of one step of the unit as ``unit``.
+
+        A step is ``channel_multiple`` rows of every member (fewer unit channels when a unit channel is several
+        rows, e.g. a tie of a grouped convolution) when every member's width is a multiple of it, else one unit
+        channel (a head, a tie, a row). Every layer keeps at least one step: its cap is lowered to leave it.
+        """
+        if not isinstance(pattern, Channel):
+            return list(budgets)
+        shapes = {b.name: b.shape for b in budgets}
+        planned = []
+        for budget in budgets:
+            unit = self._units.get(budget.name)
+            if unit is not None and unit.together(pattern):
+                group = unit.group
+                multiple = pattern.multiple if budget.name not in pattern.heads and \
+                    all(shapes[n][0] % pattern.multiple == 0 for n in group.members if n in shapes) else 1
+                channels = multiple // math.gcd(multiple, group.width)  # unit channels per step
+                row = math.prod(budget.shape[1:])
+                budget = replace(budget, unit=channels * group.width * row, coupled=next(iter(group.members)))
+            planned.append(replace(budget, cap=min(budget.cap, 1 - budget.unit / budget.numel)))
+        return planned
+
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor:
         unit = self._units.get(target.name)
-        tied = unit is not None and unit.group.width > 1 and target.name not in pattern.heads  # grouped convolution
-        if not isinstance(pattern, Channel) or unit is None or (len(unit.group.members) == 1 and not tied):
+        if not isinstance(pattern, Channel) or unit is None or not unit.together(pattern):
             return pattern.mask(stats["scores"], count, target.name)
-        channels = pattern.pruned_channels(count, target.shape, target.name)  # heads, or rows
-        return unit.mask(target.name, target.shape, round(channels / unit.group.width) if tied else channels)
+        row = target.shape.numel() // target.shape[0]
+        return unit.mask(target.name, target.shape, count // (unit.group.width * row))
 
 
 class ChannelUnit:
@@ -149,15 +180,17 @@ class ChannelUnit:
 
     def __init__(self, group: ChannelGroup, scores: torch.Tensor) -> None:
         self.group, self.scores = group, scores
-        self.pruned: torch.Tensor | None = None  # unit channels, chosen by the first member pruned
+        self.order = torch.sort(scores.float(), stable=True).indices  # lowest score first
+
+    def together(self, pattern: Channel) -> bool:
+        """Whether its channels are pruned as a unit: several members, or one whose unit channels are ties of a
+        grouped convolution (a lone attention projection prunes its heads through the pattern)."""
+        name = next(iter(self.group.members))
+        return len(self.group.members) > 1 or (self.group.width > 1 and name not in pattern.heads)
 
     def mask(self, name: str, shape: torch.Size, channels: int) -> torch.Tensor:
-        """Keep-mask of layer ``name``: the unit's chosen channels pruned (``channels`` chooses them first)."""
+        """Keep-mask of member ``name`` with the unit's ``channels`` lowest-scoring unit channels pruned."""
         keep = torch.ones(shape[0], dtype=torch.bool, device=self.scores.device)
-        if channels == 0:
-            return keep.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
-        if self.pruned is None:
-            self.pruned = torch.sort(self.scores.float(), stable=True).indices[:channels]
         rows = self.group.rows(name).to(self.scores.device)
-        keep[rows[self.pruned].flatten()] = False
+        keep[rows[self.order[:channels]].flatten()] = False
         return keep.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
