@@ -27,14 +27,14 @@ from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError
 from .evaluate import accuracy
-from .graph.cost import speedup_warnings
+from .graph.cost import count_macs, speedup_warnings
 from .graph.outputs import feeding_the_output, record_output_nodes, traceable_input
 from .masking import bake, masks_of
 from .models import architecture_of
 from .patterns import NM, Channel, Pattern, parse_pattern
 from .recovery import RECOVERIES, recalibrate_batchnorm
 from .recovery.trainer import CHECKPOINT_NAME, Stopwatch
-from .report import peak_rss_mb
+from .report import peak_rss_mb, removed_fractions
 from .targets import Target, count_zeros, find_targets
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,8 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         layer_zeros, layer_total = count_zeros([target])
         layers.append({"name": target.name, "params": layer_total, "target": ratios[target.name],
                        "achieved": layer_zeros / layer_total, "shape": list(target.shape)})
+    removed = removed_fractions([t.module for t in targets], count_macs(student, calibration.inputs[:1].to(device))) \
+        if isinstance(pattern, Channel) else None
     report = {
         "method": config.method,
         "pattern": config.pattern,
@@ -284,6 +286,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "dense_accuracy": dense_accuracy,
         "sparse_accuracy": sparse_accuracy,
         "one_shot_accuracy": one_shot_accuracy,
+        "removed": removed,
         "layers": layers,
         "wall_time_s": round(stopwatch.elapsed(), 3),
         "peak_rss_mb": peak_rss_mb(),
