@@ -154,7 +154,7 @@ class Taylor(Criterion):
             if unit is not None and unit.together(pattern):
                 group = unit.group
                 multiple = pattern.multiple if budget.name not in pattern.heads and \
-                    all(shapes[n][0] % pattern.multiple == 0 for n in group.members if n in shapes) else 1
+                    all(shapes[n][0] % pattern.multiple == 0 for n in group.members) else 1
                 channels = multiple // math.gcd(multiple, group.width)  # unit channels per step
                 row = math.prod(budget.shape[1:])
                 budget = replace(budget, unit=channels * group.width * row, coupled=next(iter(group.members)))
