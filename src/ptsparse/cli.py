@@ -153,7 +153,7 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     from .data import has_labels, sample_calibration
     from .models import resolve_model
     from .recovery.trainer import checkpoint_step
-    from .report import format_table
+    from .report import format_table, more_time_hint
     from .sparsify import sparsify
 
     config = _config_from_args(args)
@@ -180,6 +180,9 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     result.report["data"] = {"source": str(args.data), "calibration": f"train split, {len(calibration)} samples",
                              "evaluation": "test split" if eval_data is not None else None}
     print(format_table(result.report))
+    hint = more_time_hint(result.report)
+    if hint:
+        print(hint)
     if args.out:
         result.save(args.out, force=args.force)
         shutil.rmtree(resume_dir, ignore_errors=True)

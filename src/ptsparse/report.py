@@ -71,6 +71,16 @@ def _one_shot(report: dict[str, Any]) -> str:
     return f"  (the same masks before recovery {100 * before:.2f}%: recovery added {100 * (after - before):+.2f} points)"
 
 
+def more_time_hint(report: dict[str, Any]) -> str | None:
+    """For a run that distilled: the flag that buys accuracy with more time (``None`` for other runs)."""
+    recovery = report.get("recovery") or {}
+    if recovery.get("kind") != "distill":
+        return None
+    steps = recovery["iterations"]
+    return (f"more time, more accuracy: --distill-iterations {2 * steps} doubles this run's {steps} distillation steps "
+            "(benchmarks/RESULTS.md, 'Time to accuracy': what each budget bought on the reference models)")
+
+
 def _learned_allocation_lines(recovery: dict[str, Any]) -> list[str]:
     """What a dynamics that learns the allocation (FCPTS) changed: the table's target is where it started."""
     if recovery.get("learned_allocation") is None:

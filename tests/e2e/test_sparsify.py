@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 import ptsparse
 from ptsparse.errors import CalibrationError, ConfigError, ModelError, UnknownOptionError
-from ptsparse.report import format_table
+from ptsparse.report import format_table, more_time_hint
 from ptsparse.targets import find_targets
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -236,3 +236,5 @@ def test_distilling_runs_report_the_same_masks_before_recovery(tiny_cnn, calib_i
     assert distilled.report["one_shot_accuracy"] == one_shot.report["sparse_accuracy"]  # ERK magnitude, BN re-estimated
     assert one_shot.report["one_shot_accuracy"] is None
     assert "the same masks before recovery" in format_table(distilled.report)
+    assert "--distill-iterations 60 doubles this run's 30" in more_time_hint(distilled.report)
+    assert more_time_hint(one_shot.report) is None
