@@ -88,3 +88,20 @@ def test_swin_coupling_analysis_stays_bounded() -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]
     assert int(done.stdout.split()[-1]) > 0
+
+
+def test_attention_whose_channels_torch_pruning_loses_is_refused_in_one_line_before_scoring(monkeypatch) -> None:
+    pytest.importorskip("torchvision")
+    from torchvision.models.maxvit import MaxVit
+
+    from ptsparse.criteria.taylor import Taylor
+
+    # torch-pruning maps the 48 rows of MaxVit's to_qkv through its relative-position attention onto 50 channels
+    model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=4, block_channels=[16, 32],
+                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+    monkeypatch.setattr(Taylor, "_gate", staticmethod(lambda *a: pytest.fail("gradients computed before the refusal")))
+    with pytest.raises(ExportError) as caught:
+        ptsparse.sparsify(model, torch.randn(4, 3, 32, 32), method="taylor", pattern="channel", sparsity=0.3,
+                          progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "cannot trace the model at layer 'blocks." in message and "to_qkv'" in message

@@ -253,7 +253,9 @@ def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
     convolutions (:attr:`ChannelGroup.ties`).
 
     Raises:
-        ExportError: a grouped convolution's channels cannot be pruned evenly across its groups.
+        ExportError: a grouped convolution's channels cannot be pruned evenly across its groups, or torch-pruning
+            maps a group onto channels a layer does not have (MaxVit's attention: it loses track of the channels in
+            the reshapes and products around the relative position bias), so no group of that model can be trusted.
     """
     names = {module: name for name, module in model.named_modules()}
     for group in graph.get_all_groups(root_module_types=PRODUCER_TYPES, ignored_layers=list(ignored)):
@@ -263,6 +265,11 @@ def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
             module = item.dep.target.module
             if not isinstance(module, PRODUCER_TYPES) or not graph.is_out_channel_pruning_fn(item.dep.handler):
                 continue
+            rows = module.weight.shape[0]
+            if any(int(index) >= rows for index in item.idxs):
+                raise ExportError(f"torch-pruning cannot trace the model at layer {names.get(module, '?')!r}: it "
+                                  f"couples {size} channels to its {rows} output channels (it loses them in the "
+                                  "attention after it)")
             mapping = [-1] * size
             for index, root in zip(item.idxs, item.root_idxs):
                 mapping[int(root)] = int(index)
