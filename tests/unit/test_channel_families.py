@@ -105,3 +105,36 @@ def test_attention_whose_channels_torch_pruning_loses_is_refused_in_one_line_bef
                           progress=False)
     message = str(caught.value)
     assert "\n" not in message and "cannot trace the model at layer 'blocks." in message and "to_qkv'" in message
+
+
+class Cancelling(nn.Module):
+    """Logits that are small differences of large activations (every channel near 1e4), as deep random-weight
+    networks give (inception_v3): float32 rounding alone moves them by more than 1e-4 of their scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 10)
+        with torch.no_grad():
+            self.bn.bias.fill_(1e4)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def test_channel_removal_judges_float32_rounding_in_float64() -> None:
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 8, 8)
+    model = ptsparse.sparsify(Cancelling().eval(), calib, method="taylor", pattern="channel", sparsity=0.3,
+                              progress=False).model.eval()
+    with torch.no_grad():  # the logits cancel down to the samples' deviations from the mean activation
+        model.fc.bias.copy_(-model.fc.weight @ model.features(calib).double().mean(0).float())
+    smaller, report = remove_channels(model, calib)
+    assert smaller.conv.out_channels < 64 and report["max_relative_difference"] < 1e-10
+    with torch.no_grad():
+        expected = model(calib)
+        rounding = float((smaller(calib) - expected).abs().max() / expected.abs().max())
+    assert rounding > 1e-4  # what the float32 comparison refused
