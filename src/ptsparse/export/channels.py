@@ -160,9 +160,10 @@ def remove_channels(model: nn.Module, example: torch.Tensor,
     update_head_counts(attentions)
     smaller.zero_grad(set_to_none=True)
     outputs = _forward_naming_failures(smaller, example)
-    relative = check_outputs(outputs, reference, tolerance, "channel removal changed the outputs (a removed channel was "
-                             "not zero in every layer that reads it; the masked model is unchanged)",
-                             exact=lambda: (float64_outputs(smaller, example), float64_outputs(model, example)))
+    relative = check_outputs(
+        outputs, reference, tolerance, "channel removal changed the outputs (a removed channel was not zero in every "
+        "layer that reads it; the masked model is unchanged)",
+        exact=lambda: (float64_outputs(smaller, example), float64_outputs(model, example)))
     macs_after = count_macs(smaller, example[:1])["macs"]
     report = {
         "format": FORMAT,
