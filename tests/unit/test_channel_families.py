@@ -138,3 +138,29 @@ def test_channel_removal_judges_float32_rounding_in_float64() -> None:
         expected = model(calib)
         rounding = float((smaller(calib) - expected).abs().max() / expected.abs().max())
     assert rounding > 1e-4  # what the float32 comparison refused
+
+
+def test_vision_transformer_round_trips_with_its_multihead_attention_whole(tmp_path) -> None:
+    pytest.importorskip("torchvision")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from ptsparse.export import export_model
+
+    def vit() -> nn.Module:
+        return VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                                 num_classes=10).eval()
+
+    torch.manual_seed(0)
+    model = vit()
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head: every output would be 0
+    calib = torch.randn(16, 3, 32, 32)
+    result = ptsparse.sparsify(model, calib, method="taylor", pattern="channel", sparsity=0.3, progress=False)
+    report = export_model(result.model, "channels", tmp_path / "vit.safetensors", input_shape=(3, 32, 32))
+    reloaded = ptsparse.load(tmp_path / "vit.safetensors", model=vit())
+    assert reloaded.encoder.layers[0].mlp[0].out_features < 64 and report["channels_removed"] > 0
+    attention = reloaded.encoder.layers[0].self_attention  # packed in_proj_weight: no head layout, kept whole
+    assert (attention.embed_dim, attention.num_heads, tuple(attention.in_proj_weight.shape)) == (32, 4, (96, 32))
+    with torch.no_grad():
+        expected = result.model.eval()(calib)
+        assert float(expected.abs().max()) > 0.1
+        assert torch.allclose(reloaded(calib), expected, atol=1e-5 * float(expected.abs().max()))
