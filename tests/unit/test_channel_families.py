@@ -1,6 +1,7 @@
 """Channel pruning on architectures beyond plain convolution chains (issue 17): grouped convolutions (ResNeXt,
-RegNet), an operation torch-pruning cannot trace (ShuffleNet's channel shuffle), and a bounded coupling analysis
-on a Swin block (its relative position bias)."""
+RegNet), an operation torch-pruning cannot trace (ShuffleNet's channel shuffle), a bounded coupling analysis
+on a Swin block (its relative position bias), MaxVit's attention (traced through a stand-in), a ViT's
+nn.MultiheadAttention, and output checks that float32 rounding alone would fail (inception_v3)."""
 
 from __future__ import annotations
 
@@ -90,18 +91,43 @@ def test_swin_coupling_analysis_stays_bounded() -> None:
     assert int(done.stdout.split()[-1]) > 0
 
 
-def test_attention_whose_channels_torch_pruning_loses_is_refused_in_one_line_before_scoring(monkeypatch) -> None:
-    pytest.importorskip("torchvision")
+def tiny_maxvit() -> nn.Module:
     from torchvision.models.maxvit import MaxVit
 
-    from ptsparse.criteria.taylor import Taylor
+    return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=4, block_channels=[16, 32], block_layers=[1, 1],
+                  head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
 
-    # torch-pruning maps the 48 rows of MaxVit's to_qkv through its relative-position attention onto 50 channels
-    model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=4, block_channels=[16, 32],
-                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+
+def test_maxvit_attention_is_traced_through_its_stand_in_and_round_trips(tmp_path) -> None:
+    pytest.importorskip("torchvision")
+    from ptsparse.export import export_model
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 32, 32)
+    result = ptsparse.sparsify(tiny_maxvit(), calib, method="taylor", pattern="channel", sparsity=0.3, progress=False)
+    report = export_model(result.model, "channels", tmp_path / "maxvit.safetensors", input_shape=(3, 32, 32))
+    reloaded = ptsparse.load(tmp_path / "maxvit.safetensors", model=tiny_maxvit())
+    block = reloaded.blocks[0].layers[0].layers
+    assert block.MBconv.layers.conv_a[0].out_channels < 64 and block.window_attention.mlp_layer[1].out_features < 64
+    attention = block.window_attention.attn_layer[1]  # its forward reshapes to its input width: the heads stay
+    assert (attention.n_heads, attention.to_qkv.out_features, attention.merge.in_features) == (2, 48, 16)
+    assert "forward" not in vars(attention)  # the stand-in lasted the trace only
+    with torch.no_grad():
+        expected = result.model.eval()(calib)
+        assert torch.allclose(reloaded(calib), expected, atol=1e-5 * float(expected.abs().max()))
+    assert report["max_relative_difference"] < 1e-5
+
+
+def test_attention_whose_channels_torch_pruning_loses_is_refused_in_one_line_before_scoring(monkeypatch) -> None:
+    pytest.importorskip("torchvision")
+    from ptsparse.criteria.taylor import Taylor
+    from ptsparse.graph import coupling
+
+    # without its stand-in, torch-pruning maps the 48 rows of MaxVit's to_qkv through its attention onto 50 channels
+    monkeypatch.setattr(coupling, "OPAQUE_ATTENTION", ())
     monkeypatch.setattr(Taylor, "_gate", staticmethod(lambda *a: pytest.fail("gradients computed before the refusal")))
     with pytest.raises(ExportError) as caught:
-        ptsparse.sparsify(model, torch.randn(4, 3, 32, 32), method="taylor", pattern="channel", sparsity=0.3,
+        ptsparse.sparsify(tiny_maxvit(), torch.randn(4, 3, 32, 32), method="taylor", pattern="channel", sparsity=0.3,
                           progress=False)
     message = str(caught.value)
     assert "\n" not in message and "cannot trace the model at layer 'blocks." in message and "to_qkv'" in message
