@@ -312,8 +312,8 @@ def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
             rows = module.weight.shape[0]
             if any(int(index) >= rows for index in item.idxs):
                 raise ExportError(f"torch-pruning cannot trace the model at layer {names.get(module, '?')!r}: it "
-                                  f"couples {size} channels to its {rows} output channels (it loses track of them in the "
-                                  "operations after it)")
+                                  f"couples {size} channels to its {rows} output channels (it loses track of them "
+                                  "in the operations after it)")
             mapping = [-1] * size
             for index, root in zip(item.idxs, item.root_idxs):
                 mapping[int(root)] = int(index)
