@@ -12,7 +12,8 @@ outputs on the example inputs.
 Attention (:mod:`ptsparse.attention`): a q/k/v projection loses whole heads only, those dead in q, k and v
 alike (torch-pruning removes the output projection's input columns with them), and the module's head count
 (timm ``num_heads``/``attn_dim``, Hugging Face ``num_attention_heads``/``all_head_size``) is set to the heads
-left; the rows per head stay. A head pruned in part keeps all its rows.
+left; the rows per head stay. A head pruned in part keeps all its rows. Attention that torch-pruning cannot
+follow (MaxVit's) is traced through a stand-in and keeps its heads (:func:`ptsparse.graph.coupling.stand_ins`).
 
 A grouped convolution (ResNeXt, RegNet) loses channels at the same offsets in all its groups, on its input and
 its output (torch-pruning's way): a channel goes only with those tied to it (:attr:`ChannelGroup.ties`).
