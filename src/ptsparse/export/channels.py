@@ -127,8 +127,9 @@ def remove_channels(model: nn.Module, example: torch.Tensor,
     ignored = _output_layers(smaller, example)
     attentions = find_attention(smaller)
     heads = heads_by_layer(attentions)
-    groups, kept_zeroed = [], 0
+    groups, kept_zeroed, grouped = [], 0, set()
     for group, channels in iter_groups(graph, smaller, ignored):
+        grouped.update(channels.members)
         dead = torch.ones(channels.size, dtype=torch.bool)
         for item in group.items:
             if not graph.is_out_channel_pruning_fn(item.dep.handler):
@@ -158,6 +159,9 @@ def remove_channels(model: nn.Module, example: torch.Tensor,
             continue
         pruning_group.prune()
         groups.append({"layers": sorted(channels.members), "channels": channels.size, "removed": len(removable)})
+    with torch.no_grad():  # layers in no group (MaxVit's to_qkv: its heads stay) keep their zeroed rows too
+        kept_zeroed += sum(int(m.weight.flatten(1).eq(0).all(1).sum()) for n, m in smaller.named_modules()
+                           if isinstance(m, PRODUCER_TYPES) and n not in grouped)
     update_head_counts(attentions)
     smaller.zero_grad(set_to_none=True)
     outputs = _forward_naming_failures(smaller, example)
