@@ -1,6 +1,7 @@
 """Channel pruning on architectures beyond plain convolution chains (issue 17): grouped convolutions (ResNeXt,
-RegNet), an operation torch-pruning cannot trace (ShuffleNet's channel shuffle), and a bounded coupling analysis
-on a Swin block (its relative position bias)."""
+RegNet), an operation torch-pruning cannot trace (ShuffleNet's channel shuffle), a bounded coupling analysis
+on a Swin block (its relative position bias), MaxVit's attention (traced through a stand-in), a ViT's
+nn.MultiheadAttention, and output checks that float32 rounding alone would fail (inception_v3)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,106 @@ def test_swin_coupling_analysis_stays_bounded() -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]
     assert int(done.stdout.split()[-1]) > 0
+
+
+def tiny_maxvit() -> nn.Module:
+    from torchvision.models.maxvit import MaxVit
+
+    return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=4, block_channels=[16, 32], block_layers=[1, 1],
+                  head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+
+
+def test_maxvit_attention_is_traced_through_its_stand_in_and_round_trips(tmp_path) -> None:
+    pytest.importorskip("torchvision")
+    from ptsparse.export import export_model
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 32, 32)
+    result = ptsparse.sparsify(tiny_maxvit(), calib, method="taylor", pattern="channel", sparsity=0.3, progress=False)
+    report = export_model(result.model, "channels", tmp_path / "maxvit.safetensors", input_shape=(3, 32, 32))
+    reloaded = ptsparse.load(tmp_path / "maxvit.safetensors", model=tiny_maxvit())
+    block = reloaded.blocks[0].layers[0].layers
+    assert block.MBconv.layers.conv_a[0].out_channels < 64 and block.window_attention.mlp_layer[1].out_features < 64
+    attention = block.window_attention.attn_layer[1]  # its forward reshapes to its input width: the heads stay
+    assert (attention.n_heads, attention.to_qkv.out_features, attention.merge.in_features) == (2, 48, 16)
+    assert "forward" not in vars(attention)  # the stand-in lasted the trace only
+    with torch.no_grad():
+        expected = result.model.eval()(calib)
+        assert torch.allclose(reloaded(calib), expected, atol=1e-5 * float(expected.abs().max()))
+    assert report["max_relative_difference"] < 1e-5
+    qkv_zeroed = sum(int(m.weight.eq(0).all(1).sum()) for n, m in result.model.named_modules() if n.endswith("to_qkv"))
+    assert 0 < qkv_zeroed <= report["zeroed_channels_kept"]  # rows of no group are kept, and counted
+
+
+def test_attention_whose_channels_torch_pruning_loses_is_refused_in_one_line_before_scoring(monkeypatch) -> None:
+    pytest.importorskip("torchvision")
+    from ptsparse.criteria.taylor import Taylor
+    from ptsparse.graph import coupling
+
+    # without its stand-in, torch-pruning maps the 48 rows of MaxVit's to_qkv through its attention onto 50 channels
+    monkeypatch.setattr(coupling, "OPAQUE_ATTENTION", ())
+    monkeypatch.setattr(Taylor, "_gate", staticmethod(lambda *a: pytest.fail("gradients computed before the refusal")))
+    with pytest.raises(ExportError) as caught:
+        ptsparse.sparsify(tiny_maxvit(), torch.randn(4, 3, 32, 32), method="taylor", pattern="channel", sparsity=0.3,
+                          progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "cannot trace the model at layer 'blocks." in message and "to_qkv'" in message
+
+
+class Cancelling(nn.Module):
+    """Logits that are small differences of large activations (every channel near 1e4), as deep random-weight
+    networks give (inception_v3): float32 rounding alone moves them by more than 1e-4 of their scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 10)
+        with torch.no_grad():
+            self.bn.bias.fill_(1e4)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def test_channel_removal_judges_float32_rounding_in_float64() -> None:
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 8, 8)
+    model = ptsparse.sparsify(Cancelling().eval(), calib, method="taylor", pattern="channel", sparsity=0.3,
+                              progress=False).model.eval()
+    with torch.no_grad():  # the logits cancel down to the samples' deviations from the mean activation
+        model.fc.bias.copy_(-model.fc.weight @ model.features(calib).double().mean(0).float())
+    smaller, report = remove_channels(model, calib)
+    assert smaller.conv.out_channels < 64 and report["max_relative_difference"] < 1e-10
+    with torch.no_grad():
+        expected = model(calib)
+        rounding = float((smaller(calib) - expected).abs().max() / expected.abs().max())
+    assert rounding > 1e-4  # what the float32 comparison refused
+
+
+def test_vision_transformer_round_trips_with_its_multihead_attention_whole(tmp_path) -> None:
+    pytest.importorskip("torchvision")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from ptsparse.export import export_model
+
+    def vit() -> nn.Module:
+        return VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                                 num_classes=10).eval()
+
+    torch.manual_seed(0)
+    model = vit()
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head: every output would be 0
+    calib = torch.randn(16, 3, 32, 32)
+    result = ptsparse.sparsify(model, calib, method="taylor", pattern="channel", sparsity=0.3, progress=False)
+    report = export_model(result.model, "channels", tmp_path / "vit.safetensors", input_shape=(3, 32, 32))
+    reloaded = ptsparse.load(tmp_path / "vit.safetensors", model=vit())
+    assert reloaded.encoder.layers[0].mlp[0].out_features < 64 and report["channels_removed"] > 0
+    attention = reloaded.encoder.layers[0].self_attention  # packed in_proj_weight: no head layout, kept whole
+    assert (attention.embed_dim, attention.num_heads, tuple(attention.in_proj_weight.shape)) == (32, 4, (96, 32))
+    with torch.no_grad():
+        expected = result.model.eval()(calib)
+        assert float(expected.abs().max()) > 0.1
+        assert torch.allclose(reloaded(calib), expected, atol=1e-5 * float(expected.abs().max()))

@@ -164,11 +164,53 @@ def lookup_tables(model: nn.Module, example: torch.Tensor) -> list[nn.Parameter]
     return list(found.values())
 
 
+# Attention modules whose q/k/v reshapes torch-pruning cannot follow (it maps their rows onto channels the layers
+# do not have), by the names of the Linears that read their input and write their output: torchvision MaxVit's
+# relative-position attention. :func:`stand_ins` traces each as ``writes(zeros)`` beside ``reads(x)``.
+OPAQUE_ATTENTION = (("to_qkv", "merge"),)
+
+
+def opaque_readers(model: nn.Module) -> dict[nn.Module, tuple[nn.Linear, nn.Linear]]:
+    """The :data:`OPAQUE_ATTENTION` modules of ``model`` -> the Linears that read their input and write their output."""
+    found = {}
+    for module in model.modules():
+        for reads, writes in OPAQUE_ATTENTION:
+            layers = getattr(module, reads, None), getattr(module, writes, None)
+            if all(isinstance(layer, nn.Linear) for layer in layers):
+                found[module] = layers
+    return found
+
+
+@contextmanager
+def stand_ins(model: nn.Module) -> Iterator[None]:
+    """Gives each :data:`OPAQUE_ATTENTION` module of ``model`` a forward that torch-pruning can trace, for the trace.
+
+    The stand-in runs ``reads(x)`` (so the channels the module reads are coupled as usual) and returns
+    ``writes(zeros)`` (so the channels it writes are too), with nothing between: the rows of ``reads`` (the
+    heads) join no group, and stay (:func:`iter_groups`). MaxVit's forward reshapes its heads back to its input
+    width, so it could not run with fewer heads anyway.
+    """
+    def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        reads, writes = found[module]
+        reads(x)
+        return writes(x.new_zeros(*x.shape[:-1], writes.in_features))
+
+    found = opaque_readers(model)
+    for module in found:
+        module.forward = forward.__get__(module)
+    try:
+        yield
+    finally:
+        for module in found:
+            del module.forward
+
+
 def build_dependency_graph(model: nn.Module, example: torch.Tensor):
     """torch-pruning's dependency graph of ``model`` traced on ``example`` (eval mode, model unchanged).
 
     The model's :func:`lookup_tables` are left out of the trace, so the grouping stays bounded: Swin's coupling
     analysis (swin_t, ``get_all_groups``) then takes seconds and under 1 GB instead of growing past 22 GB.
+    Attention that torch-pruning cannot follow is traced through its :func:`stand_ins`.
 
     Raises:
         MissingExtraError: torch-pruning is not installed.
@@ -177,7 +219,7 @@ def build_dependency_graph(model: nn.Module, example: torch.Tensor):
     """
     tp = require("torch_pruning", "coupled channel pruning")
     tables = lookup_tables(model, example)
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), stand_ins(model), torch.enable_grad():
         try:
             for table in tables:
                 table.requires_grad_(False)
@@ -250,19 +292,28 @@ def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
     """Yields ``(torch-pruning group, ChannelGroup)`` for every group rooted at a Conv/Linear output.
 
     Each ChannelGroup's channels are the torch-pruning group's (width 1), with the ties of its grouped
-    convolutions (:attr:`ChannelGroup.ties`).
+    convolutions (:attr:`ChannelGroup.ties`). ``ignored`` layers root no group, nor do the layers that read the
+    input of attention traced through :func:`stand_ins` (their rows stay).
 
     Raises:
-        ExportError: a grouped convolution's channels cannot be pruned evenly across its groups.
+        ExportError: a grouped convolution's channels cannot be pruned evenly across its groups, or torch-pruning
+            maps a group onto channels a layer does not have (as MaxVit's attention would without its
+            :func:`stand_ins`), so no group of that model can be trusted.
     """
     names = {module: name for name, module in model.named_modules()}
-    for group in graph.get_all_groups(root_module_types=PRODUCER_TYPES, ignored_layers=list(ignored)):
+    ignored = list(ignored) + [reads for reads, _ in opaque_readers(model).values()]
+    for group in graph.get_all_groups(root_module_types=PRODUCER_TYPES, ignored_layers=ignored):
         size = len(group.items[0][1])
         members: dict[str, tuple[int, ...]] = {}
         for item in group.items:
             module = item.dep.target.module
             if not isinstance(module, PRODUCER_TYPES) or not graph.is_out_channel_pruning_fn(item.dep.handler):
                 continue
+            rows = module.weight.shape[0]
+            if any(int(index) >= rows for index in item.idxs):
+                raise ExportError(f"torch-pruning cannot trace the model at layer {names.get(module, '?')!r}: it "
+                                  f"couples {size} channels to its {rows} output channels (it loses track of them "
+                                  "in the operations after it)")
             mapping = [-1] * size
             for index, root in zip(item.idxs, item.root_idxs):
                 mapping[int(root)] = int(index)
