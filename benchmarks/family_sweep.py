@@ -8,6 +8,9 @@ sparsity=0.3``) on random calibration images, the channel export (``ptsparse exp
 (relative to their largest magnitude; in float64 where float32 rounding alone exceeds the tolerance, as the export
 checks: :func:`ptsparse.export.base.check_outputs`). Each model runs in a child process of its own with a wall-time
 limit and a resident-memory limit (polled), so one model that hangs or grows cannot stop the others or the machine.
+The child seeds PyTorch's global generator (``torch.manual_seed(0)``) before building its model, so a model's random
+weights, and with them its row, are the same from run to run (unseeded, inception_v3's output difference varied
+from 5e-5 to 1.7e-4); calibration and example images come from a generator of their own, also seeded with 0.
 
 A row is ``ok``, ``refused`` (a ptsparse error: its one line, and the stage that raised it) or ``failed`` (any
 other exception, its type and first line; a killed or timed-out child). Each model's row is one JSON file in
@@ -56,6 +59,7 @@ FAMILIES: dict[str, tuple[str, int]] = {
     "vgg11_bn": ("", 32),
     "vit_b_16": (",image_size=32", 32),
     "swin_t": ("", 32),
+    "swin_v2_t": ("", 32),
     "maxvit_t": ("", 224),  # every stage's side must be a multiple of its partition size 7
     "shufflenet_v2_x0_5": ("", 32),
 }
@@ -120,6 +124,7 @@ def run_family(name: str) -> dict:
     try:
         with tempfile.TemporaryDirectory() as directory:
             start = time.perf_counter()
+            torch.manual_seed(0)  # the constructor's random weights (the global generator)
             model, architecture = resolve_model(spec_of(name))
             row["initialised"] = _initialise_zero_layers(model, generator)
             stage = "sparsify"
@@ -219,7 +224,7 @@ def families_section(directory: str | Path = RESULTS) -> str:
     limits = rows[0].get("limits", {})
     lines = ["## Channel pruning across torchvision families", "",
              "Produced by `python benchmarks/family_sweep.py` (JSON in `benchmarks/results/families/`). One model "
-             "per family, random weights (a zero-initialised layer, ViT's head, gets PyTorch's default "
+             "per family, random weights (seed 0; a zero-initialised layer, ViT's head, gets PyTorch's default "
              f"initialisation), {CLASSES} classes, the smallest input it takes; "
              "`sparsify(method=\"taylor\", "
              f"pattern=\"channel\", sparsity={SPARSITY})` on {CALIB_SIZE} random images, then the channel export "

@@ -1,7 +1,8 @@
 """Channel pruning on architectures beyond plain convolution chains (issue 17): grouped convolutions (ResNeXt,
 RegNet), an operation torch-pruning cannot trace (ShuffleNet's channel shuffle), a bounded coupling analysis
-on a Swin block (its relative position bias), MaxVit's attention (traced through a stand-in), a ViT's
-nn.MultiheadAttention, and output checks that float32 rounding alone would fail (inception_v3)."""
+on a Swin block (its relative position bias; Swin v2's logit scale and position bias MLP), MaxVit's attention
+(traced through a stand-in), a ViT's nn.MultiheadAttention, and output checks that float32 rounding alone would
+fail (inception_v3)."""
 
 from __future__ import annotations
 
@@ -78,17 +79,61 @@ print(len(channel_groups(model, torch.randn(2, 3, 32, 32))))
 """
 
 
-def test_swin_coupling_analysis_stays_bounded() -> None:
-    pytest.importorskip("torchvision")
-    limit = 5 * 2**30  # address space (importing torch maps ~3 GB); the unbounded grouping exhausts 6 GB
+def bounded_run(script: str) -> subprocess.CompletedProcess:
+    """Runs ``script`` in a Python child limited to 5 GB of address space (importing torch maps ~3 GB)."""
+    limit = 5 * 2**30
 
     def bounded() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    done = subprocess.run([sys.executable, "-c", SWIN_GROUPS], preexec_fn=bounded, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", script], preexec_fn=bounded, capture_output=True, text=True,
                           timeout=120)
+
+
+def test_swin_coupling_analysis_stays_bounded() -> None:
+    pytest.importorskip("torchvision")
+    done = bounded_run(SWIN_GROUPS)  # the unbounded grouping exhausts 6 GB
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]
     assert int(done.stdout.split()[-1]) > 0
+
+
+SWIN_V2_ROUND_TRIP = """
+import tempfile, warnings
+from pathlib import Path
+import torch
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+import ptsparse
+from ptsparse.export import export_model
+from ptsparse.graph.coupling import score_terms
+
+def tiny():
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2, num_classes=10).eval()
+
+model, calib = tiny(), torch.randn(16, 3, 32, 32)
+names = {id(p): n.split(".attn.")[-1] for n, p in model.named_parameters()}
+print(sorted({names[id(p)] for p in score_terms(model, calib[:2])}))
+warnings.simplefilter("ignore")
+result = ptsparse.sparsify(model, calib, method="taylor", pattern="channel", sparsity=0.3, progress=False)
+with tempfile.TemporaryDirectory() as directory:
+    report = export_model(result.model, "channels", Path(directory) / "swin.safetensors", input_shape=(3, 32, 32))
+    reloaded = ptsparse.load(Path(directory) / "swin.safetensors", model=tiny())
+with torch.no_grad():
+    expected = result.model.eval()(calib)
+    difference = float((reloaded(calib) - expected).abs().max() / expected.abs().max())
+print(report["channels_removed"], reloaded.features[1][0].mlp[0].out_features, difference)
+"""
+
+
+def test_swin_v2_score_terms_are_left_out_so_its_coupling_stays_bounded_and_round_trips() -> None:
+    pytest.importorskip("torchvision")
+    done = bounded_run(SWIN_V2_ROUND_TRIP)  # with its logit scale and position bias MLP traced: MemoryError
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]
+    terms, result = done.stdout.strip().splitlines()[-2:]
+    assert terms == "['cpb_mlp.0.bias', 'cpb_mlp.0.weight', 'cpb_mlp.2.weight', 'logit_scale']"
+    removed, hidden, difference = result.split()
+    assert int(removed) > 0 and int(hidden) < 64 and float(difference) < 1e-5
 
 
 def tiny_maxvit() -> nn.Module:

@@ -164,6 +164,71 @@ def lookup_tables(model: nn.Module, example: torch.Tensor) -> list[nn.Parameter]
     return list(found.values())
 
 
+# Autograd nodes of products that mix channels (matrix products, convolutions): where :func:`score_terms` stops.
+PRODUCTS = ("Mm", "Bmm", "Addmm", "Baddbmm", "Addbmm", "Matmul", "Convolution", "Linear", "Einsum")
+
+
+def score_terms(model: nn.Module, example: torch.Tensor) -> list[nn.Parameter]:
+    """The parameters that enter attention scores, e.g. Swin v2's logit scale and continuous position bias MLP.
+
+    From each softmax, going upstream through the operations between it and the product of two activations that
+    gives the scores (queries times keys), every operand computed from parameters alone (not from the input) is a
+    score term: it holds the scores' heads, no channels of the layers around it, and like a
+    :func:`lookup_tables` table it lets torch-pruning map channels round a cycle that multiplies its index lists at
+    each pass (swin_v2_t exhausted 8 GB). A softmax reached through anything else (a layer's output, two
+    activations added) gives none.
+    """
+    parameters = {id(p): p for p in model.parameters() if p.requires_grad}
+    inputs = example.detach().clone().requires_grad_(True)
+    with eval_mode(model), torch.enable_grad():
+        output = model(inputs)
+    if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+        return []
+    depends: dict[int, bool] = {}  # node -> whether it is computed from the input
+    nodes: dict[int, object] = {}
+    stack = [(output.grad_fn, False)]
+    while stack:  # iterative post-order: graphs are deeper than Python's recursion limit
+        node, expanded = stack.pop()
+        if id(node) in depends:
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not expanded:
+            stack += [(node, True)] + [(child, False) for child in children if id(child) not in depends]
+            continue
+        depends[id(node)] = (getattr(node, "variable", None) is inputs
+                             or any(depends.get(id(child), False) for child in children))
+        nodes[id(node)] = node
+
+    def leaves(node) -> list[nn.Parameter]:
+        found, todo, seen = [], [node], set()
+        while todo:
+            current = todo.pop()
+            if current is None or id(current) in seen:
+                continue
+            seen.add(id(current))
+            variable = getattr(current, "variable", None)
+            if variable is not None and id(variable) in parameters:
+                found.append(parameters[id(variable)])
+            todo += [child for child, _ in current.next_functions]
+        return found
+
+    found: dict[int, nn.Parameter] = {}
+    for softmax in (n for n in nodes.values() if type(n).__name__.startswith("SoftmaxBackward")):
+        terms, node = [], softmax
+        while True:
+            children = [child for child, _ in node.next_functions if child is not None]
+            active = [child for child in children if depends.get(id(child))]
+            if type(node).__name__.rstrip("0123456789").removesuffix("Backward") in PRODUCTS:
+                if len(active) >= 2:  # queries times keys: the scores
+                    found.update((id(p), p) for term in terms for p in leaves(term))
+                break
+            if len(active) != 1:
+                break
+            terms += [child for child in children if not depends.get(id(child))]
+            node = active[0]
+    return list(found.values())
+
+
 # Attention modules whose q/k/v reshapes torch-pruning cannot follow (it maps their rows onto channels the layers
 # do not have), by the names of the Linears that read their input and write their output: torchvision MaxVit's
 # relative-position attention. :func:`stand_ins` traces each as ``writes(zeros)`` beside ``reads(x)``.
@@ -208,8 +273,9 @@ def stand_ins(model: nn.Module) -> Iterator[None]:
 def build_dependency_graph(model: nn.Module, example: torch.Tensor):
     """torch-pruning's dependency graph of ``model`` traced on ``example`` (eval mode, model unchanged).
 
-    The model's :func:`lookup_tables` are left out of the trace, so the grouping stays bounded: Swin's coupling
-    analysis (swin_t, ``get_all_groups``) then takes seconds and under 1 GB instead of growing past 22 GB.
+    The model's :func:`lookup_tables` and :func:`score_terms` are left out of the trace, so the grouping stays
+    bounded: Swin's coupling analysis (swin_t, ``get_all_groups``) then takes seconds and under 1 GB instead of
+    growing past 22 GB, swin_v2_t's (its logit scale and position bias MLP) instead of exhausting 8 GB.
     Attention that torch-pruning cannot follow is traced through its :func:`stand_ins`.
 
     Raises:
@@ -218,7 +284,7 @@ def build_dependency_graph(model: nn.Module, example: torch.Tensor):
             upstream of the operation it failed on, e.g. a channel shuffle).
     """
     tp = require("torch_pruning", "coupled channel pruning")
-    tables = lookup_tables(model, example)
+    tables = list({id(p): p for p in lookup_tables(model, example) + score_terms(model, example)}.values())
     with eval_mode(model), stand_ins(model), torch.enable_grad():
         try:
             for table in tables:
