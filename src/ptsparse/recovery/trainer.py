@@ -270,8 +270,10 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     names = objective.features(student, targets)
     student_tap, teacher_tap = _FeatureTap(student, names), _FeatureTap(teacher, names)
     student.train()
+    device = torch.device(device)
+    # No buffers are sent each step: the masks are static here and BatchNorm statistics are averaged at the end.
     model = student if ranks == 1 else DistributedDataParallel(
-        student, device_ids=[device.index] if torch.device(device).type == "cuda" else None, forward_sync_buffers=False)
+        student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     try:
         with checkpointed(student, recompute_blocks):
             steps = range(state.step, schedule.iterations)
