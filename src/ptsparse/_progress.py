@@ -1,4 +1,5 @@
-"""One place for progress bars, so every long loop honours ``progress=False``."""
+"""One place for progress bars, so every long loop honours ``progress=False`` (and a data-parallel run shows
+rank 0's alone)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ T = TypeVar("T")
 
 
 def progress(iterable: Iterable[T], enabled: bool, desc: str, total: int | None = None) -> Iterator[T]:
-    """Wraps ``iterable`` in a tqdm bar on stderr when ``enabled``; otherwise returns it unchanged."""
-    if not enabled:
+    """Wraps ``iterable`` in a tqdm bar on stderr when ``enabled`` (on rank 0); otherwise returns it unchanged."""
+    from .distributed import is_main
+
+    if not (enabled and is_main()):
         yield from iterable
         return
     from tqdm.auto import tqdm

@@ -2,7 +2,9 @@
 
 Sub-commands: ``sparsify``, ``eval``, ``report``, ``list``, ``train-reference``, ``export``,
 ``bench-latency``. Errors from ptsparse
-print on one line and exit with status 2, without a traceback.
+print on one line and exit with status 2, without a traceback. Under ``torchrun`` (``torchrun --nproc-per-node N
+-m ptsparse sparsify ...``) the command runs data-parallel in the launch's process group
+(:mod:`ptsparse.distributed`): rank 0 alone prints the results and writes; an error names its rank.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import distributed
 from ._registry import did_you_mean
 from .config import (
     AXES, AXIS_SETTINGS, DEFAULT_METHOD, FLAT_KEYS, MOVED_KEYS, RUN_FIELDS, SECTIONS, SparsityConfig, read_config_file,
@@ -179,6 +182,8 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
                       checkpoint_dir=resume_dir, resume=args.resume)
     result.report["data"] = {"source": str(args.data), "calibration": f"train split, {len(calibration)} samples",
                              "evaluation": "test split" if eval_data is not None else None}
+    if not distributed.is_main():
+        return 0
     print(format_table(result.report))
     hint = more_time_hint(result.report)
     if hint:
@@ -502,18 +507,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(_LowercaseLevels("ptsparse: %(levelname)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
-    try:
-        return args.handler(args)
-    except PtsparseError as error:
-        print(f"ptsparse: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(_interrupted(args, argv), file=sys.stderr)
-        return 130
+    with distributed.process_group():
+        rank, ranks = distributed.world()
+        handler = logging.StreamHandler()
+        handler.setFormatter(_LowercaseLevels("ptsparse: %(levelname)s: %(message)s"))
+        level = logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level if rank == 0 else logging.ERROR, handlers=[handler])
+        try:
+            if ranks > 1 and args.command != "sparsify":
+                raise ConfigError(f"only sparsify runs on many ranks; run `ptsparse {args.command}` without torchrun")
+            return args.handler(args)
+        except PtsparseError as error:
+            where = f"rank {rank} of {ranks}: " if ranks > 1 else ""
+            print(f"ptsparse: error: {where}{str(error).splitlines()[0] if str(error) else type(error).__name__}",
+                  file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if rank == 0:
+                print(_interrupted(args, argv), file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

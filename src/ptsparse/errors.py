@@ -35,6 +35,10 @@ class CheckpointError(PtsparseError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
+class DistributedError(PtsparseError):
+    """The ranks of a data-parallel run disagree: their calibration data, config or results differ."""
+
+
 class ModelError(PtsparseError):
     """A model cannot be built, or has nothing that ptsparse can sparsify."""
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import distributed
 from ._progress import progress
 
 
@@ -26,9 +27,17 @@ def predictions(model: nn.Module, data: Dataset, batch_size: int = 512, device: 
 
 def accuracy(model: nn.Module, data: Dataset, batch_size: int = 512, device: str = "cpu",
              show_progress: bool = False) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` as a fraction in [0, 1]."""
-    preds, labels = predictions(model, data, batch_size, device, show_progress)
-    return float((preds == labels).float().mean())
+    """Top-1 accuracy of ``model`` on ``data`` as a fraction in [0, 1].
+
+    In a data-parallel run (:mod:`ptsparse.distributed`) every rank calls it: each predicts its contiguous part of
+    ``data`` and the counts are summed.
+    """
+    rank, ranks = distributed.world()
+    part = data if ranks == 1 else Subset(data, torch.tensor_split(torch.arange(len(data)), ranks)[rank].tolist())
+    preds, labels = predictions(model, part, batch_size, device, show_progress)
+    counts = distributed.all_reduce_(torch.tensor([float((preds == labels).sum()), float(len(labels))],
+                                                  dtype=torch.float64))
+    return float(counts[0] / counts[1])
 
 
 def agreement(model: nn.Module, reference: nn.Module, data: Dataset, batch_size: int = 512,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,20 +20,21 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from . import distributed
 from .allocation import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
 from .attention import find_attention, heads_by_layer
 from .checkpoint import result_directory, save_state, write_json
 from .config import SparsityConfig, resolve_config, stage_config
 from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
-from .errors import CalibrationError, ConfigError
+from .errors import CalibrationError, ConfigError, IncompatibleOptionsError
 from .evaluate import accuracy
 from .graph.cost import count_macs, speedup_warnings
 from .graph.outputs import feeding_the_output, record_output_nodes, traceable_input
 from .masking import bake, masks_of
 from .models import architecture_of
 from .patterns import NM, Channel, Pattern, parse_pattern
-from .recovery import RECOVERIES, recalibrate_batchnorm
+from .recovery import DYNAMICS, RECOVERIES, recalibrate_batchnorm
 from .recovery.trainer import CHECKPOINT_NAME, Stopwatch
 from .report import peak_rss_mb, removed_fractions
 from .targets import Target, count_zeros, find_targets
@@ -65,7 +67,8 @@ class SparsifyResult:
         """Writes ``model.safetensors``, ``config.yaml`` and ``report.json`` into ``directory``.
 
         The files are written into a staging directory that then replaces ``directory`` whole, so a failed
-        save leaves no partial output and an earlier result there leaves no stale file.
+        save leaves no partial output and an earlier result there leaves no stale file. In a data-parallel run
+        rank 0 alone writes; on the other ranks this does nothing.
 
         Args:
             force: write among the files of a directory that is not a ptsparse result (else refused).
@@ -73,6 +76,8 @@ class SparsifyResult:
         Raises:
             ConfigError: ``directory`` is an existing file, or holds other files and ``force`` is not set.
         """
+        if not distributed.is_main():
+            return Path(directory)
         with result_directory(directory, force) as staging:
             metadata = {"architecture": self.architecture, "config": self.config.to_dict(),
                         "achieved_sparsity": self.report["achieved_sparsity"]}
@@ -83,10 +88,30 @@ class SparsifyResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda[:N]``; raises :class:`ConfigError` when CUDA is asked for but absent."""
+    """``cpu`` or ``cuda[:N]`` (``cuda`` is each rank's own GPU in a data-parallel run); raises
+    :class:`ConfigError` when CUDA is asked for but absent."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} is not available: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
+    return distributed.local_device(torch.device(name))
+
+
+def check_data_parallel(config: SparsityConfig, calibration: Calibration) -> None:
+    """Under many ranks (:mod:`ptsparse.distributed`): refuses parts that do not run data-parallel yet, and checks
+    that every rank was given the same calibration samples and config.
+
+    Raises:
+        IncompatibleOptionsError: the run's mask dynamics do not run data-parallel.
+        DistributedError: the ranks' calibration samples or configs differ.
+    """
+    ranks = distributed.world()[1]
+    if ranks == 1:
+        return
+    if RECOVERIES.get(config.recovery).runs_dynamics and not DYNAMICS.get(config.dynamics).data_parallel:
+        raise IncompatibleOptionsError(
+            f"dynamics {config.dynamics!r} does not run data-parallel yet ({ranks} ranks); use static dynamics "
+            "(methods magnitude_kd, recommended) or run one process")
+    distributed.same_on_every_rank(calibration.hash, "calibration samples")
+    distributed.same_on_every_rank(json.dumps(config.to_dict(), sort_keys=True, default=str), "configs")
 
 
 def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
@@ -207,6 +232,12 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
 
     Raises:
         PtsparseError: bad configuration, empty or ill-fitting calibration data, nothing to prune.
+        DistributedError: in a data-parallel run, the ranks were given different calibration data or configs,
+            or ended with different models.
+
+    Data-parallel: inside a default process group (``torchrun``, or one the caller initialised) every rank
+    calls this with the same model, calibration data and config; each computes on its part of the calibration
+    set (:mod:`ptsparse.distributed`), every rank returns the same result, and rank 0 alone writes checkpoints.
 
     Example:
         >>> result = ptsparse.sparsify(model, calib_images, sparsity=0.9)
@@ -216,6 +247,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     stopwatch = Stopwatch()  # a resumed run's wall time includes its earlier attempts'
     config = resolve_config(config, **overrides)
     calibration = as_calibration(calib)
+    check_data_parallel(config, calibration)
     device = resolve_device(config.device)
     student = copy.deepcopy(model).to(device)
     targets = find_targets(student, config.layer_types, config.include, config.exclude)
@@ -260,7 +292,9 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     if config.bn_recalibration:
         recalibrate_batchnorm(student, calibration, config.batch_size, device)
     masks = masks_of(targets)
+    distributed.same_on_every_rank(masks.values(), "masks")
     bake(student)
+    distributed.same_on_every_rank(student.state_dict().values(), "sparse models")
     student.eval()
     warnings = speedup_warnings(student, device, config.pattern)
     for warning in warnings:
@@ -301,7 +335,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "warnings": warnings,
         "config": config.to_dict(),
     }
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and distributed.is_main():
         (Path(checkpoint_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)
     if architecture is None:
         architecture = architecture_of(model)  # built by ptsparse.models (load_reference, resolve_model, ...)

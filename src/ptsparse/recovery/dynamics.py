@@ -20,8 +20,9 @@ A dynamics object is driven by the recovery trainer through these hooks, all opt
 A dynamics declares its options as ``Settings`` (:mod:`ptsparse.options`) and what it can do: ``patterns``
 names the pattern kinds it works with (``None``: all), ``moves_masks`` whether masks change during training
 (only a recovery that trains can then run it), ``keeps_layer_counts`` whether every layer ends with the
-count it started with (a dynamics that learns the allocation does not), and ``chooses_units`` whether it swaps
-single channels itself (so channels cannot be pruned N at a time).
+count it started with (a dynamics that learns the allocation does not), ``chooses_units`` whether it swaps
+single channels itself (so channels cannot be pruned N at a time), and ``data_parallel`` whether it runs under
+``torchrun`` with many ranks (:mod:`ptsparse.distributed`: its mask decisions made identically on every rank).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Dynamics(Part):
     moves_masks: ClassVar[bool] = True
     keeps_layer_counts: ClassVar[bool] = True
     chooses_units: ClassVar[bool] = False
+    data_parallel: ClassVar[bool] = False
 
     def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
                 example: torch.Tensor | None = None) -> None:
@@ -113,3 +115,4 @@ class Static(Dynamics):
     """Masks stay as the pattern chose them; only the kept weights train."""
 
     moves_masks = False
+    data_parallel = True

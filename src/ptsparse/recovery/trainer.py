@@ -5,6 +5,12 @@ Adam with linear warm-up then cosine decay to 0, weight decay on weights (or, as
 biases and norms; never on learned scores), and a checkpoint every N steps from which an interrupted run
 resumes to the same result. Randomness (batch order, flips, crops) is derived from the seed and the step
 alone, so a resumed run sees exactly the batches the uninterrupted one would have.
+
+Data-parallel (:mod:`ptsparse.distributed`): each rank trains on its slice of the same global batch of
+``batch_size`` samples, each rank's loss weighted by its share of that batch, and DistributedDataParallel averages
+the gradients, so every rank takes the single process's step on the global batch. What differs is BatchNorm in
+train mode, which normalises by the statistics of each rank's slice; its running statistics are averaged over the
+ranks at the end. Rank 0 alone writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -22,14 +28,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .. import distributed
 from .._progress import progress
 from ..allocation import LayerBudget
 from ..checkpoint import atomic_path
 from ..data import Calibration
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..options import Options, option
 from ..targets import Target, count_zeros
+from .batchnorm import average_norm_statistics
 from .dynamics import Dynamics, TrainState
 from .memory import PRECISIONS, autocast, checkpointed
 from .objectives import Objective
@@ -227,7 +236,13 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
 
     Raises:
         CheckpointError: the checkpoint belongs to another run or cannot be read.
+        ConfigError: under many ranks, some batch is too small to give each rank a sample.
     """
+    ranks = distributed.world()[1]
+    smallest = min(schedule.batch_size, len(calibration) % schedule.batch_size or schedule.batch_size)
+    if smallest < ranks:
+        raise ConfigError(f"batch of {smallest} sample(s) for {ranks} ranks: every rank needs a sample of every "
+                          f"batch; use a batch_size and calib_size whose batches hold at least {ranks}")
     if sparsity is None:
         zeros, total = count_zeros(targets)
         sparsity = zeros / total
@@ -236,7 +251,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     optimizer = make_optimizer(groups, schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, schedule.warmup_iterations, schedule.iterations))
-    fingerprint = _fingerprint(schedule, run_id or {})
+    fingerprint = _fingerprint(schedule, {**(run_id or {}), **({"ranks": ranks} if ranks > 1 else {})})
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     state = TrainState(student, targets, optimizer, 0, schedule.iterations, list(budgets or []), sparsity)
     history: list[dict[str, float]] = []
@@ -255,39 +270,53 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     names = objective.features(student, targets)
     student_tap, teacher_tap = _FeatureTap(student, names), _FeatureTap(teacher, names)
     student.train()
+    device = torch.device(device)
+    # No buffers are sent each step: the masks are static here and BatchNorm statistics are averaged at the end.
+    model = student if ranks == 1 else DistributedDataParallel(
+        student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     try:
         with checkpointed(student, recompute_blocks):
             steps = range(state.step, schedule.iterations)
             for step in progress(steps, show_progress, "recovery", total=len(steps)):
                 state.step = step
-                x = batch_at(calibration, step, schedule).to(device)
+                batch = batch_at(calibration, step, schedule)
+                x = distributed.local_batch(batch).to(device)
+                share = len(x) * ranks / len(batch)  # the single process's mean over the global batch
                 with autocast(schedule.precision, device):
                     with torch.no_grad():
                         teacher_out = teacher(x)
-                    terms = objective(student(x), teacher_out, student_tap.features, teacher_tap.features,
+                    terms = objective(model(x), teacher_out, student_tap.features, teacher_tap.features,
                                       progress=step / schedule.iterations)
                 extra = dynamics.loss_terms(state)
                 if "loss" in extra:
                     extra["loss"] = terms["loss"] + extra["loss"]
                 terms.update(extra)
                 optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
+                (terms["loss"] * share).backward()
                 dynamics.optimizer_step(state)
                 scheduler.step()
                 state.step = step + 1
                 dynamics.after_step(state)
                 if step % 50 == 0 or step + 1 == schedule.iterations:
-                    history.append({"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}})
+                    history.append({"step": step + 1, **_global_means(terms, share / ranks)})
                 due = schedule.checkpoint_every and state.step % schedule.checkpoint_every == 0
-                if checkpoint is not None and due:
+                if checkpoint is not None and due and distributed.is_main():
                     _save_checkpoint(checkpoint, fingerprint, state.step, student, optimizer, scheduler, dynamics,
                                      history, stopwatch.elapsed())
     finally:
         student_tap.remove()
         teacher_tap.remove()
+        del model
     dynamics.on_end(state)
+    average_norm_statistics(student)
     student.eval()
     return history
+
+
+def _global_means(terms: dict[str, torch.Tensor], weight: float) -> dict[str, float]:
+    """The loss terms over the global batch: the sum over ranks of each rank's values times its ``weight``."""
+    values = torch.stack([value.detach().float().cpu() for value in terms.values()]) * weight
+    return dict(zip(terms, distributed.all_reduce_(values).tolist()))
 
 
 def _save_checkpoint(path: Path, fingerprint: str, step: int, student: nn.Module,
