@@ -176,8 +176,11 @@ def score_terms(model: nn.Module, example: torch.Tensor) -> list[nn.Parameter]:
     score term: it holds the scores' heads, no channels of the layers around it, and like a
     :func:`lookup_tables` table it lets torch-pruning map channels round a cycle that multiplies its index lists at
     each pass (swin_v2_t exhausted 8 GB). A softmax reached through anything else (a layer's output, two
-    activations added) gives none.
+    activations added) gives none. Inputs that cannot carry gradients (token ids) give none: what depends on
+    the input is then not known.
     """
+    if not example.is_floating_point():
+        return []
     parameters = {id(p): p for p in model.parameters() if p.requires_grad}
     inputs = example.detach().clone().requires_grad_(True)
     with eval_mode(model), torch.enable_grad():
