@@ -4,7 +4,8 @@ Sub-commands: ``sparsify``, ``eval``, ``report``, ``list``, ``train-reference``,
 ``bench-latency``. Errors from ptsparse
 print on one line and exit with status 2, without a traceback. Under ``torchrun`` (``torchrun --nproc-per-node N
 -m ptsparse sparsify ...``) the command runs data-parallel in the launch's process group
-(:mod:`ptsparse.distributed`): rank 0 alone prints the results and writes; an error names its rank.
+(:mod:`ptsparse.distributed`): rank 0 alone prints the results and writes; an error on one rank ends every rank,
+and the rank that failed prints it on one line naming itself.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ._registry import did_you_mean
 from .config import (
     AXES, AXIS_SETTINGS, DEFAULT_METHOD, FLAT_KEYS, MOVED_KEYS, RUN_FIELDS, SECTIONS, SparsityConfig, read_config_file,
     resolve_config)
-from .errors import ConfigError, PtsparseError
+from .errors import ConfigError, PeerFailedError, PtsparseError
 from .export import FORMATS
 from .options import default_of
 
@@ -516,7 +517,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if ranks > 1 and args.command != "sparsify":
                 raise ConfigError(f"only sparsify runs on many ranks; run `ptsparse {args.command}` without torchrun")
-            return args.handler(args)
+            with distributed.failures_shared():
+                return args.handler(args)
+        except PeerFailedError as error:  # the rank that failed printed its error; one that ended unheard is told
+            if error.rank is None and rank == 0:
+                print(f"ptsparse: error: rank 0 of {ranks}: {error}", file=sys.stderr)
+            return 2
         except PtsparseError as error:
             where = f"rank {rank} of {ranks}: " if ranks > 1 else ""
             print(f"ptsparse: error: {where}{str(error).splitlines()[0] if str(error) else type(error).__name__}",

@@ -5,8 +5,10 @@ A run is data-parallel when a default process group is initialised: by ``torchru
 the same model, calibration data and config. Every rank holds the same calibration sample (it is small) and
 computes on its own disjoint part of it: a contiguous slice of each global batch in distillation
 (:func:`local_batch`; DistributedDataParallel averages the gradients), whole batches in turn for BatchNorm
-statistics (:func:`my_turns`, then summed with :func:`all_reduce_`). Rank 0 alone writes. Without a group,
-or with a world of one, every helper is the identity, so a single process runs the same code.
+statistics (:func:`my_turns`, then summed with :func:`all_reduce_`). Rank 0 alone writes. Decisions the ranks
+make each on their own (masks) are checked with :func:`same_on_every_rank`, and an error on one rank ends every
+rank with its message (:func:`failures_shared`). Without a group, or with a world of one, every helper is the
+identity, so a single process runs the same code.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import DistributedError
+from .errors import DistributedError, PeerFailedError
 
 T = TypeVar("T")
 
 # How long a rank waits in a collective for the others before the run fails (torchrun also ends every rank
 # as soon as one exits with an error).
 TIMEOUT = timedelta(minutes=10)
+# Where a failing rank leaves its error in the process group's store for the others: FAILURE_KEY/<rank>.
+FAILURE_KEY = "ptsparse/failure"
 
 
 def world() -> tuple[int, int]:
@@ -104,9 +108,19 @@ def digest_of(tensors: Iterable[torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
+def _collective_device() -> torch.device:
+    """Where small tensors of a collective live: this rank's GPU for an NCCL-only group, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def same_on_every_rank(value: str | Iterable[torch.Tensor], what: str) -> None:
     """Checks that every rank holds the same ``value``: a string, or tensors compared by :func:`digest_of` (only
     digested under many ranks).
+
+    Costs one all-reduce of two integers when the ranks agree; only when they do not are the values gathered, to
+    name the ranks that differ.
 
     Raises:
         DistributedError: some rank holds another value; the message names ``what`` and the ranks that differ.
@@ -114,11 +128,78 @@ def same_on_every_rank(value: str | Iterable[torch.Tensor], what: str) -> None:
     size = world()[1]
     if size == 1:
         return
-    if not isinstance(value, str):
-        value = digest_of(value)
+    value = hashlib.sha256(value.encode()).hexdigest() if isinstance(value, str) else digest_of(value)
+    key = int(value[:15], 16)  # 60 bits: its negation fits in int64
+    extremes = torch.tensor([key, -key], device=_collective_device())
+    dist.all_reduce(extremes, op=dist.ReduceOp.MIN)
+    if int(extremes[0]) == -int(extremes[1]):  # smallest == largest
+        return
     values: list[str | None] = [None] * size
     dist.all_gather_object(values, value)
     differing = [r for r, v in enumerate(values) if v != values[0]]
-    if differing:
-        raise DistributedError(f"{what} differ between ranks: rank(s) {', '.join(map(str, differing))} do not "
-                               f"match rank 0")
+    raise DistributedError(f"{what} differ between ranks: rank(s) {', '.join(map(str, differing))} do not "
+                           f"match rank 0")
+
+
+@contextmanager
+def failures_shared() -> Iterator[None]:
+    """Within the context (or the function it decorates), an error on one rank ends every rank, each knowing why.
+
+    Under many ranks, an exception raised here on this rank (an interrupt too) is first left for the others in
+    the process group's store. A collective that fails here because another rank ended (its connections
+    closed as its process exited; otherwise after :data:`TIMEOUT`) raises :class:`PeerFailedError` instead of the
+    backend's error, naming the rank that failed and its error where it left one.
+
+    Raises:
+        PeerFailedError: a collective failed because another rank ended.
+    """
+    rank, size = world()
+    if size == 1:
+        yield
+        return
+    store = dist.distributed_c10d._get_default_store()  # no public accessor; torch's own wrappers use it too
+    store.delete_key(f"{FAILURE_KEY}/{rank}")  # what an earlier run in this process left
+    try:
+        yield
+    except PeerFailedError:
+        raise
+    except BaseException as error:
+        if _collective_failure(error):
+            raise _peer_failure(store, rank, size, error) from None
+        message = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {_line(error)}"
+        try:
+            store.set(f"{FAILURE_KEY}/{rank}", message)
+        except Exception:  # noqa: BLE001  the store's host ended first: the others say a rank ended unheard
+            pass
+        raise
+
+
+def _line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed (gloo raises a plain RuntimeError naming itself)."""
+    markers = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(marker in str(error) for marker in markers))
+
+
+def _peer_failure(store: dist.Store, rank: int, size: int, error: BaseException) -> PeerFailedError:
+    """The error of the lowest rank that left one in ``store``, else one that says a rank ended without a word.
+
+    Raises:
+        KeyboardInterrupt: that rank was interrupted (Ctrl-C reaches every rank, not all at once).
+    """
+    for other in (r for r in range(size) if r != rank):
+        key = f"{FAILURE_KEY}/{other}"
+        try:
+            message = store.get(key).decode() if store.check([key]) else None
+        except Exception:  # noqa: BLE001  the store is gone with the rank that hosted it
+            break
+        if message == "interrupted":
+            raise KeyboardInterrupt  # Ctrl-C reached that rank first: this run was interrupted, not failed
+        if message is not None:
+            return PeerFailedError(f"rank {other} failed: {message}", other)
+    return PeerFailedError(f"another rank ended without an error message (killed?); rank {rank} saw: "
+                           f"{_line(error)}")

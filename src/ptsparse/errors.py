@@ -39,6 +39,18 @@ class DistributedError(PtsparseError):
     """The ranks of a data-parallel run disagree: their calibration data, config or results differ."""
 
 
+class PeerFailedError(DistributedError):
+    """Another rank of a data-parallel run failed or ended, so this rank stopped too.
+
+    Attributes:
+        rank: the rank that failed, when it said so (``None``: it ended without a word, e.g. killed).
+    """
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
 class ModelError(PtsparseError):
     """A model cannot be built, or has nothing that ptsparse can sparsify."""
 

@@ -108,8 +108,7 @@ def check_data_parallel(config: SparsityConfig, calibration: Calibration) -> Non
         return
     if RECOVERIES.get(config.recovery).runs_dynamics and not DYNAMICS.get(config.dynamics).data_parallel:
         raise IncompatibleOptionsError(
-            f"dynamics {config.dynamics!r} does not run data-parallel yet ({ranks} ranks); use static dynamics "
-            "(methods magnitude_kd, recommended) or run one process")
+            f"dynamics {config.dynamics!r} does not run data-parallel ({ranks} ranks); run it in one process")
     distributed.same_on_every_rank(calibration.hash, "calibration samples")
     distributed.same_on_every_rank(json.dumps(config.to_dict(), sort_keys=True, default=str), "configs")
 
@@ -207,6 +206,7 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
     return counts, ratios, config.sparsity
 
 
+@distributed.failures_shared()
 def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str | None = None, *,
              eval_data: Dataset | None = None, architecture: str | None = None,
              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
@@ -234,6 +234,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         PtsparseError: bad configuration, empty or ill-fitting calibration data, nothing to prune.
         DistributedError: in a data-parallel run, the ranks were given different calibration data or configs,
             or ended with different models.
+        PeerFailedError: in a data-parallel run, another rank failed (the error names it and its error).
 
     Data-parallel: inside a default process group (``torchrun``, or one the caller initialised) every rank
     calls this with the same model, calibration data and config; each computes on its part of the calibration

@@ -1,5 +1,6 @@
-"""Data-parallel runs (``torchrun --nproc-per-node 2``, gloo on CPU) against one process: equal masks, close
-weights, one writer, refusals in one line, and a failing rank ending the run."""
+"""Data-parallel runs (``torchrun --nproc-per-node 2``, gloo on CPU) against one process: equal masks for static
+masks and nearly equal ones for moving masks, close weights, one writer, refusals in one line, a failing rank ending
+the run with one line, and a resumed run ending as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ import torch
 import ptsparse
 from tests.conftest import needs_fashion_mnist
 
-from .worker import RUNS, calibration, model
+from ptsparse.errors import CheckpointError
+
+from .worker import RESUMED, RUNS, calibration, model
+
+# Agreement measured with one process: 1.0 for each (dst 0.998). IEE's Taylor scores (run "iee_taylor": the same
+# model on every rank, but 0.979 of one process's masks) take gradients that BatchNorm in train mode changes when it
+# normalises 8 samples per rank instead of 16 (1.0 on an MLP without BatchNorm, 0.990 at a batch of 48).
+MOVING = ["dst", "iee", "iee_channels", "fcpts"]
 
 WORKER = Path(__file__).with_name("worker.py")
 
@@ -35,7 +43,7 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     return out, [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 
-@pytest.mark.parametrize("name", ["magnitude", "wanda", "magnitude_kd"])
+@pytest.mark.parametrize("name", list(RUNS))
 def test_every_rank_ends_with_the_same_model(ranks, name):
     first, second = (rank["results"][name] for rank in ranks[1])
     assert all(torch.equal(first["masks"][layer], second["masks"][layer]) for layer in first["masks"])
@@ -60,7 +68,34 @@ def test_distillation_at_the_same_global_batch_stays_close_to_one_process(ranks)
     for key, value in alone.model.state_dict().items():
         torch.testing.assert_close(parallel["state"][key], value, rtol=0, atol=1e-3)
     losses = [entry["loss"] for entry in alone.report["recovery"]["history"]]
-    assert [entry["loss"] for entry in parallel["history"]] == pytest.approx(losses, rel=0.05)
+    assert [entry["loss"] for entry in parallel["report"]["recovery"]["history"]] == pytest.approx(losses, rel=0.05)
+
+
+@pytest.mark.parametrize("name", MOVING)
+def test_moving_masks_at_the_same_global_batch_nearly_agree_with_one_process(ranks, name):
+    alone = ptsparse.sparsify(model(), calibration(), **RUNS[name])
+    parallel = ranks[1][0]["results"][name]
+    same = sum(int((alone.masks[layer] == parallel["masks"][layer]).sum()) for layer in alone.masks)
+    assert same / sum(mask.numel() for mask in alone.masks.values()) >= 0.99
+    # both meet the exact target, and the masks did move
+    for report in (alone.report, parallel["report"]):
+        assert report["achieved_sparsity"] == pytest.approx(report["target_sparsity"], abs=1e-3)
+    recovery = parallel["report"]["recovery"]
+    moved = {"dst": recovery.get("kept_changed"), "fcpts": recovery.get("projection_flips"),
+             "iee": sum(cycle["swapped"] for cycle in recovery.get("iee_cycles", []))}
+    assert moved.get(name, moved["iee"]) > 0
+
+
+def test_resume_after_an_interrupt_ends_as_an_uninterrupted_run(ranks):
+    for rank in ranks[1]:
+        whole, resumed = rank["resumed"]["whole"], rank["resumed"]["resumed"]
+        assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+def test_resume_on_another_number_of_ranks_is_refused_in_one_line(ranks):
+    out, _ = ranks
+    with pytest.raises(CheckpointError, match=r"is of a run on 2 rank\(s\), this one has 1: resume it on 2"):
+        ptsparse.sparsify(model(), calibration(), **RESUMED, checkpoint_dir=out / "kept", resume=True)
 
 
 def test_rank_zero_alone_writes(ranks):
@@ -70,7 +105,7 @@ def test_rank_zero_alone_writes(ranks):
 
 
 @pytest.mark.parametrize(("name", "message"), [
-    ("iee", "IncompatibleOptionsError: dynamics 'iee' does not run data-parallel yet"),
+    ("rank_local", "IncompatibleOptionsError: dynamics 'rank_local' does not run data-parallel (2 ranks)"),
     ("tiny_batches", "ConfigError: batch of 1 sample(s) for 2 ranks"),
     ("other_calibration", "DistributedError: calibration samples differ between ranks: rank(s) 1"),
 ])
@@ -79,13 +114,16 @@ def test_what_cannot_run_data_parallel_is_refused_on_every_rank(ranks, name, mes
         assert rank["errors"][name].startswith(message)
 
 
-def test_a_failing_rank_ends_every_rank(tmp_path):
+@needs_fashion_mnist
+def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path):
     start = time.perf_counter()
     done = torchrun(str(WORKER), str(tmp_path), "fail", timeout=120)
     assert done.returncode != 0
-    assert "rank 1 fails on purpose" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ptsparse: error:")]
+    assert errors == ["ptsparse: error: rank 1 of 2: rank 1 fails on purpose"]
+    assert "gloo" not in done.stderr and "Connection closed" not in done.stderr
     assert time.perf_counter() - start < 60
-    assert not list(tmp_path.iterdir())
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 @needs_fashion_mnist

@@ -1,10 +1,12 @@
 """What every rank of ``torchrun --nproc-per-node 2 worker.py OUT`` runs for ``test_data_parallel.py``: the runs
-in :data:`RUNS` (which the tests repeat in one process), the runs each rank must refuse, and a save; each rank
-writes what it got to ``OUT/rank<R>.pt``. With ``fail`` after ``OUT``, rank 1 raises at once while rank 0 starts
-a long run."""
+in :data:`RUNS` (which the tests repeat in one process), the runs each rank must refuse, a save, and a run
+interrupted after a checkpoint then resumed (:data:`RESUMED`); each rank writes what it got to ``OUT/rank<R>.pt``.
+With ``fail`` after ``OUT``, the command line distils on every rank and rank 1 fails at its third step."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,17 +15,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ptsparse  # noqa: E402
-from ptsparse import distributed  # noqa: E402
-from ptsparse.errors import PtsparseError  # noqa: E402
+from ptsparse import cli, distributed  # noqa: E402
+from ptsparse.errors import CalibrationError, PtsparseError  # noqa: E402
+from ptsparse.recovery import DYNAMICS, Dynamics, trainer  # noqa: E402
 from tests.conftest import TinyCNN  # noqa: E402
 
+DISTIL = {"sparsity": 0.8, "distill_iterations": 12, "batch_size": 16}
+IEE_CYCLES = {"iee_exploit_steps": 2, "iee_improve_steps": 2, "iee_explore_steps": 2, "iee_alpha": 0.3}
 RUNS = {
     "magnitude": {"method": "magnitude", "sparsity": 0.8},
     "wanda": {"method": "wanda", "sparsity": 0.5},
-    "magnitude_kd": {"method": "magnitude_kd", "sparsity": 0.8, "distill_iterations": 12, "batch_size": 16},
+    "magnitude_kd": {"method": "magnitude_kd", **DISTIL},
+    # the mask-moving dynamics, each with what reaches its decisions: gradients through DDP, Taylor sums
+    "dst": {"method": "magnitude_kd", "dynamics": "dst", **DISTIL, "distill_lr": 0.05},
+    "iee": {"method": "iee", **DISTIL, "distill_iterations": 20, **IEE_CYCLES},
+    "iee_taylor": {"method": "iee", **DISTIL, "distill_iterations": 20, **IEE_CYCLES, "iee_criterion": "taylor"},
+    "iee_channels": {"method": "iee", "pattern": "channel", "sparsity": 0.3, "distill_iterations": 20,
+                     "batch_size": 16, **IEE_CYCLES},
+    "fcpts": {"method": "fcpts", **DISTIL, "learned_thresholds_score_grad": "ste"},
 }
+# Checkpoints at step 5, in the exploration of IEE's first cycle; the interrupted run stops at step 8.
+RESUMED = {**RUNS["iee_taylor"], "distill_checkpoint_every": 5}
+INTERRUPT_AT = 8
+
+
+@DYNAMICS.register("rank_local")
+class RankLocal(Dynamics):
+    """A dynamics that does not declare that it runs data-parallel."""
+
+
 REFUSED = {
-    "iee": {"method": "iee", "sparsity": 0.8, "distill_iterations": 2},
+    "rank_local": {"method": "magnitude_kd", "dynamics": "rank_local", "sparsity": 0.8, "distill_iterations": 2},
     "tiny_batches": {"method": "magnitude_kd", "sparsity": 0.8, "distill_iterations": 2, "batch_size": 1},
 }
 
@@ -37,18 +59,42 @@ def calibration(offset: int = 0) -> torch.Tensor:
     return torch.randn(48, 1, 12, 12, generator=torch.Generator().manual_seed(1 + offset))
 
 
-def main(out: Path, fail: bool = False) -> None:
+def stopping_at(step: int, error: BaseException):
+    """``trainer.batch_at`` that raises ``error`` at ``step``."""
+    batch_at = trainer.batch_at
+
+    def stop(calibration, at, schedule):
+        if at == step:
+            raise error
+        return batch_at(calibration, at, schedule)
+    return stop
+
+
+def resumed(out: Path) -> dict[str, torch.Tensor]:
+    """An uninterrupted run's state and that of the same run interrupted at :data:`INTERRUPT_AT` then resumed
+    (rank 0 keeps a copy of its checkpoint in ``out/kept``)."""
+    whole = ptsparse.sparsify(model(), calibration(), **RESUMED, checkpoint_dir=out / "whole")
+    batch_at, trainer.batch_at = trainer.batch_at, stopping_at(INTERRUPT_AT, KeyboardInterrupt())
+    try:
+        ptsparse.sparsify(model(), calibration(), **RESUMED, checkpoint_dir=out / "parts")
+    except KeyboardInterrupt:
+        if distributed.is_main():
+            shutil.copytree(out / "parts", out / "kept")
+    finally:
+        trainer.batch_at = batch_at
+    again = ptsparse.sparsify(model(), calibration(), **RESUMED, checkpoint_dir=out / "parts", resume=True)
+    return {"whole": whole.model.state_dict(), "resumed": again.model.state_dict()}
+
+
+def main(out: Path) -> None:
     with distributed.process_group():
         rank = distributed.world()[0]
-        if fail and rank == 1:
-            raise RuntimeError("rank 1 fails on purpose")
-        if fail:  # rank 0 would distil for minutes: the failure of rank 1 must end it
-            ptsparse.sparsify(model(), calibration(), method="magnitude_kd", distill_iterations=100_000)
         results, errors = {}, {}
         for name, overrides in RUNS.items():
             result = ptsparse.sparsify(model(), calibration(), **overrides)
             results[name] = {"masks": result.masks, "state": result.model.state_dict(),
-                             "history": result.report["recovery"].get("history")}
+                             "report": {key: result.report[key] for key in ("achieved_sparsity", "target_sparsity",
+                                                                            "recovery")}}
         result.save(out / f"saved_by_rank{rank}")
         runs = {name: (calibration(), overrides) for name, overrides in REFUSED.items()}
         runs["other_calibration"] = (calibration(offset=rank), RUNS["magnitude"])
@@ -57,8 +103,19 @@ def main(out: Path, fail: bool = False) -> None:
                 ptsparse.sparsify(model(), calib, **overrides)
             except PtsparseError as error:
                 errors[name] = f"{type(error).__name__}: {error}"
-        torch.save({"results": results, "errors": errors}, out / f"rank{rank}.pt")
+        torch.save({"results": results, "errors": errors, "resumed": resumed(out)}, out / f"rank{rank}.pt")
+
+
+def fail(out: Path) -> int:
+    """The command line on every rank, rank 1 failing at step 3 of a long distillation."""
+    if distributed.launched_by_torchrun() and int(os.environ["RANK"]) == 1:
+        trainer.batch_at = stopping_at(3, CalibrationError("rank 1 fails on purpose"))
+    return cli.main(["sparsify", "--method", "magnitude_kd", "--sparsity", "0.5", "--calib-size", "32",
+                     "--batch-size", "16", "--distill-iterations", "100000", "--no-eval", "--quiet",
+                     "--out", str(out / "run")])
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), fail=sys.argv[2:] == ["fail"])
+    if sys.argv[2:] == ["fail"]:
+        sys.exit(fail(Path(sys.argv[1])))
+    main(Path(sys.argv[1]))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import ConfigError
 from ..masking import mask_of, weight_mask
 from ..options import Options, option
@@ -39,6 +40,7 @@ class DynamicSparseTraining(Dynamics):
         pruned_decay: float = option(5e-5, "SR-STE decay lambda on pruned weights", minimum=0)
 
     patterns = ("unstructured",)
+    data_parallel = True
 
     def __init__(self, update_every: int = 1, pruned_decay: float = 5e-5) -> None:
         self.Settings(update_every=update_every, pruned_decay=pruned_decay)
@@ -66,19 +68,20 @@ class DynamicSparseTraining(Dynamics):
         return {"pruned_decay": term.detach(), "loss": term}
 
     @torch.no_grad()
-    def update_masks(self) -> None:
-        """Each layer's mask becomes the top-k of its current magnitudes, ``k`` unchanged."""
+    def update_masks(self, step: int) -> None:
+        """Each layer's mask becomes the top-k of its current magnitudes, ``k`` unchanged (the same on every rank)."""
         for _, module in self.layers:
             mask = mask_of(module)
             prune = int((~mask).sum())
             mask.copy_(Unstructured().mask(module.parametrizations.weight.original.abs(), prune))
+        distributed.same_on_every_rank([mask_of(module) for _, module in self.layers], f"dst masks at step {step}")
 
     def after_step(self, state: TrainState) -> None:
         if state.step % self.update_every == 0:
-            self.update_masks()
+            self.update_masks(state.step)
 
     def on_end(self, state: TrainState) -> None:
-        self.update_masks()
+        self.update_masks(state.step)
         for _, module in self.layers:
             weight_mask(module).straight_through = False
 

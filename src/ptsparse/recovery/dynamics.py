@@ -22,7 +22,9 @@ names the pattern kinds it works with (``None``: all), ``moves_masks`` whether m
 (only a recovery that trains can then run it), ``keeps_layer_counts`` whether every layer ends with the
 count it started with (a dynamics that learns the allocation does not), ``chooses_units`` whether it swaps
 single channels itself (so channels cannot be pruned N at a time), and ``data_parallel`` whether it runs under
-``torchrun`` with many ranks (:mod:`ptsparse.distributed`: its mask decisions made identically on every rank).
+``torchrun`` with many ranks (:mod:`ptsparse.distributed`: its mask decisions made identically on every rank,
+from the weights and the gradients DistributedDataParallel averaged, never from one rank's batch alone, and
+checked with :func:`~ptsparse.distributed.same_on_every_rank`).
 """
 
 from __future__ import annotations

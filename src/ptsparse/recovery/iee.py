@@ -25,6 +25,10 @@ stored values, with the gradient of the masked forward.
 
 The report gets, per cycle, the swap size, the IoU of consecutive masks and the share of regrown units
 that survive the next cycle and the run.
+
+Data-parallel: prune and grow score the weights and the gradients of the optimizer steps, which
+DistributedDataParallel has averaged over the ranks (the Taylor sums accumulate them after the backward pass), so
+every rank makes the same decision; each prune and grow is checked.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..allocation.knapsack import Knapsack
 from ..errors import ConfigError
 from ..masking import mask_of, weight_mask
@@ -46,6 +51,7 @@ from ..norms import norm_statistics, restore_norm_statistics
 from ..options import Options, option
 from ..patterns import lowest, pattern_kind
 from ..targets import Target
+from .batchnorm import average_norm_statistics
 from .dynamics import DYNAMICS, Dynamics, Masks, TrainState, reset_optimizer_entries
 
 log = logging.getLogger(__name__)
@@ -230,6 +236,7 @@ class ExploitExplore(Dynamics):
 
     patterns = ("unstructured", "channel")
     chooses_units = True
+    data_parallel = True
 
     def __init__(self, exploit_steps: int = 40, improve_steps: int = 40, explore_steps: int = 20,
                  alpha: float = 0.1, end: float = 0.65, criterion: str = "magnitude", reactivate: bool = True,
@@ -307,12 +314,14 @@ class ExploitExplore(Dynamics):
         self.before_prune = {name: mask.clone() for name, mask in self.units.active.items()}
         fraction = cycles.swap_fraction(cycle, self.alpha)
         dropped = self.units.prune(fraction, state)
+        distributed.same_on_every_rank(self.units.active.values(), f"iee masks after the prune of cycle {cycle}")
         self.units.show(dense=False)
         self.units.clear_gradients()
         self.cycle_log.append({"cycle": cycle, "step": state.step, "swap_fraction": round(fraction, 6),
                                "swapped": _count(dropped), "_dropped": dropped})
 
     def _begin_exploration(self, state: TrainState) -> None:
+        average_norm_statistics(self.model)  # restored after it, and checkpointed meanwhile: the same on every rank
         self.norm_statistics = norm_statistics(self.model)
         self.explorer = self._new_explorer(state.optimizer)
         self.units.show(dense=True)
@@ -329,6 +338,7 @@ class ExploitExplore(Dynamics):
 
     def _grow(self, cycle: int, state: TrainState) -> None:
         grown = self.units.grow(state)
+        distributed.same_on_every_rank(self.units.active.values(), f"iee masks after the growth of cycle {cycle}")
         self._end_exploration()
         self.units.show(dense=False)
         self.units.clear_gradients()

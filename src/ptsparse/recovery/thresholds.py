@@ -19,6 +19,11 @@ Our readings of the spec's ambiguities:
   projects: every weight's margin ``logit(|w| / scale) - u`` says how far the scores must shift for it to be
   pruned; the ``round(S* N)`` weights of smallest margin are pruned (a global ranking that honours layer
   caps; ties by position), which is a shared offset on all scores found exactly (§5).
+
+Data-parallel: the thresholds' gradient comes from the penalty, computed from the weights alone (the KDE's draws
+seeded by the step), and with ``ste`` from the loss through DistributedDataParallel's averaged gradients, so the
+scores, the masks and the projection are the same on every rank; the learned thresholds and the projected masks
+are checked.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import distributed
 from ..allocation import Global, LayerBudget, exact_counts, target_count
 from ..masking import WeightMask, mask_of
 from ..options import Options, option
@@ -140,6 +146,7 @@ class LearnedThresholds(Dynamics):
 
     patterns = ("unstructured",)
     keeps_layer_counts = False
+    data_parallel = True
 
     def __init__(self, sparsity: float, penalty: str = "abs", penalty_weight: float = 1.0,
                  density: str = "histogram", density_bins: int = 100, kde_max_samples: int = 65536,
@@ -202,6 +209,7 @@ class LearnedThresholds(Dynamics):
     @torch.no_grad()
     def on_end(self, state: TrainState) -> None:
         """Projects the learned thresholds onto the exact target and leaves boolean masks."""
+        distributed.same_on_every_rank([threshold.score for _, _, threshold in self.layers], "learned thresholds")
         budgets = state.budgets or [LayerBudget(name, tuple(m.weight.shape)) for name, m, _ in self.layers]
         margins, raw_masks = {}, {}
         for name, module, threshold in self.layers:
@@ -220,6 +228,7 @@ class LearnedThresholds(Dynamics):
             self.learned[name] = counts[name] / mask.numel()
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             parametrize.register_parametrization(module, "weight", WeightMask(mask))
+        distributed.same_on_every_rank([mask_of(module) for _, module, _ in self.layers], "projected masks")
         self.layers = []
 
     def summary(self) -> dict[str, Any]:

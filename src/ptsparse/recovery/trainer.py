@@ -10,7 +10,8 @@ Data-parallel (:mod:`ptsparse.distributed`): each rank trains on its slice of th
 ``batch_size`` samples, each rank's loss weighted by its share of that batch, and DistributedDataParallel averages
 the gradients, so every rank takes the single process's step on the global batch. What differs is BatchNorm in
 train mode, which normalises by the statistics of each rank's slice; its running statistics are averaged over the
-ranks at the end. Rank 0 alone writes the checkpoints.
+ranks at checkpoints (a resumed run starts every rank from rank 0's copy; averaging is linear, so the end is the
+same) and at the end. Rank 0 alone writes the checkpoints, which record the number of ranks: a run resumes on as many.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     optimizer = make_optimizer(groups, schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, schedule.warmup_iterations, schedule.iterations))
-    fingerprint = _fingerprint(schedule, {**(run_id or {}), **({"ranks": ranks} if ranks > 1 else {})})
+    fingerprint = _fingerprint(schedule, run_id or {})
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     state = TrainState(student, targets, optimizer, 0, schedule.iterations, list(budgets or []), sparsity)
     history: list[dict[str, float]] = []
@@ -271,7 +272,8 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     student_tap, teacher_tap = _FeatureTap(student, names), _FeatureTap(teacher, names)
     student.train()
     device = torch.device(device)
-    # No buffers are sent each step: the masks are static here and BatchNorm statistics are averaged at the end.
+    # No buffers are sent each step: every rank's dynamics decide the same masks (and check it), and BatchNorm
+    # statistics are averaged at checkpoints and at the end. The parameters stay those DDP was built with.
     model = student if ranks == 1 else DistributedDataParallel(
         student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     try:
@@ -299,10 +301,11 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
                 dynamics.after_step(state)
                 if step % 50 == 0 or step + 1 == schedule.iterations:
                     history.append({"step": step + 1, **_global_means(terms, share / ranks)})
-                due = schedule.checkpoint_every and state.step % schedule.checkpoint_every == 0
-                if checkpoint is not None and due and distributed.is_main():
-                    _save_checkpoint(checkpoint, fingerprint, state.step, student, optimizer, scheduler, dynamics,
-                                     history, stopwatch.elapsed())
+                if checkpoint is not None and schedule.checkpoint_every and state.step % schedule.checkpoint_every == 0:
+                    average_norm_statistics(student)  # every rank resumes from rank 0's copy: the same on each
+                    if distributed.is_main():
+                        _save_checkpoint(checkpoint, fingerprint, state.step, student, optimizer, scheduler,
+                                         dynamics, history, stopwatch.elapsed())
     finally:
         student_tap.remove()
         teacher_tap.remove()
@@ -322,7 +325,7 @@ def _global_means(terms: dict[str, torch.Tensor], weight: float) -> dict[str, fl
 def _save_checkpoint(path: Path, fingerprint: str, step: int, student: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler, dynamics: Dynamics,
                      history: list[dict[str, float]], elapsed_s: float) -> None:
-    payload = {"fingerprint": fingerprint, "step": step, "model": student.state_dict(),
+    payload = {"fingerprint": fingerprint, "ranks": distributed.world()[1], "step": step, "model": student.state_dict(),
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "dynamics": dynamics.state_dict(), "history": history, "elapsed_s": elapsed_s}
     with atomic_path(path) as temporary:
@@ -330,10 +333,17 @@ def _save_checkpoint(path: Path, fingerprint: str, step: int, student: nn.Module
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents, refused if a run on another number of ranks wrote it (each rank's slice of a
+    batch, and so each step, would differ)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  any unreadable file is the same problem to the user
         raise CheckpointError(f"recovery checkpoint {path} cannot be read: {error}".splitlines()[0]) from None
+    written, ranks = int(payload.get("ranks", 1)), distributed.world()[1]
+    if written != ranks:
+        raise CheckpointError(f"recovery checkpoint {path} is of a run on {written} rank(s), this one has {ranks}: "
+                              f"resume it on {written}, or delete it or run without --resume")
+    return payload
 
 
 def _load_checkpoint(path: Path, fingerprint: str, student: nn.Module, optimizer: torch.optim.Optimizer,
