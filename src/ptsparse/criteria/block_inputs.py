@@ -7,7 +7,9 @@ For the layers inside a chain, the inputs of the current block are cached for ev
 (on the CPU with ``offload``); a layer's statistics pass runs that block alone on them, and once the
 block's layers are pruned its outputs become the next block's inputs. That computes what full passes
 through the partly pruned network compute (same batches, BatchNorm on batch statistics), at the cost of
-one block per layer instead of the network up to it, and holds one block's inputs at a time.
+one block per layer instead of the network up to it, and holds one block's inputs at a time. Under a
+process group each rank caches only its turn of the batches (:func:`ptsparse.distributed.my_turns`), whose
+statistics :func:`~ptsparse.criteria.statistics.gather_statistics_all` sums over the ranks.
 
 The chains are checked on the first calibration batch by object identity, so a block fed by anything
 else (a skip connection from further back, a tensor computed between blocks) starts a new chain, and a
@@ -159,7 +161,8 @@ class BlockInputs:
     @classmethod
     def capture(cls, model: nn.Module, chain: Chain, calibration: Calibration, batch_size: int = 64,
                 device: str | torch.device = "cpu", storage: str | torch.device | None = None) -> BlockInputs:
-        """Runs the calibration set up to the chain's first block and keeps that block's inputs."""
+        """Runs this rank's turn of the calibration batches up to the chain's first block and keeps that
+        block's inputs (every batch without a process group)."""
         storage = device if storage is None else storage
         inputs: list[tuple[tuple, dict[str, Any]]] = []
 
@@ -169,7 +172,7 @@ class BlockInputs:
 
         handle = chain.modules[0].register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            calibration.feed(model, batch_size, device, batch_statistics=True)
+            calibration.feed(model, batch_size, device, batch_statistics=True, shard=True)
         finally:
             handle.remove()
         return cls(chain, inputs, device, storage)

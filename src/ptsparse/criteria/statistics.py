@@ -1,9 +1,10 @@
 """Per-layer input statistics gathered by forward hooks: the one place every data-driven criterion uses.
 
-Each statistic is a pair of pure functions: ``make(module) -> state`` and
-``accumulate(state, module, inputs) -> state``, with ``inputs`` the layer's input batch. Convolutions
-see their inputs as patches (respecting stride, padding including ``"same"`` and non-``zeros`` padding
-modes, dilation and groups), so a statistic means the same thing for Linear and Conv layers.
+Each statistic is three pure functions: ``make(module) -> state``,
+``accumulate(state, module, inputs) -> state``, with ``inputs`` the layer's input batch, and
+``finish(state) -> state`` once every batch is in. Convolutions see their inputs as patches (respecting
+stride, padding including ``"same"`` and non-``zeros`` padding modes, dilation and groups), so a statistic
+means the same thing for Linear and Conv layers.
 
 A layer's *input vectors* are the rows of Linear inputs (leading dimensions flattened), or one patch
 per output position of each sample for a convolution. Column ``j`` of an input vector pairs with
@@ -12,8 +13,15 @@ view per group: states carry a leading ``groups`` dimension (1 for Linear and un
 
 * ``"input_norms"`` (Wanda, ``baselines.md`` §7): ``input_sq_norms`` of shape ``(groups, c)``, the sum
   over input vectors of ``x_j^2``, and ``input_count``, the number of input vectors.
-* ``"hessian"`` (SparseGPT, §8.1): ``hessian`` of shape ``(groups, c, c)``, the running mean of
-  ``2 x x^T`` over input vectors in float32, and ``hessian_count``.
+* ``"hessian"`` (SparseGPT, §8.1): ``hessian`` of shape ``(groups, c, c)``, the mean of ``2 x x^T`` over
+  input vectors, and ``hessian_count``.
+
+Data-parallel (:mod:`ptsparse.distributed`): each rank feeds its turn of the calibration batches, whole
+batches so that BatchNorm's batch statistics match one process's, and the sums and counts are added over
+the ranks before ``finish``, so every rank holds the whole sample's statistics. Sums over batches are kept
+in float64 and finished in float32: the order in which batches are added (by rank, then across ranks)
+moves a sum by float64 rounding (about 1e-16 relative), so the float32 statistics equal one process's
+unless a value lies that close to a float32 rounding boundary.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..data import Calibration
 from ..data.calibration import StopForward
 from ..errors import ConfigError
@@ -33,6 +42,7 @@ from .block_inputs import BlockInputs
 
 Make = Callable[[nn.Module], dict[str, torch.Tensor]]
 Accumulate = Callable[[dict[str, torch.Tensor], nn.Module, torch.Tensor], dict[str, torch.Tensor]]
+Finish = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Patch buffers are built a few samples at a time so that one chunk holds at most this many values.
@@ -109,9 +119,10 @@ def _zero_count(module: nn.Module) -> torch.Tensor:
 
 
 def make_input_norms(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Empty ``input_norms`` state: zero squared norms ``(groups, c)`` and a zero count."""
+    """Empty ``input_norms`` state: zero squared norms ``(groups, c)`` in float64 and a zero count."""
     _check_layer(module)
-    norms = torch.zeros(layer_groups(module), group_columns(module), device=module.weight.device)
+    norms = torch.zeros(layer_groups(module), group_columns(module), dtype=torch.float64,
+                        device=module.weight.device)
     return {"input_sq_norms": norms, "input_count": _zero_count(module)}
 
 
@@ -130,33 +141,39 @@ def accumulate_input_norms(state: dict[str, torch.Tensor], module: nn.Module,
     return {"input_sq_norms": state["input_sq_norms"] + added, "input_count": state["input_count"] + count}
 
 
+def finish_input_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The squared norms in float32."""
+    return {**state, "input_sq_norms": state["input_sq_norms"].float()}
+
+
 def make_hessian(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Empty ``hessian`` state: zeros ``(groups, c, c)`` in float32 and a zero count."""
+    """Empty ``hessian`` state: the sum of ``2 x x^T``, zeros ``(groups, c, c)`` in float64, and a zero count."""
     _check_layer(module)
     c = group_columns(module)
-    hessian = torch.zeros(layer_groups(module), c, c, device=module.weight.device)
+    hessian = torch.zeros(layer_groups(module), c, c, dtype=torch.float64, device=module.weight.device)
     return {"hessian": hessian, "hessian_count": _zero_count(module)}
 
 
 def accumulate_hessian(state: dict[str, torch.Tensor], module: nn.Module,
                        inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Folds the batch into the running mean ``H = 2 X X^T / n`` (§8.1), per group."""
-    hessian, count = state["hessian"], int(state["hessian_count"])
+    """Adds the batch's ``2 X X^T`` (§8.1), per group, to the sum."""
+    hessian, count = state["hessian"], state["hessian_count"]
     for chunk in _chunks(module, inputs.float()):
         rows = input_vectors(module, chunk).transpose(0, 1)  # (groups, m, c)
-        added = len(rows[0])
-        if added == 0:
-            continue
-        total = count + added
-        hessian = hessian * (count / total) + torch.bmm(rows.transpose(1, 2), rows) * (2.0 / total)
-        count = total
-    return {"hessian": hessian, "hessian_count": torch.full_like(state["hessian_count"], count)}
+        hessian = hessian + 2 * torch.bmm(rows.transpose(1, 2), rows).double()
+        count = count + rows.shape[1]
+    return {"hessian": hessian, "hessian_count": count}
 
 
-# name -> (make, accumulate).
-STATISTICS: dict[str, tuple[Make, Accumulate]] = {
-    "input_norms": (make_input_norms, accumulate_input_norms),
-    "hessian": (make_hessian, accumulate_hessian),
+def finish_hessian(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sum divided by the count (zeros without inputs), in float32."""
+    return {**state, "hessian": (state["hessian"] / state["hessian_count"].clamp(min=1)).float()}
+
+
+# name -> (make, accumulate, finish).
+STATISTICS: dict[str, tuple[Make, Accumulate, Finish]] = {
+    "input_norms": (make_input_norms, accumulate_input_norms, finish_input_norms),
+    "hessian": (make_hessian, accumulate_hessian, finish_hessian),
 }
 
 
@@ -165,6 +182,9 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
                           names: Sequence[str], batch_size: int = 64, device: str | torch.device = "cpu",
                           block_inputs: BlockInputs | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Accumulates ``names`` over the inputs of every target in one pass of the calibration set.
+
+    Under a process group each rank passes its turn of the batches (the cached block inputs hold only those)
+    and the states are summed over the ranks (see the module docstring); every rank must call it.
 
     Args:
         block_inputs: the cached inputs of the block holding every target; the pass then runs that block
@@ -211,7 +231,7 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
     handles.append(runner.register_forward_pre_hook(on_batch))
     try:
         if block_inputs is None:
-            calibration.feed(model, batch_size, device, batch_statistics=True)
+            calibration.feed(model, batch_size, device, batch_statistics=True, shard=True)
         else:
             block_inputs.feed()
     finally:
@@ -220,8 +240,10 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
     merged: dict[str, dict[str, torch.Tensor]] = {}
     for layer, layer_states in states.items():
         merged[layer] = {}
-        for state in layer_states.values():
-            merged[layer].update(state)
+        for name, state in layer_states.items():
+            for tensor in state.values():
+                distributed.all_reduce_(tensor)
+            merged[layer].update(STATISTICS[name][2](state))
     return merged
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from .. import distributed
 from ..errors import CalibrationError
 from ..norms import BATCH_NORMS, kept_norm_statistics
 
@@ -96,7 +97,7 @@ class Calibration:
 
     @torch.no_grad()
     def feed(self, model: torch.nn.Module, batch_size: int = 64, device: str | torch.device = "cpu",
-             batch_statistics: bool = False) -> None:
+             batch_statistics: bool = False, shard: bool = False) -> None:
         """Runs every batch through ``model`` in eval mode (for its hooks), restoring its state afterwards.
 
         A hook that has what it needs from a batch may raise :class:`StopForward`: the rest of that
@@ -105,9 +106,12 @@ class Calibration:
         Args:
             batch_statistics: normalise BatchNorm layers with each batch's own statistics instead of
                 their running ones (see :func:`inference_mode`).
+            shard: run only this rank's turn of the batches (:func:`ptsparse.distributed.my_turns`), for
+                statistics the caller then sums over the ranks; every batch without a process group.
         """
+        batches = self.batches(batch_size)
         with inference_mode(model, batch_statistics):
-            for x, _ in self.batches(batch_size):
+            for x, _ in distributed.my_turns(batches) if shard else batches:
                 try:
                     model(x.to(device))
                 except StopForward:
