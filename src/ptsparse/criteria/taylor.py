@@ -9,7 +9,10 @@ Per calibration batch b and output channel c of a layer:
 Importance ``I_c = mean_b t_c^2`` (``aggregation="squared"``, the paper) or ``mean_b |t_c|`` (``"abs"``,
 HALP's code). The loss is cross-entropy against the labels when every sample has one, else against the
 dense model's arg-max predictions (a KL to the dense model has zero gradient at the dense model).
-Scores are measured once on the dense model; a channel's score is repeated over its weights.
+Scores are measured once on the dense model; a channel's score is repeated over its weights. Under a process
+group each rank scores its turn of the batches (:func:`ptsparse.distributed.my_turns`; the model is in eval mode,
+so a batch's gradients are one process's) and the float64 sums and batch counts are added over the ranks: the
+scores equal one process's up to float64 rounding of the sum's order (about 1e-16 relative) before float32.
 
 Coupled channels (our reading, so that pruned channels can be physically removed): channels that only
 exist together (the outputs of layers added into one residual stream, a depthwise convolution and its
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..attention import find_attention, heads_by_layer
 from ..data import Calibration
 from ..norms import following_norms
@@ -95,12 +99,12 @@ class Taylor(Criterion):
         heads = heads_by_layer(find_attention(model, names))
         groups = head_groups(channel_groups(model, example, names), heads)  # before the gradients: it may refuse
         norms = following_norms(model, targets, example)
-        totals = {t.name: torch.zeros(t.shape[0], device=device) for t in targets}
+        totals = {t.name: torch.zeros(t.shape[0], dtype=torch.float64, device=device) for t in targets}
         modes = {module: module.training for module in model.modules()}
         model.eval()  # running statistics stay untouched; gradients only
-        batches = 0
+        batches = torch.zeros((), dtype=torch.long, device=device)
         try:
-            for x, y in calibration.batches(self.batch_size):
+            for x, y in distributed.my_turns(calibration.batches(self.batch_size)):
                 x = x.to(device)
                 model.zero_grad(set_to_none=True)
                 logits = model(x)
@@ -108,13 +112,16 @@ class Taylor(Criterion):
                 F.cross_entropy(logits, labels).backward()
                 for target in targets:
                     gate = self._gate(target, norms.get(target.name))
-                    totals[target.name] += gate.pow(2) if self.aggregation == "squared" else gate.abs()
+                    gate = gate.pow(2) if self.aggregation == "squared" else gate.abs()
+                    totals[target.name] += gate.double()
                 batches += 1
         finally:
             model.zero_grad(set_to_none=True)
             for module, mode in modes.items():
                 module.training = mode
-        channel = {name: total / batches for name, total in totals.items()}
+        for total in (*totals.values(), batches):
+            distributed.all_reduce_(total)
+        channel = {name: (total / batches).float() for name, total in totals.items()}
         self._units = {}
         for group in groups:
             unit = ChannelUnit(group, sum(channel[n][group.rows(n).to(device)].mean(1) for n in group.members))
