@@ -18,7 +18,7 @@ from tests.conftest import needs_fashion_mnist
 
 from ptsparse.errors import CheckpointError
 
-from .worker import RESUMED, RUNS, calibration, model
+from .worker import ONE_SHOT, RESUMED, RUNS, calibration, model, one_shot
 
 # Agreement measured with one process: 1.0 for each (dst 0.998). IEE's Taylor scores (run "iee_taylor": the same
 # model on every rank, but 0.979 of one process's masks) take gradients that BatchNorm in train mode changes when it
@@ -58,6 +58,25 @@ def test_one_shot_masks_and_batchnorm_statistics_equal_one_process(ranks, name):
     # BatchNorm re-calibration: each rank averages its turn of the batches, combined by batch count
     for key, value in alone.model.state_dict().items():
         torch.testing.assert_close(parallel["state"][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def one_shot_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("one_shot")
+    done = torchrun(str(WORKER), str(out), "one_shot")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.parametrize("name", list(ONE_SHOT))
+def test_one_shot_criteria_on_each_ranks_batches_give_one_process_masks(one_shot_ranks, name):
+    masks, batches = one_shot(ONE_SHOT[name])
+    for parallel, parallel_batches in (rank[name] for rank in one_shot_ranks):
+        assert masks.keys() == parallel.keys() and all(torch.equal(masks[k], parallel[k]) for k in masks)
+        # every statistics pass runs a rank's two of the four batches: 10 batches through a rank's stem against
+        # 18 in one process for Wanda and SparseGPT (the chain check runs the first batch on every rank), 11 vs 15
+        # for Taylor (its coupling and norm checks run an example on every rank)
+        assert parallel_batches < batches
 
 
 def test_distillation_at_the_same_global_batch_stays_close_to_one_process(ranks):

@@ -1,7 +1,9 @@
 """What every rank of ``torchrun --nproc-per-node 2 worker.py OUT`` runs for ``test_data_parallel.py``: the runs
 in :data:`RUNS` (which the tests repeat in one process), the runs each rank must refuse, a save, and a run
 interrupted after a checkpoint then resumed (:data:`RESUMED`); each rank writes what it got to ``OUT/rank<R>.pt``.
-With ``fail`` after ``OUT``, the command line distils on every rank and rank 1 fails at its third step."""
+With ``fail`` after ``OUT``, the command line distils on every rank and rank 1 fails at its third step. With
+``one_shot``, the data-driven one-shot criteria of :data:`ONE_SHOT` prune the reference model (a chain of residual
+blocks: layer-by-layer on cached block inputs) and each rank writes its masks and the batches its stem ran."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ptsparse  # noqa: E402
 from ptsparse import cli, distributed  # noqa: E402
 from ptsparse.errors import CalibrationError, PtsparseError  # noqa: E402
+from ptsparse.models import load_reference  # noqa: E402
 from ptsparse.recovery import DYNAMICS, Dynamics, trainer  # noqa: E402
 from tests.conftest import TinyCNN  # noqa: E402
 
@@ -33,6 +36,14 @@ RUNS = {
     "iee_channels": {"method": "iee", "pattern": "channel", "sparsity": 0.3, "distill_iterations": 20,
                      "batch_size": 16, **IEE_CYCLES},
     "fcpts": {"method": "fcpts", **DISTIL, "learned_thresholds_score_grad": "ste"},
+}
+# 64 samples in batches of 16: two whole batches per rank.
+ONE_SHOT = {
+    "wanda": {"method": "wanda", "sparsity": 0.6, "batch_size": 16},
+    "wanda_2_4": {"method": "wanda", "pattern": "2:4", "batch_size": 16},
+    "sparsegpt": {"method": "sparsegpt", "sparsity": 0.6, "batch_size": 16},
+    "sparsegpt_2_4": {"method": "sparsegpt", "pattern": "2:4", "batch_size": 16},
+    "taylor": {"method": "taylor", "sparsity": 0.3, "batch_size": 16},
 }
 # Checkpoints at step 5, in the exploration of IEE's first cycle; the interrupted run stops at step 8.
 RESUMED = {**RUNS["iee_taylor"], "distill_checkpoint_every": 5}
@@ -57,6 +68,22 @@ def model() -> torch.nn.Module:
 
 def calibration(offset: int = 0) -> torch.Tensor:
     return torch.randn(48, 1, 12, 12, generator=torch.Generator().manual_seed(1 + offset))
+
+
+def reference() -> torch.nn.Module:
+    return load_reference().eval()
+
+
+def reference_calibration() -> torch.Tensor:
+    return torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+
+
+def one_shot(overrides: dict) -> tuple[dict[str, torch.Tensor], int]:
+    """The masks of ``sparsify`` on the reference model, and how many batches went through its stem here."""
+    net, batches = reference(), []
+    net.stem.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    result = ptsparse.sparsify(net, reference_calibration(), **overrides, progress=False)
+    return result.masks, len(batches)
 
 
 def stopping_at(step: int, error: BaseException):
@@ -115,7 +142,13 @@ def fail(out: Path) -> int:
                      "--out", str(out / "run")])
 
 
+def main_one_shot(out: Path) -> None:
+    with distributed.process_group():
+        results = {name: one_shot(overrides) for name, overrides in ONE_SHOT.items()}
+        torch.save(results, out / f"rank{distributed.world()[0]}.pt")
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["fail"]:
         sys.exit(fail(Path(sys.argv[1])))
-    main(Path(sys.argv[1]))
+    (main_one_shot if sys.argv[2:] == ["one_shot"] else main)(Path(sys.argv[1]))
