@@ -77,8 +77,8 @@ def more_time_hint(report: dict[str, Any]) -> str | None:
     if recovery.get("kind") != "distill":
         return None
     steps = recovery["iterations"]
-    return (f"more time, more accuracy: --distill-iterations {2 * steps} doubles this run's {steps} distillation steps "
-            "(benchmarks/RESULTS.md, 'Time to accuracy': what each budget bought on the reference models)")
+    return (f"more time for accuracy: --distill-iterations (this run: {steps} steps); benchmarks/RESULTS.md, "
+            "'Time to accuracy', shows what each budget bought on the reference models and where more stopped paying")
 
 
 def _learned_allocation_lines(recovery: dict[str, Any]) -> list[str]:
