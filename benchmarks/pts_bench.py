@@ -464,7 +464,8 @@ def regimes_section(reports: list[dict]) -> str:
         for run in runs:
             key = (model, calib_size, steps, sparsity, run)
             difference = paired(cells[key], baseline) if run != "magnitude_kd" else None
-            text += (f"| {run} | {parts[key]} | {format_cell(cells[key])} | {difference or ''} | "
+            shown = "" if difference is None else str(difference) if difference.seeds > 1 else "1 seed: no claim"
+            text += (f"| {run} | {parts[key]} | {format_cell(cells[key])} | {shown} | "
                      f"{mean_std(wall[key])[0]:.0f} |\n")
             if difference is not None and difference.significant:
                 (above if difference.mean > 0 else below).append(f"`{run}` ({difference.mean:+.2f})")
