@@ -157,7 +157,7 @@ class SparsityConfig:
     def __init__(self, **keys: Any) -> None:
         keys = normalize_keys(keys)
         given_parts = keys.pop("parts", {})
-        keys = {**{part: settings for part, settings in given_parts.items() if part not in keys}, **keys}
+        keys = {**given_parts, **keys}
         keys = {key: value.to_dict() if isinstance(value, Options) else value for key, value in keys.items()}
         method = keys.get("method", DEFAULT_METHOD)
         if isinstance(method, str) and method in METHODS:

@@ -16,16 +16,16 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def removed_fractions(modules: list[nn.Module], macs: dict[str, int]) -> dict[str, float]:
-    """What a channel run removed: fractions of the layers' output channels (all-zero rows) and weights, and of
-    the model's MACs (:func:`~ptsparse.graph.cost.count_macs`: ``macs`` and ``nonzero_macs``) that the zeroed
-    weights compute. Removing the channels (the ``channels`` export) also drops the next layers' inputs they
-    fed, so it saves at least that fraction of the MACs (its report's ``mac_reduction``)."""
+def removed_fractions(modules: list[nn.Module], weights: float, macs: dict[str, int]) -> dict[str, float]:
+    """What a channel run removed: fractions of the layers' output channels (all-zero rows), of their weights
+    (``weights``, the achieved sparsity), and of the model's MACs (:func:`~ptsparse.graph.cost.count_macs`:
+    ``macs`` and ``nonzero_macs``) that the zeroed weights compute. Removing the channels (the ``channels``
+    export) also drops the next layers' inputs they fed, so it saves at least that fraction of the MACs (its
+    report's ``mac_reduction``)."""
     with torch.no_grad():
-        rows = [m.weight.detach().flatten(1).eq(0) for m in modules]
-        return {"channels": sum(int(r.all(1).sum()) for r in rows) / sum(len(r) for r in rows),
-                "weights": sum(int(r.sum()) for r in rows) / sum(r.numel() for r in rows),
-                "macs": 1 - macs["nonzero_macs"] / macs["macs"]}
+        empty = [m.weight.flatten(1).eq(0).all(1) for m in modules]
+    return {"channels": sum(int(e.sum()) for e in empty) / sum(len(e) for e in empty), "weights": weights,
+            "macs": 1 - macs["nonzero_macs"] / macs["macs"]}
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -308,7 +308,8 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         layer_zeros, layer_total = count_zeros([target])
         layers.append({"name": target.name, "params": layer_total, "target": ratios[target.name],
                        "achieved": layer_zeros / layer_total, "shape": list(target.shape)})
-    removed = removed_fractions([t.module for t in targets], count_macs(student, calibration.inputs[:1].to(device))) \
+    removed = removed_fractions([t.module for t in targets], zeros / total,
+                                count_macs(student, calibration.inputs[:1].to(device))) \
         if isinstance(pattern, Channel) else None
     report = {
         "method": config.method,

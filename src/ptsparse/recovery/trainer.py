@@ -240,7 +240,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
         ConfigError: under many ranks, some batch is too small to give each rank a sample.
     """
     ranks = distributed.world()[1]
-    smallest = min(schedule.batch_size, len(calibration) % schedule.batch_size or schedule.batch_size)
+    smallest = len(calibration) % schedule.batch_size or schedule.batch_size  # the last batch, or every one
     if smallest < ranks:
         raise ConfigError(f"batch of {smallest} sample(s) for {ranks} ranks: every rank needs a sample of every "
                           f"batch; use a batch_size and calib_size whose batches hold at least {ranks}")
