@@ -36,6 +36,7 @@ from seeds import (  # noqa: E402
     DEFAULT_MODEL,
     accuracy_by_seed,
     cell_key,
+    dense_by_model,
     format_cell,
     is_default_regime,
     mean_std,
@@ -441,7 +442,7 @@ def regimes_section(reports: list[dict]) -> str:
             "presets' costs ran alone.\n")
     wall = wall_times(reports)
     parts = {cell_key(r): parts_of(r) for r in reports}
-    dense = {regime_of(r)["model"]: 100 * r["dense_accuracy"] for r in reports}
+    dense = dense_by_model(reports)
     text += "\nWhere the seed methods beat `magnitude_kd` by more than two standard deviations of the paired difference:\n\n"
     for method in ("fcpts", "unipts", "iee"):
         wins = []
@@ -482,8 +483,7 @@ RECIPE_RUNS = ("recommended", "magnitude_kd-blocks_rel")
 def recommended_section(reports: list[dict]) -> str:
     """The recommended recipe against issue 16's targets, each computed from the runs that exist (mean over
     seeds); a target with no runs yet says so."""
-    cells, wall = accuracy_by_seed(reports), wall_times(reports)
-    dense = {regime_of(r)["model"]: 100 * r["dense_accuracy"] for r in reports}
+    cells, dense = accuracy_by_seed(reports), dense_by_model(reports)
 
     def recipe(model, calib_size, steps, sparsity):
         for run in RECIPE_RUNS:

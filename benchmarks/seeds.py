@@ -28,6 +28,11 @@ def is_default_regime(report: dict) -> bool:
     return (regime["model"], regime["calib_size"], regime["steps"]) == (DEFAULT_MODEL, DEFAULT_CALIB_SIZE, None)
 
 
+def dense_by_model(reports: list[dict]) -> dict[str, float]:
+    """Each reference model's dense accuracy in points."""
+    return {regime_of(r)["model"]: 100 * r["dense_accuracy"] for r in reports}
+
+
 def cell_key(report: dict) -> tuple:
     regime = regime_of(report)
     return regime["model"], regime["calib_size"], regime["steps"], regime["sparsity"], report["run"]
