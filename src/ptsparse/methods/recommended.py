@@ -13,7 +13,7 @@ What the evidence says (benchmarks/RESULTS.md, "Regimes", 3 seeds, paired differ
 ``magnitude_kd-blocks_rel`` and ``recommended``) beats ``magnitude_kd`` beyond two standard deviations in every
 regime measured with several seeds, on both reference models (+4.10 ± 0.18 and +3.33 ± 0.60 points with 128 images,
 200 steps, 0.95; +1.51 ± 0.23 on the compact model with 1024 images, 200 steps, 0.9; with 1600 steps at 0.9, +1.78 ±
-0.45 on the compact model and +0.61 ± 0.16 on the ResNet-20), where the block loss as FCPTS writes it (summed
+0.45 on the compact model and +0.64 ± 0.19 on the ResNet-20), where the block loss as FCPTS writes it (summed
 squared error) helps the ResNet-20 and hurts the compact model. FCPTS's learned thresholds, UniPTS's search and DST,
 and IEE are left out: none beats ``magnitude_kd`` in these regimes, and on the compact model several fall below it.
 
