@@ -96,6 +96,8 @@ ABLATION_RUNS: dict[str, dict] = {
     "unipts-delta0.2": {"method": "unipts", "unipts_search_delta": 0.2},
     "unipts-rescore": {"method": "unipts", "unipts_search_rescore_top": 3},
     "iee-preview5x": {"method": "iee", "iee_explore_lr_scale": 5.0},
+    # The recommended recipe with its masks tightened gradually (dense start, cubic schedule) instead of at once.
+    "recommended-gradual": {"method": "recommended", "dynamics": "gradual"},
 }
 ABLATION_SPARSITIES = (0.9,)
 # Runs whose sparsity is fixed by their pattern (N:M) run once, at that sparsity.
