@@ -15,7 +15,8 @@ from ptsparse.data import as_calibration
 from ptsparse.errors import CheckpointError
 from ptsparse.masking import attach_masks, mask_of
 from ptsparse.patterns import Unstructured
-from ptsparse.recovery import KDLogits, LayerMSE, Static, TrainSchedule, distill, reconstruct_layers
+from ptsparse.recovery import Gradual, KDLogits, LayerMSE, Static, TrainSchedule, distill, reconstruct_layers
+from ptsparse.recovery.gradual import cubic_fraction
 from ptsparse.recovery.layerwise import correct_bias, correct_weights
 from ptsparse.recovery.thresholds import LearnedThresholds
 from ptsparse.recovery.trainer import CHECKPOINT_NAME, batch_at, parameter_groups, warmup_cosine
@@ -207,3 +208,67 @@ def test_sparsify_with_distillation_and_layerwise_keeps_exact_sparsity(tiny_cnn,
         assert result.report["recovery"]["kind"] in ("distill", "layerwise")
     assert not (tmp_path / CHECKPOINT_NAME).exists()
     assert math.isfinite(result.report["recovery"]["layer_losses"]["fc"])
+
+
+def test_cubic_schedule_starts_at_initial_and_reaches_one_at_the_end():
+    assert cubic_fraction(0, 100, 0.0) == 0.0
+    assert cubic_fraction(0, 100, 0.2) == pytest.approx(0.2)
+    assert cubic_fraction(50, 100, 0.0) == pytest.approx(0.875)
+    assert cubic_fraction(100, 100, 0.0) == cubic_fraction(150, 100, 0.0) == 1.0
+    fractions = [cubic_fraction(step, 100, 0.0) for step in range(101)]
+    assert fractions == sorted(fractions)
+
+
+class Recorder(Gradual):
+    """Gradual pruning that records each layer's pruned count after every step."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.counts: list[dict[str, int]] = []
+
+    def after_step(self, state) -> None:
+        super().after_step(state)
+        self.counts.append({name: int((~mask_of(module)).sum()) for name, module in self.layers})
+
+
+def test_gradual_starts_dense_tightens_monotonically_and_ends_at_the_allocations_counts(tiny_cnn, calib_images):
+    calib = as_calibration(calib_images)
+    schedule = TrainSchedule(iterations=40, batch_size=16, lr=0.05, warmup_iterations=2)
+    student, targets = masked_student(tiny_cnn)
+    final = {t.name: int((~mask_of(t.module)).sum()) for t in targets}
+    one_shot = {t.name: mask_of(t.module).clone() for t in targets}
+    dynamics = Recorder(end=0.5, update_every=5)
+    distill(student, copy.deepcopy(tiny_cnn), targets, calib, schedule, KDLogits(), dynamics)
+    for target in targets:
+        name = target.name
+        history = [counts[name] for counts in dynamics.counts]
+        assert history == sorted(history) and history[0] == 0 < history[4] < final[name]  # tightened every 5 steps
+        assert history[19] == final[name] and history[-1] == final[name]  # final counts from step 20 on
+        assert torch.equal(target.weight == 0, ~mask_of(target.module) | (target.weight == 0))
+    # the masks are chosen along the way, not the pattern's one-shot masks
+    assert any(not torch.equal(mask_of(t.module), one_shot[t.name]) for t in targets)
+    assert 0 < dynamics.summary()["kept_changed"] < 1
+
+
+def test_gradual_never_regrows_a_pruned_weight(tiny_cnn, calib_images):
+    calib = as_calibration(calib_images)
+    student, targets = masked_student(tiny_cnn)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Watch(Gradual):
+        def after_step(self, state) -> None:
+            super().after_step(state)
+            seen.append({name: mask_of(module).clone() for name, module in self.layers})
+
+    distill(student, copy.deepcopy(tiny_cnn), targets, calib, TrainSchedule(iterations=20, batch_size=16), KDLogits(),
+            Watch(end=0.8, update_every=2))
+    for before, after in zip(seen, seen[1:]):
+        assert all(not (after[name] & ~before[name]).any() for name in before)
+
+
+def test_sparsify_with_gradual_dynamics_meets_the_target_exactly(tiny_cnn, calib_images):
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude_kd", dynamics="gradual", sparsity=0.8,
+                               distill_iterations=10, batch_size=16, gradual_update_every=2)
+    config = result.config
+    assert ptsparse.sparsity_of(result.model, config) == pytest.approx(0.8, abs=1e-3)
+    assert result.report["recovery"]["dynamics"] == "gradual"
