@@ -1,5 +1,5 @@
-"""The ``hf`` export (a directory that transformers' ``from_pretrained`` loads): tiny models from configs with
-random weights, nothing downloaded."""
+"""The ``hf`` export (a directory that transformers' ``from_pretrained`` loads) and 2:4 kernels on Hugging Face
+models: tiny models from configs with random weights, nothing downloaded."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import ptsparse
 from ptsparse.cli import main
 from ptsparse.errors import ConfigError, ExportError
 from ptsparse.export import export_model
+from ptsparse.export.semi_structured import as_linear, to_semi_structured, two_four_layers
 from ptsparse.models import resolve_model, zoo
 from ptsparse.targets import find_targets
 
@@ -192,3 +193,49 @@ def test_a_reload_that_differs_is_an_error_and_writes_nothing(bert, monkeypatch,
     with pytest.raises(ExportError, match=message):
         export_model(result.model, "hf", tmp_path / "out")
     assert not list(tmp_path.iterdir())
+
+
+# 2:4 kernels on Hugging Face models -----------------------------------------------------------------------
+
+def test_two_four_kernels_take_the_aligned_linear_layers_of_a_bert(bert_dir):
+    torch.manual_seed(0)
+    model, _ = resolve_model(f"hf:{bert_dir}")
+    result = ptsparse.sparsify(model, tokens(16), method="magnitude", pattern="2:4", progress=False)
+    eligible, skipped = two_four_layers(result.model, 32, 64)  # CUTLASS's minimum sizes for float16
+    # hidden 32, intermediate 64: only the 32x64 output projections of the feed-forward blocks are multiples
+    assert eligible == ["hf.bert.encoder.layer.0.output.dense", "hf.bert.encoder.layer.1.output.dense"]
+    query = "hf.bert.encoder.layer.0.attention.self.query"
+    assert skipped[query] == "shape 32x32 is not a multiple of the kernel's 32x64"
+    assert skipped["hf.classifier"] == "shape 3x32 is not a multiple of the kernel's 32x64"
+    assert set(two_four_layers(result.model, 1, 4)[0]) == {t.name for t in find_targets(model)}
+    assert two_four_layers(model, 1, 4) == ([], {name: "weight is not 2:4 sparse along its inputs"
+                                                 for name in two_four_layers(result.model, 1, 4)[0]})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+def test_two_four_kernels_on_cpu_say_why_in_one_line(bert):
+    result, _ = bert
+    swapped, report = to_semi_structured(result.model, "cpu")
+    assert not report["available"] and report["swapped"] == [] and report["warnings"] == [report["reason"]]
+    assert "CUDA" in report["reason"] and len(report["reason"].splitlines()) == 1
+    ids = tokens(2)
+    assert torch.equal(swapped(ids), result.model(ids))
+
+
+def test_a_gpt2_conv1d_that_is_two_four_along_its_inputs_becomes_a_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=16,
+                                                          n_positions=8, bos_token_id=0, eos_token_id=0))
+    conv = gpt2.h[0].mlp.c_fc  # Conv1D: weight inputs x outputs = 64 x 256
+    with torch.no_grad():  # 2:4 along the inputs: the two smallest of every 4 consecutive inputs per output
+        weight = conv.weight.t().reshape(256, 16, 4)
+        weight.scatter_(2, weight.abs().argsort(2)[..., :2], 0.0)
+        conv.weight.copy_(weight.reshape(256, 64).t())
+    eligible, skipped = two_four_layers(gpt2, 32, 64)
+    assert eligible == ["h.0.mlp.c_fc"] and isinstance(conv, Conv1D)
+    assert skipped["h.0.attn.c_attn"] == "weight is not 2:4 sparse along its inputs"  # ptsparse leaves Conv1D dense
+    linear = as_linear(conv)
+    x = torch.randn(3, 5, 64)
+    assert linear.weight.shape == (256, 64) and torch.allclose(linear(x), conv(x), atol=1e-6)
