@@ -196,7 +196,7 @@ def test_list_axes(capsys):
 def test_list_details_come_from_the_parts(capsys):
     out = run_cli(capsys, "list", "dynamics", "--details")[1]
     assert "iee: " in out and "    --iee-alpha (default 0.1): " in out
-    assert run_cli(capsys, "list", "formats")[1].split() == ["compressed", "channels", "onnx"]
+    assert run_cli(capsys, "list", "formats")[1].split() == ["compressed", "channels", "onnx", "hf"]
 
 
 def test_sparsify_help_groups_the_flags_by_axis(capsys):

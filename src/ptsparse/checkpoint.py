@@ -1,6 +1,6 @@
 """Safe checkpoint files: safetensors only (nothing is unpickled), written atomically.
 
-Every write goes to a temporary file in the destination directory and is renamed into place, so an
+Every write goes to a temporary file (or directory) beside its destination and is renamed into place, so an
 interrupted write never leaves a partial file under the final name.
 
 A checkpoint whose metadata names a ``format`` is read through that format's :class:`Reader` in
@@ -98,29 +98,69 @@ def result_directory(path: str | os.PathLike, force: bool = False):
     """
     path = Path(path)
     check_output_directory(path, force)
+    old = None
+    with _staging_directory(path) as staging:
+        try:
+            yield staging
+            if _holds_other_files(path):
+                for item in staging.iterdir():
+                    os.replace(item, path / item.name)
+            else:
+                if path.exists():
+                    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                    os.replace(path, old / path.name)
+                try:
+                    os.replace(staging, path)
+                except OSError:
+                    if old is not None:
+                        os.replace(old / path.name, path)
+                    raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _staging_directory(path: Path):
+    """Yields a new empty directory beside ``path``, removed after the block unless it was renamed away."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700; the result gets the usual permissions
-    old = None
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700; what it becomes gets the usual permissions
     try:
         yield staging
-        if _holds_other_files(path):
-            for item in staging.iterdir():
-                os.replace(item, path / item.name)
-        else:
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                os.replace(path, old / path.name)
-            try:
-                os.replace(staging, path)
-            except OSError:
-                if old is not None:
-                    os.replace(old / path.name, path)
-                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_new_directory(path: str | os.PathLike) -> None:
+    """Checks that ``path`` does not exist or is an empty directory (what :func:`atomic_directory` writes to).
+
+    Raises:
+        ConfigError: ``path`` is a file, or a directory holding files.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output {str(path)!r} is an existing file; give a new or empty directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"output directory {str(path)!r} already holds files; give a new or empty directory")
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Yields an empty staging directory beside ``path``; renames it onto ``path`` only if the block succeeds, so
+    an interrupted write leaves nothing under the final name.
+
+    Raises:
+        ConfigError: ``path`` is a file or a directory holding files (:func:`check_new_directory`), before the block.
+    """
+    path = Path(path)
+    check_new_directory(path)
+    with _staging_directory(path) as staging:
+        yield staging
+        try:
+            os.replace(staging, path)  # onto an empty directory too
+        except OSError as error:  # files appeared there meanwhile
+            raise ConfigError(f"cannot write the directory {str(path)!r}: {error.strerror}") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -476,11 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_train_reference)
 
-    p = sub.add_parser("export", help="compressed checkpoint, channel-removed model, or ONNX of a sparse model")
+    p = sub.add_parser("export", help="compressed checkpoint, channel-removed model, ONNX, or Hugging Face directory "
+                                      "of a sparse model")
     p.add_argument("model", help="a reference model, or a checkpoint / output directory written by ptsparse")
     p.add_argument("--format", required=True,
                    help="; ".join(f"{name}: {FORMATS.get(name).description}" for name in FORMATS.names()))
-    p.add_argument("--out", required=True, help="file to write (.safetensors, or .onnx)")
+    p.add_argument("--out", required=True, help="file to write (.safetensors, or .onnx); hf: a new or empty directory")
     p.add_argument("--dtype", default=None,
                    help="compressed: storage dtype of the values: keep (default, bit-exact), float16, bfloat16")
     p.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",

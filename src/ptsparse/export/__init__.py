@@ -8,6 +8,8 @@ format             what it gives                                                
 ``channels``       dead channels physically removed: a smaller, faster dense model               ``torch-pruning``
 ``onnx``           ONNX file with the zeros baked in, checked against PyTorch with onnxruntime    ``onnx``, ``onnxscript``,
                                                                                                    ``onnxruntime``
+``hf``             a Hugging Face model's directory (config, safetensors with the zeros, its       ``transformers``
+                   tokenizer) that ``from_pretrained`` loads, checked by reloading it
 =================  ===========================================================================  ==========================
 
 Each format is one module that registers its writer, its checkpoint reader and what ``ptsparse export`` prints
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from .._extras import MissingExtraError, require
-from ..checkpoint import save_state
+from ..checkpoint import check_new_directory, save_model
 from ..errors import CheckpointError, ConfigError
 from ..models import REFERENCE_MODELS, load_checkpoint, load_reference, zoo
 from .base import FORMATS, ExportFormat
@@ -37,6 +39,7 @@ from .base import FORMATS, ExportFormat
 from . import compressed  # noqa: F401
 from . import channels  # noqa: F401
 from . import onnx  # noqa: F401
+from . import hf  # noqa: F401
 # isort: on
 
 # One sample's shape for the registered architectures (channel removal and ONNX trace an example input).
@@ -77,7 +80,7 @@ def dense_checkpoint_bytes(model: nn.Module) -> int:
     """Size of the model's ordinary (dense) safetensors checkpoint, as ``ptsparse.save`` writes it."""
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "dense.safetensors"
-        save_state(model.state_dict(), path)
+        save_model(model, path)  # tensors shared by tied weights are stored once per name
         return path.stat().st_size
 
 
@@ -87,15 +90,15 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, meta
 
     Args:
         model: a ptsparse result model (masks baked in); never modified.
-        format: a name in :data:`FORMATS`: ``compressed``, ``channels`` or ``onnx``.
-        path: the file to write.
+        format: a name in :data:`FORMATS`: ``compressed``, ``channels``, ``onnx`` or ``hf``.
+        path: the file to write (``hf``: a new or empty directory).
         metadata: checkpoint metadata to keep (``architecture`` lets ``ptsparse.load`` rebuild the model).
         input_shape: one sample's shape; needed by ``channels`` and ``onnx`` unless the architecture is known.
         value_dtype: formats that take one (``compressed``): ``keep`` (bit-exact), ``float16`` or ``bfloat16``.
 
     Returns:
-        The export's report (sizes, parameters, MACs, checks), with ``bytes`` of the written file and
-        ``dense_bytes`` of the dense checkpoint.
+        The export's report (sizes, parameters, MACs, checks), with ``bytes`` of the written file (of a
+        directory's files) and, for a file, ``dense_bytes`` of the dense checkpoint.
 
     Raises:
         UnknownOptionError: unknown format.
@@ -103,7 +106,9 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, meta
         ExportError: the model cannot be exported in that format.
     """
     exporter = check_format(format)
-    if Path(path).is_dir():
+    if exporter.directory:
+        check_new_directory(path)
+    elif Path(path).is_dir():
         raise ConfigError(f"export output {str(path)!r} is a directory; give the file to write, e.g. "
                           f"model{exporter.suffix}")
     if value_dtype not in (None, "keep") and not exporter.value_dtype:
@@ -112,6 +117,9 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, *, meta
     metadata = {k: v for k, v in (metadata or {}).items() if k not in ("format", "version", "value_dtype", "modules")}
     example = example_inputs(input_shape_for(metadata.get("architecture"), input_shape)) if exporter.traced else None
     report = exporter.write(model, path, metadata, example=example, value_dtype=value_dtype)
+    if exporter.directory:  # a dense checkpoint itself: no size to compare
+        report["bytes"] = sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
+        return report
     report["bytes"] = Path(path).stat().st_size
     report["dense_bytes"] = dense_checkpoint_bytes(model)
     report["size_ratio"] = report["dense_bytes"] / report["bytes"]

@@ -1,9 +1,9 @@
 """The export format axis: each format declares how it is written, read back and reported.
 
-Contract: a format's ``write`` writes one file atomically and returns its report; its ``reader`` (where
-ptsparse reads the file back) is registered with the checkpoint readers (:data:`ptsparse.checkpoint.READERS`),
-so ``ptsparse.load`` and ``--model PATH`` read it; its ``warnings`` and ``summary`` are what ``ptsparse export``
-prints after writing.
+Contract: a format's ``write`` writes one file (a ``directory`` format: one directory) atomically and returns
+its report; its ``reader`` (where ptsparse reads the file back) is registered with the checkpoint readers
+(:data:`ptsparse.checkpoint.READERS`), so ``ptsparse.load`` and ``--model PATH`` read it; its ``warnings`` and
+``summary`` are what ``ptsparse export`` prints after writing.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class ExportFormat:
         traced: the writer runs the model on example inputs, so one sample's input shape must be known.
         value_dtype: the writer takes a storage dtype for the values.
         suffix: the usual file suffix, for hints.
+        directory: the writer writes a directory (new or empty before), not a file.
         warnings: ``warnings(model, metadata)``: what ``ptsparse export`` warns about after writing.
         summary: ``summary(report, path)``: the line ``ptsparse export`` ends with.
     """
@@ -104,6 +105,7 @@ class ExportFormat:
     traced: bool = False
     value_dtype: bool = False
     suffix: str = ".safetensors"
+    directory: bool = False
     warnings: Callable[[nn.Module, dict[str, Any]], list[str]] = no_speedup_warnings
     summary: Callable[[dict[str, Any], str | os.PathLike], str] = size_summary
 
