@@ -177,9 +177,16 @@ class HFCausalLM(HFLogits):
 
     No attention mask: its inputs are windows of packed text (:class:`~ptsparse.data.PackedText`), which hold no
     padding (a pad token that is also the end-of-text token must stay visible). No key-value cache is kept.
+
+    Raises:
+        ModelError: a sequence is longer than the model's positions (``max_position_embeddings``).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = getattr(self.hf.config, "max_position_embeddings", None)
+        if positions is not None and x.shape[-1] > positions:
+            raise ModelError(f"sequences of {x.shape[-1]} tokens are longer than the model's {positions} positions "
+                             f"(max_position_embeddings); use a --seq-len of at most {positions}")
         return self.hf(input_ids=x, use_cache=False).logits
 
 
