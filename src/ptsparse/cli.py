@@ -77,7 +77,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 # What a run's --config file may give besides the config: the run's inputs, which the command line overrides.
-INPUT_KEYS = ("model", "weights", "data", "data_dir", "image_size", "resize", "seq_len", "out")
+INPUT_KEYS = ("model", "weights", "data", "eval_data", "data_dir", "image_size", "resize", "seq_len", "out")
 
 
 def _config_from_args(args: argparse.Namespace) -> SparsityConfig:
@@ -105,7 +105,8 @@ def _config_from_args(args: argparse.Namespace) -> SparsityConfig:
 def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="fashion-mnist",
                         help="fashion-mnist, an image folder (class sub-folders, or images without labels; train/ "
-                             "and val/ if present), or text:FILE (one sample per line, for hf: text models)")
+                             "and val/ if present), or text:FILE for hf: text models (a causal LM reads the whole "
+                             "file as one token stream cut into --seq-len windows; a classifier one sample per line)")
     parser.add_argument("--data-dir", default=None,
                         help="directory of the Fashion-MNIST IDX files (default: $PTSPARSE_FASHION_MNIST_DIR "
                              "or /usr/share/datasets/fashion-mnist)")
@@ -115,7 +116,9 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", type=int, default=None,
                         help="shorter side before the centre crop, for torchvision:, timm: and hf: models (default: "
                              "the model's own, e.g. 232 for torchvision's V2 weights; 256 fits its V1 weights)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per text:FILE sample (default 128)")
+    parser.add_argument("--seq-len", type=int, default=128,
+                        help="tokens per text:FILE sample: a window of a causal LM's packed text (also its perplexity "
+                             "window), a line of a classifier's (default 128)")
 
 
 def _model_flags(parser: argparse.ArgumentParser, default: str = "reference") -> None:
@@ -129,15 +132,18 @@ def _model_flags(parser: argparse.ArgumentParser, default: str = "reference") ->
                              "(read with weights_only=True)")
 
 
-def _sources(args: argparse.Namespace, model, architecture: str | None, splits: tuple[str, ...]) -> list:
-    """The data of ``--data`` for each split, preprocessed as the model expects."""
+def _sources(args: argparse.Namespace, model, architecture: str | None, splits: tuple[str, ...],
+             data: str | None = None) -> list:
+    """The data of ``data`` (default ``--data``) for each split, preprocessed as the model expects: text is
+    packed for a causal language model, one sample per line for a classifier."""
     from .data import load_source
     from .models import zoo
 
-    data = str(args.data)
+    data = str(args.data if data is None else data)
     options: dict[str, Any] = {"root": args.data_dir}
     if data.startswith("text:"):
-        options.update(tokenizer=zoo.load_tokenizer(architecture or str(args.model)), seq_len=args.seq_len)
+        options.update(tokenizer=zoo.load_tokenizer(architecture or str(args.model)), seq_len=args.seq_len,
+                       packed=zoo.is_causal_lm(model))
     elif data != "fashion-mnist" and architecture and zoo.is_spec(architecture):
         options["transform"] = zoo.image_transform(architecture, model, args.image_size, args.resize)
     elif args.image_size:
@@ -152,10 +158,35 @@ def _resume_dir(args: argparse.Namespace) -> Path | None:
     return Path(args.out) / RESUME_DIR if getattr(args, "out", None) else None
 
 
+def _held_out(args: argparse.Namespace, model, architecture: str | None, source) -> tuple[Any, str | None]:
+    """The data ``sparsify`` measures the dense and sparse models on, and what the report calls it: ``--eval-data``;
+    else, for a classifier, the test split of ``--data`` when it has labels; ``(None, None)`` for none."""
+    from .data import has_labels
+    from .errors import DataError
+    from .models import zoo
+
+    if args.no_eval:
+        return None, None
+    if args.eval_data:
+        data, = _sources(args, model, architecture, ("test",), args.eval_data)
+        if not zoo.is_causal_lm(model) and not has_labels(data):
+            raise DataError(f"--eval-data {str(args.eval_data)!r} carries no labels (no class folders); accuracy "
+                            "needs them")
+        return data, str(args.eval_data)
+    if zoo.is_causal_lm(model):
+        _warn("no --eval-data: perplexity is not measured (the calibration text is not held out); give held-out "
+              "text with --eval-data text:FILE")
+        return None, None
+    if not has_labels(source):  # images without class folders and text carry no labels
+        return None, None
+    data, = _sources(args, model, architecture, ("test",))
+    return (data, "test split") if has_labels(data) else (None, None)
+
+
 def cmd_sparsify(args: argparse.Namespace) -> int:
     from .checkpoint import check_output_directory
-    from .data import has_labels, sample_calibration
-    from .models import resolve_model
+    from .data import sample_calibration
+    from .models import resolve_model, zoo
     from .recovery.trainer import checkpoint_step
     from .report import format_table, more_time_hint
     from .sparsify import sparsify
@@ -175,14 +206,13 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     model, architecture = resolve_model(args.model, args.weights)
     source, = _sources(args, model, architecture, ("train",))
     calibration = sample_calibration(source, config.calib_size, config.seed, config.calib_balanced)
-    eval_data = None
-    if not args.no_eval and has_labels(source):  # images without class folders and text carry no labels
-        eval_data, = _sources(args, model, architecture, ("test",))
-        eval_data = eval_data if has_labels(eval_data) else None
+    eval_data, evaluation = _held_out(args, model, architecture, source)
     result = sparsify(model, calibration, config, eval_data=eval_data, architecture=architecture,
                       checkpoint_dir=resume_dir, resume=args.resume)
-    result.report["data"] = {"source": str(args.data), "calibration": f"train split, {len(calibration)} samples",
-                             "evaluation": "test split" if eval_data is not None else None}
+    samples = f"{len(calibration)} windows of {args.seq_len} tokens" if zoo.is_causal_lm(model) else \
+        f"{len(calibration)} samples"
+    result.report["data"] = {"source": str(args.data), "calibration": f"train split, {samples}",
+                             "evaluation": evaluation}
     if not distributed.is_main():
         return 0
     print(format_table(result.report))
@@ -222,6 +252,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         model, metadata = load_model(args.model)
         architecture = metadata.get("architecture")
+    if zoo.is_causal_lm(model):
+        return _eval_perplexity(args, model, architecture)
     data, = _sources(args, model, architecture, (args.split,))
     if not has_labels(data):
         raise DataError(f"data {str(args.data)!r} carries no labels (no class folders); accuracy needs them")
@@ -231,6 +263,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2))
     print(f"ptsparse: accuracy {100 * result['accuracy']:.2f}% on the {args.split} split of {args.data}; "
           f"{100 * result['sparsity']:.2f}% of the weights are zeros", file=sys.stderr)  # stdout stays JSON
+    return 0
+
+
+def _eval_perplexity(args: argparse.Namespace, model, architecture: str | None) -> int:
+    """``ptsparse eval`` of a causal language model: its perplexity on the text of ``--data``."""
+    from .errors import DataError
+    from .evaluate import default_stride, perplexity
+    from .sparsify import sparsity_of
+
+    if not str(args.data).startswith("text:"):
+        raise DataError(f"data {str(args.data)!r}: a causal language model is evaluated by perplexity on text; give "
+                        "--data text:FILE (held-out text)")
+    data, = _sources(args, model, architecture, (args.split,))
+    stride = default_stride(args.seq_len) if args.stride is None else args.stride
+    result = {"model": str(args.model), "data": str(args.data),
+              "perplexity": perplexity(model, data.tokens, args.seq_len, stride, device=args.device,
+                                       show_progress=not args.quiet),
+              "max_length": args.seq_len, "stride": stride, "scored_tokens": len(data.tokens) - 1,
+              "sparsity": sparsity_of(model)}
+    print(json.dumps(result, indent=2))
+    print(f"ptsparse: perplexity {result['perplexity']:.2f} on {args.data} ({result['scored_tokens']} tokens scored "
+          f"in windows of {args.seq_len}, stride {stride}); {100 * result['sparsity']:.2f}% of the weights are "
+          "zeros", file=sys.stderr)  # stdout stays JSON
     return 0
 
 
@@ -438,7 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p)
     p.add_argument("--config", default=None, help="YAML or JSON file with the same keys as the flags")
     p.add_argument("--out", default=None, help="directory for model.safetensors, config.yaml and report.json")
-    p.add_argument("--no-eval", action="store_true", help="skip dense and sparse accuracy on the test split")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out data for the dense and sparse metric: text:FILE for a causal LM (perplexity; "
+                        "without it none is measured), or data as --data for a classifier (default: the test split "
+                        "of --data, when it has labels)")
+    p.add_argument("--no-eval", action="store_true", help="skip the dense and sparse accuracy (perplexity)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint in OUT/.resume (same settings)")
     p.add_argument("--force", action="store_true",
@@ -448,10 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(handler=cmd_sparsify, parser=p)
 
-    p = sub.add_parser("eval", help="accuracy and sparsity of a model")
+    p = sub.add_parser("eval", help="accuracy (perplexity for a causal LM) and sparsity of a model")
     _model_flags(p)
     _data_flags(p)
     p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--stride", type=int, default=None,
+                   help="causal LMs: tokens between the starts of perplexity windows of --seq-len tokens, in "
+                        "[1, seq-len - 1] (default: half a window)")
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_eval)

@@ -37,9 +37,6 @@ def format_table(report: dict[str, Any]) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
 
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.2f}%"
-
     lines += [
         "",
         f"method {report['method']}  pattern {report['pattern']}  allocation {report['allocation']}  "
@@ -48,8 +45,7 @@ def format_table(report: dict[str, Any]) -> str:
         *_removed_lines(report.get("removed")),
         *_learned_allocation_lines(report.get("recovery", {})),
         *_search_lines(report.get("allocation_search")),
-        f"accuracy: dense {pct(report.get('dense_accuracy'))}  sparse {pct(report.get('sparse_accuracy'))}"
-        + _one_shot(report),
+        _metric_line(report),
         f"time {report['wall_time_s']:.1f} s  peak RSS {report['peak_rss_mb']:.0f} MiB  seed {report['seed']}  "
         f"calibration {report['calib_size']} samples (hash {report['calib_hash']})",
     ]
@@ -63,12 +59,22 @@ def _removed_lines(removed: dict[str, float] | None) -> list[str]:
             f"weights, {100 * removed['macs']:.2f}% of the MACs (those of the zeroed weights)"]
 
 
-def _one_shot(report: dict[str, Any]) -> str:
-    """How much recovery added to the same masks without it (one-shot)."""
-    before, after = report.get("one_shot_accuracy"), report.get("sparse_accuracy")
-    if before is None or after is None:
-        return ""
-    return f"  (the same masks before recovery {100 * before:.2f}%: recovery added {100 * (after - before):+.2f} points)"
+def _metric_line(report: dict[str, Any]) -> str:
+    """Dense and sparse accuracy (perplexity for a causal language model), and what recovery changed."""
+    if report.get("metric") == "perplexity":
+        dense, sparse, before = (report.get(f"{kind}_perplexity") for kind in ("dense", "sparse", "one_shot"))
+        shown = ["n/a" if value is None else f"{value:.2f}" for value in (dense, sparse)]
+        evaluation = report.get("evaluation") or {}
+        where = (f" ({evaluation['scored_tokens']} held-out tokens, windows of {evaluation['max_length']}, stride "
+                 f"{evaluation['stride']})" if evaluation else " (no held-out text: --eval-data text:FILE)")
+        change = "" if before is None or sparse is None else \
+            f"  (the same masks before recovery {before:.2f}: recovery changed it by {sparse - before:+.2f})"
+        return f"perplexity: dense {shown[0]}  sparse {shown[1]}{where}{change}"
+    dense, sparse, before = (report.get(f"{kind}_accuracy") for kind in ("dense", "sparse", "one_shot"))
+    shown = ["n/a" if value is None else f"{100 * value:.2f}%" for value in (dense, sparse)]
+    change = "" if before is None or sparse is None else \
+        f"  (the same masks before recovery {100 * before:.2f}%: recovery added {100 * (sparse - before):+.2f} points)"
+    return f"accuracy: dense {shown[0]}  sparse {shown[1]}{change}"
 
 
 def more_time_hint(report: dict[str, Any]) -> str | None:

@@ -28,11 +28,12 @@ from .config import SparsityConfig, resolve_config, stage_config
 from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError, IncompatibleOptionsError
-from .evaluate import accuracy
+from .evaluate import measure, metric_of, protocol
 from .graph.cost import count_macs, speedup_warnings
 from .graph.outputs import feeding_the_output, record_output_nodes, traceable_input
 from .masking import bake, masks_of
 from .models import architecture_of
+from .models.zoo import is_causal_lm
 from .patterns import NM, Channel, Pattern, parse_pattern
 from .recovery import DYNAMICS, RECOVERIES, recalibrate_batchnorm
 from .recovery.trainer import CHECKPOINT_NAME, Stopwatch
@@ -219,7 +220,10 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
             Dataset, a tensor of inputs, or a :class:`~ptsparse.data.Calibration`. Labels are optional.
         config: a :class:`SparsityConfig`, a mapping of its keys, or a YAML/JSON file; ``None`` uses
             the method's preset.
-        eval_data: a labelled Dataset; when given, the report holds dense and sparse accuracy on it.
+        eval_data: held-out data; when given, the report holds the dense and sparse models' metric on it:
+            accuracy on a labelled Dataset, perplexity on a :class:`~ptsparse.data.PackedText` (a causal
+            language model's held-out text, scored by :func:`~ptsparse.evaluate.perplexity` in windows of its
+            ``seq_len`` tokens).
         architecture: name of a registered architecture or a model spec, recorded so :func:`ptsparse.load` can
             rebuild the model; by default the architecture a model from ``ptsparse.models`` was built as.
         checkpoint_dir: where distillation writes a resumable checkpoint every ``checkpoint_every``
@@ -260,12 +264,15 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         pattern = Channel(heads=heads_by_layer(find_attention(student, [t.name for t in targets])),
                           multiple=config.settings_of(Channel).multiple)
 
+    # accuracy for classifiers, perplexity for causal language models
+    metric = metric_of(eval_data) if eval_data is not None else "perplexity" if is_causal_lm(model) else "accuracy"
+
     def evaluate(network: nn.Module) -> float | None:
         if eval_data is None:
             return None
-        return accuracy(network, eval_data, device=str(device), show_progress=config.progress)
+        return measure(network, eval_data, device, show_progress=config.progress)
 
-    dense_accuracy = evaluate(student)
+    dense_metric = evaluate(student)
     recovery = RECOVERIES.get(config.recovery).from_config(config)
     teacher = copy.deepcopy(student).eval() if recovery.needs_teacher else None
     criterion = CRITERIA.get(config.criterion).from_config(config)
@@ -285,7 +292,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
                 config.progress, scores=scores, offload=config.offload)
 
     # What the masks are worth before recovery (one-shot, BatchNorm re-estimated), to say what recovery bought.
-    one_shot_accuracy = evaluate(_recalibrated_copy(student, calibration, config, device)) \
+    one_shot_metric = evaluate(_recalibrated_copy(student, calibration, config, device)) \
         if recovery.needs_teacher and eval_data is not None else None
     recovery_report = recovery.run(student, teacher, targets, calibration, budgets, target_sparsity, device,
                                    checkpoint_dir, resume, stopwatch)
@@ -301,7 +308,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     for warning in warnings:
         log.warning(warning)
 
-    sparse_accuracy = evaluate(student)
+    sparse_metric = evaluate(student)
     zeros, total = count_zeros(targets)
     layers = []
     for target in targets:
@@ -319,9 +326,11 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "target_sparsity": target_sparsity,
         "achieved_sparsity": zeros / total,
         "counted_params": total,
-        "dense_accuracy": dense_accuracy,
-        "sparse_accuracy": sparse_accuracy,
-        "one_shot_accuracy": one_shot_accuracy,
+        "metric": metric,
+        **{f"{kind}_{name}": value if name == metric else None
+           for name in ("accuracy", "perplexity")
+           for kind, value in (("dense", dense_metric), ("sparse", sparse_metric), ("one_shot", one_shot_metric))},
+        "evaluation": protocol(eval_data) if eval_data is not None else None,
         "removed": removed,
         "layers": layers,
         "wall_time_s": round(stopwatch.elapsed(), 3),

@@ -144,6 +144,39 @@ def test_extra_block_inputs_follow_each_batch():
     assert inputs.position == 2 and inputs.module is model.layers[2]
 
 
+class RotaryBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, position_embeddings):
+        cos, sin = position_embeddings
+        return self.fc2(torch.relu(self.fc1(x * cos + x.flip(-1) * sin)))
+
+
+class WithNestedExtras(nn.Module):
+    """Blocks whose extra input is a tuple of tensors computed once per batch (Llama's rotary embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(RotaryBlock() for _ in range(3))
+
+    def forward(self, x):
+        rotary = (x.cos(), x.sin())
+        for layer in self.layers:
+            x = layer(x, position_embeddings=rotary)
+        return x
+
+
+def test_tensors_nested_in_extra_block_inputs_follow_each_batch():
+    torch.manual_seed(0)
+    model = WithNestedExtras().eval()
+    x = randn(30, 4)
+    chains = find_chains(model, find_targets(model), as_calibration(x), batch_size=8)
+    assert [c.names for c in chains] == [["layers.0", "layers.1", "layers.2"]]
+    assert_same(pruned(model, x, "sparsegpt"), pruned(model, x, "sparsegpt", cache_block_inputs=False))
+
+
 def test_a_model_without_blocks_keeps_full_passes():
     model = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
     x = randn(20, 5)

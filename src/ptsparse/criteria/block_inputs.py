@@ -64,12 +64,30 @@ def _first_output(output: Any) -> torch.Tensor | None:
 
 @dataclass(frozen=True)
 class Slot:
-    """An input of a chain's first block: an int for a positional argument, a str for a keyword."""
+    """A tensor input of a chain's first block, by its path: an int for a positional argument or a str for a
+    keyword, then the indices into the tuples, lists and dicts holding it (Llama's decoder layers take their
+    rotary embeddings as a tuple ``position_embeddings=(cos, sin)``)."""
 
-    key: int | str
+    path: tuple
 
     def of(self, args: tuple, kwargs: dict[str, Any]) -> Any:
-        return args[self.key] if isinstance(self.key, int) else kwargs[self.key]
+        key, *inner = self.path
+        value = args[key] if isinstance(key, int) else kwargs[key]
+        for index in inner:
+            value = value[index]
+        return value
+
+
+def _tensor_paths(value: Any, path: tuple) -> Iterator[tuple[tuple, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor in ``value`` and the tuples, lists and dicts inside it."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, (tuple, list)):
+        for index, item in enumerate(value):
+            yield from _tensor_paths(item, (*path, index))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensor_paths(item, (*path, key))
 
 
 def _mapped(value: Any, leaf: type, change: Callable[[Any], Any]) -> Any:
@@ -130,8 +148,8 @@ def find_chains(model: nn.Module, targets: Sequence[Target], calibration: Calibr
             except KeyError:  # an input the chain's first block did not receive
                 others = None
         if others is None:  # this block starts a new chain
-            slots = {id(value): Slot(key) for key, value in [*enumerate(args), *kwargs.items()]
-                     if isinstance(value, torch.Tensor)}
+            slots = {id(tensor): Slot(path) for key, value in [*enumerate(args), *kwargs.items()]
+                     for path, tensor in _tensor_paths(value, (key,))}
             chains.append(Chain([], [], []))
             others = as_slots(args, kwargs)
         chains[-1].names.append(names[index])

@@ -13,18 +13,18 @@ from .calibration import Calibration, as_calibration, digest, sample_calibration
 from .fashion_mnist import MEAN, STD, FashionMNIST
 from .image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, ImageTransform
 from .tensors import TensorSource
-from .text import TextLines
+from .text import PackedText, TextLines
 
 TEXT_PREFIX = "text:"
 
 
 def load_source(name: str | os.PathLike, split: str = "train", root: str | os.PathLike | None = None,
                 image_size: int = 28, channels: int = 1, transform: Callable | None = None,
-                tokenizer: Callable | None = None, seq_len: int = 128) -> Dataset:
+                tokenizer: Callable | None = None, seq_len: int = 128, packed: bool = False) -> Dataset:
     """Resolves ``--data``: ``"fashion-mnist"``, ``"text:FILE"`` or the path of an image folder.
 
     Args:
-        name: ``"fashion-mnist"``, ``"text:FILE"`` (one sample per line, for transformers) or a directory
+        name: ``"fashion-mnist"``, ``"text:FILE"`` (for transformers: see ``packed``) or a directory
             of class folders (or a flat directory of images, read without labels).
         split: ``"train"`` or ``"test"`` for Fashion-MNIST; an image folder may hold ``train/`` and
             ``val/`` (or ``test/``) sub-folders, else the folder itself is used for both. A text file is
@@ -38,6 +38,9 @@ def load_source(name: str | os.PathLike, split: str = "train", root: str | os.Pa
             :func:`ptsparse.models.zoo.image_transform`); replaces ``image_size`` and ``channels``.
         tokenizer: the tokenizer of ``text:`` data (:func:`ptsparse.models.zoo.load_tokenizer`).
         seq_len: tokens per ``text:`` sample.
+        packed: read ``text:`` data as :class:`PackedText` (the whole file one token stream cut into windows of
+            ``seq_len`` tokens: for causal language models) instead of :class:`TextLines` (one padded sample
+            per line: for sequence classifiers).
 
     Raises:
         DataError: the name is neither known nor an existing directory or text file, or text data comes
@@ -49,7 +52,8 @@ def load_source(name: str | os.PathLike, split: str = "train", root: str | os.Pa
         if tokenizer is None:
             raise DataError(f"{str(name)!r}: text data needs a tokenizer; use a Hugging Face model whose "
                             "directory holds one (--model hf:DIR)")
-        return TextLines(str(name)[len(TEXT_PREFIX):], tokenizer, seq_len)
+        text = PackedText if packed else TextLines
+        return text(str(name)[len(TEXT_PREFIX):], tokenizer, seq_len)
     path = Path(name)
     if not path.is_dir():
         raise DataError(f"unknown data {str(name)!r}; give 'fashion-mnist', 'text:FILE' or an existing image folder")
@@ -71,5 +75,5 @@ def has_labels(source: Dataset) -> bool:
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Calibration", "FashionMNIST", "ImageFolder", "ImageTransform",
-           "TensorSource", "TextLines", "as_calibration", "digest", "has_labels", "load_source",
+           "PackedText", "TensorSource", "TextLines", "as_calibration", "digest", "has_labels", "load_source",
            "sample_calibration", "sample_indices"]

@@ -1,4 +1,9 @@
-"""Text calibration for transformers: one sample per line, tokenised into fixed-length token-id rows."""
+"""Text data for transformers: one padded sample per line (classifiers), or packed token windows (causal LMs).
+
+``text:FILE`` (:func:`ptsparse.data.load_source`) reads the file one way or the other by the model's kind: a causal
+language model gets :class:`PackedText` (the whole file one token stream, cut into windows of ``seq_len`` tokens,
+the calibration of SparseGPT and Wanda, and what perplexity scores), a sequence classifier :class:`TextLines`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,18 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+
+
+def _read(path: Path, seq_len: int) -> str:
+    """The text of ``path``, after checking that it exists and that ``seq_len`` is allowed."""
+    if not path.is_file():
+        raise DataError(f"text file {path} does not exist")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
+        raise DataError(f"sequence length must be an integer >= 2, got {seq_len}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read text file {path}: {error}") from None
 
 
 class TextLines(Dataset):
@@ -31,14 +48,7 @@ class TextLines(Dataset):
 
     def __init__(self, path: str | os.PathLike, tokenizer: Callable, seq_len: int = 128) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"text file {self.path} does not exist")
-        if not isinstance(seq_len, int) or seq_len < 2:
-            raise DataError(f"sequence length must be an integer >= 2, got {seq_len}")
-        try:
-            lines = [line.strip() for line in self.path.read_text(encoding="utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as error:
-            raise DataError(f"cannot read text file {self.path}: {error}") from None
+        lines = [line.strip() for line in _read(self.path, seq_len).splitlines()]
         self.lines = [line for line in lines if line]
         if not self.lines:
             raise DataError(f"text file {self.path} has no non-blank line; give one sample per line")
@@ -54,6 +64,44 @@ class TextLines(Dataset):
         return self.ids[index], -1
 
 
+class PackedText(Dataset):
+    """A UTF-8 text file as one token stream, cut into non-overlapping windows of ``seq_len`` tokens.
+
+    The whole file is tokenised at once, with the tokenizer's own special tokens (Llama's begin-of-text token
+    at the start, none for GPT-2); window ``i`` holds tokens ``[i * seq_len, (i + 1) * seq_len)`` and the tail
+    shorter than a window is left out. Items are ``(window, -1)``: the windows carry no padding and no labels, and
+    :func:`~ptsparse.data.sample_calibration` draws them by seed as it draws images. ``tokens`` holds the whole
+    stream, which :func:`ptsparse.evaluate.perplexity` scores.
+
+    Args:
+        path: the text file.
+        tokenizer: a Hugging Face tokenizer, or any callable taking the text and returning its token ids.
+        seq_len: tokens per window.
+
+    Raises:
+        DataError: the file is missing or unreadable, ``seq_len`` < 2, or the text holds fewer tokens than one
+            window.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Callable, seq_len: int = 128) -> None:
+        self.path = Path(path)
+        self.tokens = tokenize_stream(tokenizer, _read(self.path, seq_len))
+        windows = len(self.tokens) // seq_len
+        if windows == 0:
+            raise DataError(f"text file {self.path} holds {len(self.tokens)} tokens, fewer than one window of "
+                            f"--seq-len {seq_len}; give more text or a seq_len of at most {len(self.tokens)}")
+        self.seq_len = seq_len
+        self.windows = self.tokens[: windows * seq_len].view(windows, seq_len)
+        self.labels = torch.full((windows,), -1, dtype=torch.long)
+        self.labelled = False
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.windows[index], -1
+
+
 def tokenize(tokenizer: Callable, lines: list[str], seq_len: int) -> torch.Tensor:
     """Token ids ``(len(lines), seq_len)`` of ``lines``: truncated and padded to ``seq_len``."""
     if not hasattr(tokenizer, "pad_token_id"):  # a plain callable
@@ -67,4 +115,16 @@ def tokenize(tokenizer: Callable, lines: list[str], seq_len: int) -> torch.Tenso
         ids = encoded["input_ids"].long()
     if ids.shape != (len(lines), seq_len):
         raise DataError(f"the tokenizer gave token ids of shape {tuple(ids.shape)}, expected {(len(lines), seq_len)}")
+    return ids
+
+
+def tokenize_stream(tokenizer: Callable, text: str) -> torch.Tensor:
+    """The token ids of ``text`` as one int64 stream ``(tokens,)``."""
+    if hasattr(tokenizer, "pad_token_id"):  # a Hugging Face tokenizer; verbose=False: no warning for long text
+        ids = torch.as_tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+    else:
+        ids = torch.as_tensor(tokenizer(text), dtype=torch.long)
+    if ids.dim() != 1:
+        raise DataError(f"the tokenizer gave token ids of shape {tuple(ids.shape)} for the text, expected one "
+                        "stream (tokens,)")
     return ids

@@ -48,9 +48,10 @@ OBJECTIVES: Registry[type] = Registry("objective")
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``KL(softmax(t / T) || softmax(s / T)) * T^2``, summed over classes and averaged over the batch."""
-    log_student = F.log_softmax(student_logits / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    """``KL(softmax(t / T) || softmax(s / T)) * T^2``, summed over classes (the last dimension) and averaged over
+    the rest: the batch, and for a language model's ``(batch, seq, vocab)`` logits every token position too."""
+    log_student = F.log_softmax(student_logits.flatten(0, -2) / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.flatten(0, -2) / temperature, dim=-1)
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 

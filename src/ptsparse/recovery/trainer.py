@@ -94,8 +94,9 @@ class DistillSettings(Options, part="distill"):
                                            kind=int)
     teacher_bn: str = option("eval", "dense teacher's BatchNorm mode: eval, or train as FCPTS's and UniPTS's code",
                              choices=TEACHER_BN)
-    augment: str = option("none", "calibration augmentation: none, flip (horizontal), crop (random crop of the "
-                          "zero-padded input, padding 1/8 of its side) or flip_crop", choices=AUGMENTATIONS)
+    augment: str = option("none", "calibration augmentation of images: none, flip (horizontal), crop (random crop "
+                          "of the zero-padded input, padding 1/8 of its side) or flip_crop; token ids (text) are "
+                          "never changed", choices=AUGMENTATIONS)
     precision: str = option("fp32", "arithmetic: fp32, or bf16 (autocast mixed precision: less memory, faster on "
                             "recent GPUs)", choices=PRECISIONS)
     grad_checkpointing: bool = option(False, "recompute each block's activations during backward instead of "
@@ -161,11 +162,17 @@ def make_optimizer(groups: list[dict[str, Any]], schedule: TrainSchedule) -> tor
 
 
 def batch_at(calibration: Calibration, step: int, schedule: TrainSchedule) -> torch.Tensor:
-    """The inputs of step ``step``: epochs are seeded permutations, flips and crops are seeded per step."""
+    """The inputs of step ``step``: epochs are seeded permutations, flips and crops are seeded per step.
+
+    Flips and crops are image augmentations: integer inputs (token ids, whose order is the text) are left as
+    they are, so the presets that flip images (``magnitude_kd``, ``recommended``) run unchanged on text.
+    """
     per_epoch = math.ceil(len(calibration) / schedule.batch_size)
     epoch, position = divmod(step, per_epoch)
     order = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(schedule.seed * 7919 + epoch))
     x = calibration.inputs[order[position * schedule.batch_size: (position + 1) * schedule.batch_size]]
+    if not x.is_floating_point():
+        return x
     if schedule.augment in ("flip", "flip_crop"):
         flips = torch.rand(len(x), generator=torch.Generator().manual_seed(schedule.seed * 104729 + step)) < 0.5
         x = torch.where(flips.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)

@@ -1,0 +1,330 @@
+"""Causal language models from ``hf:`` directories: loading, packed calibration, perplexity, one-shot methods,
+distillation that keeps the masks, the command line, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import ptsparse
+from ptsparse.blocks import find_blocks
+from ptsparse.cli import main
+from ptsparse.criteria import CRITERIA, prune_model
+from ptsparse.criteria.block_inputs import find_chains
+from ptsparse.data import PackedText, load_source, sample_calibration
+from ptsparse.errors import DataError, ModelError
+from ptsparse.evaluate import perplexity, sliding_windows
+from ptsparse.models import resolve_model, zoo
+from ptsparse.patterns import Unstructured
+from ptsparse.recovery.objectives import kd_kl
+from ptsparse.recovery.trainer import TrainSchedule, batch_at
+from ptsparse.targets import find_targets
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+VOCAB = 128
+WORDS = ("the a cat dog sat on mat ran fast slow big small red blue green house tree sun moon star and or "
+         "then it").split()
+TINY = dict(num_hidden_layers=2, num_attention_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+            bos_token_id=1, eos_token_id=1)
+CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64,
+                                            bos_token_id=1, eos_token_id=1, architectures=["GPT2LMHeadModel"]),
+    "llama": lambda: transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=1, **TINY,
+                                              architectures=["LlamaForCausalLM"]),
+    "qwen2": lambda: transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=1, **TINY,
+                                              architectures=["Qwen2ForCausalLM"]),
+    "opt": lambda: transformers.OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, pad_token_id=1, **TINY,
+                                          architectures=["OPTForCausalLM"]),
+}
+BLOCKS = {"gpt2": "hf.transformer.h", "llama": "hf.model.layers", "qwen2": "hf.model.layers",
+          "opt": "hf.model.decoder.layers"}
+
+
+def word_tokenizer():
+    """A word-level tokenizer over :data:`WORDS` (ids 2...), with ``<unk>`` 0 and ``<eos>`` 1."""
+    vocab = {word: i for i, word in enumerate(["<unk>", "<eos>", *WORDS])}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
+def sentences(count: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) for _ in range(count))
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("text")
+    (directory / "train.txt").write_text(sentences(60, 0) + "\n")  # about 600 tokens
+    (directory / "valid.txt").write_text(sentences(12, 1) + "\n")
+    return directory / "train.txt", directory / "valid.txt"
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Each family's model directory: config, random weights (seeded) and the tokenizer."""
+    dirs = {}
+    for family, config in CONFIGS.items():
+        directory = tmp_path_factory.mktemp(family)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config()).save_pretrained(str(directory))
+        word_tokenizer().save_pretrained(str(directory))
+        dirs[family] = directory
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def lms(lm_dirs, texts):
+    """Each family's model, architecture and a packed calibration set of 8 windows of 16 tokens."""
+    built = {}
+    for family, directory in lm_dirs.items():
+        model, architecture = resolve_model(f"hf:{directory}")
+        source = load_source(f"text:{texts[0]}", tokenizer=zoo.load_tokenizer(architecture), seq_len=16, packed=True)
+        built[family] = model, architecture, sample_calibration(source, 8, seed=0)
+    return built
+
+
+FAMILIES = tuple(CONFIGS)
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_causal_lm_directory_gives_token_logits_and_keeps_its_output_layer_untargeted(lms, family):
+    model, architecture, calibration = lms[family]
+    assert isinstance(model, zoo.HFCausalLM) and zoo.is_causal_lm(model)
+    assert calibration.inputs.shape == (8, 16) and calibration.inputs.dtype == torch.int64
+    assert model(calibration.inputs[:2]).shape == (2, 16, VOCAB)
+    names = [t.name for t in find_targets(model)]
+    assert not any("lm_head" in name or "embed" in name or "wte" in name for name in names)
+    assert find_blocks(model, find_targets(model)) == [f"{BLOCKS[family]}.0", f"{BLOCKS[family]}.1"]
+
+
+def test_gpt2_conv1d_layers_are_linear_with_gpt2_checkpoints(lms, tmp_path):
+    model, _, calibration = lms["gpt2"]
+    layer = model.hf.transformer.h[0].attn.c_attn
+    assert isinstance(layer, zoo.Conv1DLinear) and layer.weight.shape == (96, 32)  # (out, in)
+    assert model.state_dict()["hf.transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D's layout
+    model.hf.save_pretrained(str(tmp_path))
+    word_tokenizer().save_pretrained(str(tmp_path))
+    again, _ = resolve_model(f"hf:{tmp_path}")
+    assert torch.equal(again(calibration.inputs[:2]), model(calibration.inputs[:2]))
+
+
+def head_directory(path: Path, config) -> str:
+    config.save_pretrained(str(path))
+    return f"hf:{path}"
+
+
+def test_the_config_architectures_choose_classifier_or_causal_lm(tmp_path):
+    llama = CONFIGS["llama"]
+    as_classifier = llama()
+    as_classifier.architectures = ["LlamaForSequenceClassification"]
+    model, _ = resolve_model(head_directory(tmp_path / "classifier", as_classifier))
+    assert type(model) is zoo.HFLogits and type(model.hf).__name__ == "LlamaForSequenceClassification"
+    model, _ = resolve_model(head_directory(tmp_path / "causal", llama()))
+    assert type(model) is zoo.HFCausalLM and type(model.hf).__name__ == "LlamaForCausalLM"
+    unnamed = llama()
+    unnamed.architectures = None  # without architectures a classification head wins, as before causal LMs
+    model, _ = resolve_model(head_directory(tmp_path / "unnamed", unnamed))
+    assert type(model) is zoo.HFLogits
+
+
+def test_a_directory_that_is_neither_classifier_nor_causal_lm_is_one_line(tmp_path):
+    spec = head_directory(tmp_path / "speech", transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=1))
+    with pytest.raises(ModelError, match=r"model type 'wav2vec2' .* neither a classifier nor a causal language "
+                                         r"model; ptsparse runs image or sequence classifiers and causal LMs") as error:
+        resolve_model(spec)
+    assert "\n" not in str(error.value)
+
+
+# --- packed calibration and perplexity ----------------------------------------------------------------------
+
+def test_packed_calibration_is_seeded_windows_of_the_token_stream(texts):
+    source = PackedText(texts[0], word_tokenizer(), seq_len=16)
+    stream = torch.tensor(word_tokenizer()(texts[0].read_text())["input_ids"])
+    assert torch.equal(source.tokens, stream) and len(source) == len(stream) // 16
+    first, again = sample_calibration(source, 8, seed=0), sample_calibration(source, 8, seed=0)
+    other = sample_calibration(source, 8, seed=1)
+    assert torch.equal(first.inputs, again.inputs) and first.hash == again.hash
+    assert not torch.equal(first.inputs, other.inputs) and first.hash != other.hash
+    for index, window in zip(first.indices.tolist(), first.inputs):  # whole, non-overlapping windows
+        assert torch.equal(window, stream[16 * index: 16 * (index + 1)])
+
+
+def test_sliding_windows_score_every_token_once_with_context():
+    windows = sliding_windows(50, max_length=16, stride=6)
+    scored = [t for _, end, first in windows for t in range(first, end)]
+    assert scored == list(range(1, 50))
+    assert all(first - begin >= 16 - 6 for begin, _, first in windows[1:]) and windows[-1][1] == 50
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll(lms, texts):
+    model, _, _ = lms["llama"]
+    tokens = PackedText(texts[1], word_tokenizer(), seq_len=16).tokens[:40]
+    with torch.no_grad():  # one window: token t given tokens[:t]
+        logits = model(tokens[None])[0]
+        nll = torch.nn.functional.cross_entropy(logits[:-1].double(), tokens[1:])
+    assert perplexity(model, tokens, max_length=40) == pytest.approx(math.exp(float(nll)), rel=1e-6)
+    losses = []  # sliding windows of 16, stride 8: each token given the rest of its window before it
+    with torch.no_grad():
+        for begin, end, first in sliding_windows(len(tokens), 16, 8):
+            log_probs = model(tokens[None, begin:end])[0].double().log_softmax(-1)
+            losses += [-log_probs[t - 1 - begin, tokens[t]] for t in range(first, end)]
+    expected = math.exp(float(torch.stack(losses).mean()))
+    assert perplexity(model, tokens, max_length=16, stride=8, batch_size=2) == pytest.approx(expected, rel=1e-6)
+
+
+# --- one-shot methods -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_shot_methods_meet_the_target_exactly(lms, family):
+    model, architecture, calibration = lms[family]
+    head = model.hf.get_output_embeddings().weight.detach().clone()
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        for pattern in ("unstructured", "2:4"):
+            result = ptsparse.sparsify(model, calibration, method=method, pattern=pattern, sparsity=0.5,
+                                       progress=False, architecture=architecture)
+            assert ptsparse.sparsity_of(result.model) == 0.5, (method, pattern)
+            assert torch.equal(result.model.hf.get_output_embeddings().weight, head)  # the output layer is dense
+            if pattern == "2:4":
+                for target in find_targets(result.model):
+                    zeros = (target.weight.reshape(target.shape[0], -1, 4) == 0).sum(-1)
+                    assert bool((zeros >= 2).all()), target.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_block_by_block_pruning_gives_the_masks_of_whole_model_passes(lms, family, criterion):
+    model, _, calibration = lms[family]
+    chains = find_chains(model, find_targets(model), calibration, batch_size=4)
+    assert [chain.names for chain in chains] == [[f"{BLOCKS[family]}.0", f"{BLOCKS[family]}.1"]]
+    outcomes = []
+    for cached in (True, False):
+        copied = copy.deepcopy(model)
+        targets = find_targets(copied)
+        masks = prune_model(copied, targets, {t.name: t.numel // 2 for t in targets}, Unstructured(),
+                            CRITERIA.get(criterion)(), calibration, batch_size=4, cache_block_inputs=cached)
+        outcomes.append((masks, {t.name: t.weight.detach().clone() for t in targets}))
+    (masks, weights), (full_masks, full_weights) = outcomes
+    assert all(torch.equal(masks[name], full_masks[name]) for name in masks)
+    assert all(torch.allclose(weights[name], full_weights[name], atol=1e-6) for name in weights)
+
+
+# --- distillation -----------------------------------------------------------------------------------------
+
+def test_kd_kl_averages_the_per_token_kl_over_positions():
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    per_token = [kd_kl(student[b, s][None], teacher[b, s][None], 2.0) for b in range(2) for s in range(5)]
+    assert kd_kl(student, teacher, 2.0) == pytest.approx(float(torch.stack(per_token).mean()), rel=1e-5)
+
+
+def test_flips_and_crops_leave_token_ids_as_they_are(lms):
+    _, _, calibration = lms["llama"]
+    schedule = TrainSchedule(iterations=4, batch_size=8, augment="flip_crop")
+    for step in range(4):
+        batch = batch_at(calibration, step, schedule)
+        assert all(any(torch.equal(row, window) for window in calibration.inputs) for row in batch)
+
+
+def assert_pruned_weights_stay_zero(result) -> None:
+    targets = {t.name: t for t in find_targets(result.model)}
+    assert result.masks.keys() == targets.keys()
+    for name, mask in result.masks.items():
+        assert bool((targets[name].weight[~mask] == 0).all()), name
+    assert ptsparse.sparsity_of(result.model) == 0.5
+
+
+def test_magnitude_kd_keeps_every_pruned_weight_zero(lms):
+    model, _, calibration = lms["llama"]
+    result = ptsparse.sparsify(model, calibration, method="magnitude_kd", sparsity=0.5, distill_iterations=5,
+                               batch_size=4, progress=False)
+    assert_pruned_weights_stay_zero(result)
+    history = result.report["recovery"]["history"]
+    assert history[-1]["step"] == 5 and all(math.isfinite(entry["kd"]) for entry in history)
+    changed = [name for name, mask in result.masks.items()
+               if not torch.equal(result.model.get_submodule(name).weight[mask],
+                                  model.get_submodule(name).weight[mask])]
+    assert changed  # the kept weights trained
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_recommended_distils_decoder_layers_in_bf16_with_checkpointing(lms, family):
+    model, _, calibration = lms[family]
+    result = ptsparse.sparsify(model, calibration, method="recommended", sparsity=0.5, distill_iterations=3,
+                               batch_size=4, distill_precision="bf16", distill_grad_checkpointing=True, progress=False)
+    assert_pruned_weights_stay_zero(result)
+    recovery = result.report["recovery"]
+    assert recovery["objective"] == "kd_blocks" and recovery["history"][-1]["block_mse"] > 0  # blocks compared
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_sparsify_reports_dense_and_sparse_perplexity_and_eval_agrees(capsys, lm_dirs, texts, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "sparsify", "--model", f"hf:{lm_dirs['gpt2']}", "--data", f"text:{texts[0]}",
+                              "--eval-data", f"text:{texts[1]}", "--method", "wanda", "--sparsity", "0.5",
+                              "--seq-len", "32", "--calib-size", "8", "--out", out, "-q")
+    assert code == 0 and "perplexity: dense " in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["metric"] == "perplexity" and report["dense_accuracy"] is None
+    assert report["dense_perplexity"] > 1 and report["sparse_perplexity"] > 1
+    assert report["evaluation"] == {"metric": "perplexity", "max_length": 32, "stride": 16,
+                                    "scored_tokens": report["evaluation"]["scored_tokens"]}
+    assert report["data"]["calibration"] == "train split, 8 windows of 32 tokens"
+    assert report["achieved_sparsity"] == 0.5 and report["calib_size"] == 8
+    loaded = ptsparse.load(out)  # the tied output layer and GPT-2's Conv1D layout survive saving
+    assert loaded.hf.get_output_embeddings().weight is loaded.hf.get_input_embeddings().weight
+    code, stdout, stderr = run_cli(capsys, "eval", "--model", out, "--data", f"text:{texts[1]}", "--seq-len", "32",
+                                   "-q")
+    evaluated = json.loads(stdout)
+    assert code == 0 and evaluated["perplexity"] == pytest.approx(report["sparse_perplexity"], rel=1e-9)
+    assert evaluated["stride"] == 16 and evaluated["sparsity"] == 0.5 and "perplexity" in stderr
+
+
+def test_cli_without_held_out_text_says_so(capsys, lm_dirs, texts):
+    code, stdout, stderr = run_cli(capsys, "sparsify", "--model", f"hf:{lm_dirs['llama']}", "--data",
+                                   f"text:{texts[0]}", "--method", "magnitude", "--seq-len", "16", "--calib-size",
+                                   "4", "-q")
+    assert code == 0 and "no --eval-data: perplexity is not measured" in stderr
+    assert "perplexity: dense n/a  sparse n/a" in stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--seq-len", "5000"), r"holds \d+ tokens, fewer than one window of --seq-len 5000; give more text or a "
+                            r"seq_len of at most \d+"),
+    (("--seq-len", "1"), "sequence length must be an integer >= 2, got 1"),
+    (("--seq-len", "100"), "sequences of 100 tokens are longer than the model's 64 positions"),
+])
+def test_cli_bad_text_input_is_one_line(capsys, lm_dirs, texts, argv, message):
+    code, _, stderr = run_cli(capsys, "sparsify", "--model", f"hf:{lm_dirs['opt']}", "--data", f"text:{texts[0]}",
+                              "--method", "magnitude", "--calib-size", "2", "-q", *argv)
+    lines = [line for line in stderr.splitlines() if line.startswith("ptsparse: error")]
+    assert code == 2 and len(lines) == 1
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_eval_of_a_causal_lm_needs_text_and_a_stride_inside_the_window(capsys, lm_dirs, texts):
+    code, _, stderr = run_cli(capsys, "eval", "--model", f"hf:{lm_dirs['qwen2']}", "--data", "fashion-mnist")
+    assert code == 2 and "a causal language model is evaluated by perplexity on text" in stderr
+    code, _, stderr = run_cli(capsys, "eval", "--model", f"hf:{lm_dirs['qwen2']}", "--data", f"text:{texts[1]}",
+                              "--seq-len", "16", "--stride", "16", "-q")
+    assert code == 2 and "perplexity stride 16 is not allowed; it must be in [1, 15]" in stderr
+    with pytest.raises(DataError, match="fewer than one window"):
+        PackedText(texts[1], word_tokenizer(), seq_len=10_000)
