@@ -135,10 +135,20 @@ def write_json(path: str | os.PathLike, data: object) -> None:
 
 
 def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Saves a state dict as safetensors; ``metadata`` (JSON-serialisable) goes into the file header."""
+    """Saves a state dict as safetensors; ``metadata`` (JSON-serialisable) goes into the file header.
+
+    Tensors that share memory (a language model's output layer tied to its input embedding) are written as
+    copies under each name: safetensors refuses shared memory.
+    """
     from safetensors.torch import save_file
 
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+    tensors, stored = {}, set()
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.untyped_storage().data_ptr() in stored:
+            tensor = tensor.clone()
+        stored.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
     header = {"ptsparse": json.dumps(metadata)} if metadata is not None else None
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=header)

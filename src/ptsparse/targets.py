@@ -77,7 +77,9 @@ def find_targets(
     """Finds the layers to sparsify, in module order.
 
     A layer is a target when its type is one of ``layer_types``, its qualified name matches a glob in
-    ``include`` and none in ``exclude``. Grouped and depthwise convolutions are ordinary targets.
+    ``include`` and none in ``exclude``. Grouped and depthwise convolutions are ordinary targets. A language
+    model's output layer (:func:`output_embeddings`: ``lm_head``, often tied to the input embedding) never is:
+    pruning it would drop vocabulary logits (and, tied, the embedding with them); globs may still name it.
 
     Raises:
         UnknownOptionError: a layer type is unknown, or an include/exclude glob matches no layer of
@@ -88,6 +90,8 @@ def find_targets(
     candidates = [(name, module) for name, module in model.named_modules()
                   if isinstance(module, types) and isinstance(getattr(module, "weight", None), torch.Tensor)]
     names = [name for name, _ in candidates]
+    kept_dense = output_embeddings(model)
+    candidates = [(name, module) for name, module in candidates if module not in kept_dense]
     if not names:
         raise ModelError(f"the model has nothing to prune: it has no {'/'.join(layer_types)} layer")
     for glob in (*include, *exclude):
@@ -106,6 +110,18 @@ def find_targets(
             f"{list(include)} and exclude {list(exclude)}"
         )
     return targets
+
+
+def output_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The output layers of the language models inside ``model``: what ``get_output_embeddings()`` of a
+    transformers model returns (its ``lm_head``; ``None`` for classifiers)."""
+    found = []
+    for module in model.modules():
+        get = getattr(module, "get_output_embeddings", None)
+        layer = get() if callable(get) else None
+        if isinstance(layer, nn.Module) and layer not in found:
+            found.append(layer)
+    return found
 
 
 def count_zeros(targets: Sequence[Target]) -> tuple[int, int]:

@@ -9,9 +9,12 @@ Specs (``--model``, :func:`ptsparse.models.resolve_model`):
     ``timm.create_model(NAME, pretrained=False, **kwargs)``. Needs ``pip install 'ptsparse[timm]'``.
 ``hf:DIRECTORY``
     A local Hugging Face directory holding ``config.json`` (and, if present, its weights), loaded with
-    ``local_files_only=True``: an image classifier (ViT, ...) or a sequence classifier (BERT, ...). The model is
-    wrapped in :class:`HFLogits`, so its module names start with ``hf.`` (``hf.bert.encoder.layer.0``).
-    Needs ``pip install 'ptsparse[hf]'``.
+    ``local_files_only=True``: an image classifier (ViT, ...), a sequence classifier (BERT, ...) or a causal
+    language model (GPT-2, Llama, Qwen2, OPT, ...). ``architectures`` in ``config.json`` says which (a
+    ``...ForCausalLM`` / ``...LMHeadModel`` class is a causal LM); a config without it loads as a classifier where
+    transformers has a classification head for its model type, else as a causal LM. The model is wrapped in
+    :class:`HFLogits` (classifiers) or :class:`HFCausalLM`, so its module names start with ``hf.``
+    (``hf.bert.encoder.layer.0``, ``hf.model.layers.0``). Needs ``pip install 'ptsparse[hf]'``.
 
 ``key=value`` pairs go to the constructor (``torchvision:resnet50,num_classes=10``,
 ``timm:vit_tiny_patch16_224,img_size=64,num_classes=10``); values are Python literals, else strings.
@@ -20,7 +23,8 @@ Nothing is downloaded: weights come from the ``hf:`` directory or a local file (
 architecture, so ``ptsparse.load`` rebuilds the same model (``hf:`` records the directory's absolute path,
 whose ``config.json`` must still be there).
 
-Every model returns a plain logits tensor, as the distillation objectives and accuracy expect.
+Every model returns a plain logits tensor, as the distillation objectives and the metrics expect: ``(batch,
+classes)`` for a classifier, ``(batch, seq, vocab)`` for a causal language model.
 """
 
 from __future__ import annotations
@@ -167,22 +171,93 @@ class HFLogits(nn.Module):
         return self.hf(input_ids=x, attention_mask=mask).logits
 
 
+class HFCausalLM(HFLogits):
+    """A Hugging Face causal language model: token ids ``(batch, seq)`` (int64) -> next-token logits
+    ``(batch, seq, vocab)``.
+
+    No attention mask: its inputs are windows of packed text (:class:`~ptsparse.data.PackedText`), which hold no
+    padding (a pad token that is also the end-of-text token must stay visible). No key-value cache is kept.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=x, use_cache=False).logits
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal language model built by :func:`build_model` (evaluated by perplexity)."""
+    return isinstance(model, HFCausalLM)
+
+
+class Conv1DLinear(nn.Linear):
+    """A Linear standing in for transformers' ``Conv1D`` (GPT-2's layers, a Linear with a transposed weight), so
+    that targets, statistics and patterns treat it as every other Linear.
+
+    It computes with an ``(out, in)`` weight, and writes and reads its state dict in ``Conv1D``'s ``(in, out)``
+    layout, so ptsparse's checkpoints and ``model.hf.save_pretrained`` stay in the model's own format. (While a
+    mask is attached the weight lives under ``parametrizations.weight.original`` and is kept as it is.)
+    """
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if prefix + "weight" in destination:
+            destination[prefix + "weight"] = destination[prefix + "weight"].t()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if isinstance(state_dict.get(prefix + "weight"), torch.Tensor):
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"].t()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _replace_conv1d(model: nn.Module) -> nn.Module:
+    """``model`` with each transformers ``Conv1D`` replaced by a :class:`Conv1DLinear` of the same values."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            linear = Conv1DLinear(module.nx, module.nf, device=module.weight.device, dtype=module.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.t())
+                linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
+# The heads ptsparse runs: (wrapper, transformers auto task, auto class). Classifiers come first, so a config
+# without ``architectures`` whose model type has both heads (BERT, GPT-2, Llama) loads as a classifier, as before
+# causal LMs were supported.
+_HF_HEADS = ((HFLogits, "IMAGE_CLASSIFICATION", "AutoModelForImageClassification"),
+             (HFLogits, "SEQUENCE_CLASSIFICATION", "AutoModelForSequenceClassification"),
+             (HFCausalLM, "CAUSAL_LM", "AutoModelForCausalLM"))
 
-def _hf_model_class(transformers: ModuleType, config, directory: str) -> Any:
+
+def _class_names(names: Any) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _hf_model_class(transformers: ModuleType, config, directory: str) -> tuple[Any, type[HFLogits]]:
+    """The transformers class to build and the wrapper it goes in: the first of ``config.architectures`` that is
+    a classifier or a causal LM class, else the first head transformers has for the config's model type.
+
+    Raises:
+        ModelError: the model is neither a classifier nor a causal language model.
+    """
     from transformers.models.auto import modeling_auto
 
-    for name in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, name, None)
-        if cls is not None and name.endswith(("ForImageClassification", "ForSequenceClassification")):
-            return cls
-    if type(config) in modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
-        return transformers.AutoModelForImageClassification
-    if type(config) in modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
-        return transformers.AutoModelForSequenceClassification
-    raise ModelError(f"hf:{directory}: model type {config.model_type!r} has no image or sequence classification "
-                     "head in transformers; ptsparse needs a model that returns class logits")
+    architectures = list(getattr(config, "architectures", None) or ())
+    for name in architectures:
+        for wrapper, task, _ in _HF_HEADS:
+            known = getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES").values()
+            if any(name in _class_names(names) for names in known) and hasattr(transformers, name):
+                return getattr(transformers, name), wrapper
+    for wrapper, task, auto in _HF_HEADS:
+        if type(config) in getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING"):
+            return getattr(transformers, auto), wrapper
+    raise ModelError(f"hf:{directory}: model type {config.model_type!r} (architectures {architectures or 'not given'}) "
+                     "is neither a classifier nor a causal language model; ptsparse runs image or sequence "
+                     "classifiers and causal LMs (e.g. architectures ['LlamaForCausalLM'] in config.json)")
 
 
 def _hf(spec: Spec, load_weights: bool) -> nn.Module:
@@ -194,7 +269,7 @@ def _hf(spec: Spec, load_weights: bool) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"hf:{directory}: cannot read config.json: {str(error).splitlines()[0]}") from None
-    cls = _hf_model_class(transformers, config, str(directory))
+    cls, wrapper = _hf_model_class(transformers, config, str(directory))
     try:
         if load_weights and any((directory / name).is_file() for name in _HF_WEIGHTS):
             model = cls.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
@@ -202,7 +277,7 @@ def _hf(spec: Spec, load_weights: bool) -> nn.Module:
             model = (cls.from_config(config) if hasattr(cls, "from_config") else cls(config)).float()
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"hf:{directory}: cannot load the model: {str(error).splitlines()[0]}") from None
-    return HFLogits(model)
+    return wrapper(_replace_conv1d(model))
 
 
 def build_model(spec: str, load_weights: bool = True) -> nn.Module:
@@ -457,6 +532,6 @@ def load_tokenizer(spec: str) -> Any:
         raise ModelError(f"hf:{parsed.name} holds no usable tokenizer: {str(error).strip().splitlines()[0]}") from None
 
 
-__all__ = ["HFImageTransform", "HFLogits", "HF_PREFIX", "MissingExtraError", "PREFIXES", "SPEC_FORMS",
-           "Spec", "build_model", "canonical_spec", "image_transform", "is_spec", "load_tokenizer",
+__all__ = ["Conv1DLinear", "HFCausalLM", "HFImageTransform", "HFLogits", "HF_PREFIX", "MissingExtraError", "PREFIXES",
+           "SPEC_FORMS", "Spec", "build_model", "canonical_spec", "image_transform", "is_causal_lm", "is_spec", "load_tokenizer",
            "load_weights", "parse_spec", "read_weights"]
