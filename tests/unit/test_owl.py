@@ -226,6 +226,29 @@ def test_a_model_without_blocks_gets_a_group_per_layer(tiny_mlp):
         run(tiny_mlp, calib, blocks=("missing.*",))
 
 
+@pytest.mark.parametrize("criterion", [
+    "magnitude",
+    pytest.param("wanda", marks=pytest.mark.xfail(
+        raises=KeyError, strict=True,
+        reason="find_chains (block_inputs.py) maps only top-level tensor inputs of a block to slots; a Llama "
+               "decoder layer's position_embeddings is a (cos, sin) tuple")),
+])
+def test_a_tiny_llama_meets_the_target_exactly_with_decoder_layers_as_groups(criterion):
+    transformers = pytest.importorskip("transformers")
+    from ptsparse.models.zoo import HFCausalLM
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = HFCausalLM(transformers.LlamaForCausalLM(config)).eval()
+    tokens = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
+    result = run(model, tokens, criterion=criterion, batch_size=8)
+    assert_exact(result, 0.6)
+    layers = result.report["allocation_search"]["layers"]
+    assert {entry["group"] for entry in layers.values()} == {"hf.model.layers.0", "hf.model.layers.1"}
+    assert len(layers) == 14 and all(abs(entry["sparsity"] - 0.6) <= 0.08 + 1e-9 for entry in layers.values())
+
+
 # options -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keys, words", [
