@@ -107,14 +107,21 @@ def test_every_criterion_works_with_its_patterns_and_refuses_the_others(name, cr
 
 # allocations ----------------------------------------------------------------------------------------
 
+# Each allocation with the run's default criterion, and rows for pairings worth pinning.
+ALLOCATION_ROWS = [(name, allocation, {}) for name, allocation in parts("allocation")] + [
+    ("owl", AXES["allocation"].get("owl"), {"criterion": "wanda"})]
+
+
 @pytest.mark.parametrize("pattern", ("unstructured", "channel"))
-@pytest.mark.parametrize("name, allocation", parts("allocation"), ids=[n for n, _ in parts("allocation")])
-def test_every_allocation_meets_the_target_exactly(name, allocation, pattern, tiny_cnn, calib_images):
+@pytest.mark.parametrize("name, allocation, keys", ALLOCATION_ROWS,
+                         ids=[name + "".join(f"-{v}" for v in keys.values()) for name, _, keys in ALLOCATION_ROWS])
+def test_every_allocation_meets_the_target_exactly(name, allocation, keys, pattern, tiny_cnn, calib_images):
     if not supports(allocation, pattern):
         with pytest.raises(IncompatibleOptionsError, match=f"allocation {name!r} does not support"):
             SparsityConfig(method="magnitude", allocation=name, pattern=pattern)
         return
-    result = ptsparse.sparsify(tiny_cnn, calib_images, allocation=name, pattern=pattern, sparsity=0.5, **QUICK)
+    result = ptsparse.sparsify(tiny_cnn, calib_images, allocation=name, pattern=pattern, sparsity=0.5, **keys,
+                               **QUICK)
     report = result.report
     targets = find_targets(result.model)
     total = sum(t.weight.numel() for t in targets)

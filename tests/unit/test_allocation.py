@@ -62,7 +62,7 @@ def check_exact(layers: list[LayerBudget], ratios: dict[str, float], sparsity: f
 
 
 def test_registry_lists_the_allocations():
-    assert ALLOCATIONS.names() == ["erk", "fcpts", "global", "knapsack", "uniform", "unipts_search"]
+    assert ALLOCATIONS.names() == ["erk", "fcpts", "global", "knapsack", "owl", "uniform", "unipts_search"]
     assert ALLOCATIONS.get("erk") is ERK and ALLOCATIONS.get("global") is Global
     assert ALLOCATIONS.get("uniform") is Uniform
 
