@@ -226,13 +226,7 @@ def test_a_model_without_blocks_gets_a_group_per_layer(tiny_mlp):
         run(tiny_mlp, calib, blocks=("missing.*",))
 
 
-@pytest.mark.parametrize("criterion", [
-    "magnitude",
-    pytest.param("wanda", marks=pytest.mark.xfail(
-        raises=KeyError, strict=True,
-        reason="find_chains (block_inputs.py) maps only top-level tensor inputs of a block to slots; a Llama "
-               "decoder layer's position_embeddings is a (cos, sin) tuple")),
-])
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
 def test_a_tiny_llama_meets_the_target_exactly_with_decoder_layers_as_groups(criterion):
     transformers = pytest.importorskip("transformers")
     from ptsparse.models.zoo import HFCausalLM
