@@ -10,11 +10,12 @@ apart from the embedding), about 3.3M parameters (6.7 MB at fp16).
 Training (:class:`LMRecipe`): windows of ``seq_len + 1`` tokens drawn at random from the training split's
 token stream by a seeded generator, AdamW (betas 0.9 / 0.95, weight decay 0.1 on matrices only), linear
 warm-up then cosine decay to a tenth of the peak, gradient clipping at 1, a fixed number of steps, one seed.
-Evaluation (:func:`perplexity`): non-overlapping windows of ``seq_len`` tokens over a split's whole text.
+Evaluation (:func:`evaluate_reference_lm`): perplexity over a held-out split's whole text, in non-overlapping
+windows of ``seq_len`` tokens, and in windows of ``seq_len`` every ``seq_len // 2`` tokens (as ``ptsparse
+eval`` measures it).
 
-Run ``python -m ptsparse.models.language train --out DIR`` to retrain it and ``python -m
-ptsparse.models.language texts DIR`` to write the calibration and held-out texts the CLI reads
-(``--data text:FILE``).
+``python -m ptsparse.models.language train --out DIR`` retrains it, ``... eval DIR`` measures a saved model
+again, and ``... texts DIR`` writes the calibration and held-out texts the CLI reads (``--data text:FILE``).
 """
 
 from __future__ import annotations
@@ -109,33 +110,69 @@ def _causal_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), window[:, 1:].reshape(-1))
 
 
+def _windows(tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, first)`` per window: tokens ``[begin, end)`` go in, ``[first, end)`` are scored.
+
+    ``stride == seq_len``: non-overlapping windows, each scoring all its tokens but the first, the tail shorter
+    than a window dropped. ``stride < seq_len``: sliding windows (the Hugging Face recipe) that score only the
+    tokens the window before did not, so every token but the stream's first is scored once, the last window
+    possibly shorter.
+    """
+    if stride == seq_len:
+        return [(begin, begin + seq_len, begin + 1) for begin in range(0, tokens - seq_len + 1, seq_len)]
+    windows, scored_to = [], 1
+    for begin in range(0, tokens, stride):
+        end = min(begin + seq_len, tokens)
+        windows.append((begin, end, scored_to))
+        scored_to = end
+        if end == tokens:
+            break
+    return windows
+
+
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 32,
-               max_tokens: int | None = None, show_progress: bool = False) -> dict:
-    """Perplexity of a causal LM on a token stream, over non-overlapping windows of ``seq_len`` tokens (stride
-    ``seq_len``; a window's first token is context only, the remainder shorter than a window is dropped).
+def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 128, stride: int | None = None,
+               batch_size: int = 32, max_tokens: int | None = None, show_progress: bool = False) -> dict:
+    """Perplexity of a causal LM on a token stream: ``exp`` of the mean next-token negative log-likelihood.
 
     Args:
         ids: the token ids, one vector.
+        seq_len: tokens per window.
+        stride: tokens between window starts (default ``seq_len``): ``seq_len`` scores non-overlapping windows
+            (a window's first token is context only, the tail shorter than a window is dropped); less slides
+            the windows and scores each token once, with at least ``seq_len - stride`` tokens of context past
+            the start (as ``ptsparse eval`` does, with half a window).
         max_tokens: use only the stream's first ``max_tokens`` tokens.
 
     Returns:
-        ``{"perplexity", "nll", "tokens" (predicted), "seq_len", "stride"}``.
+        ``{"perplexity", "nll", "tokens" (scored), "seq_len", "stride"}``.
+
+    Raises:
+        ValueError: no window fits, or ``stride`` is not in [1, seq_len].
     """
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride {stride} is not in [1, {seq_len}]")
     ids = ids[:max_tokens] if max_tokens else ids
-    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
-    if len(windows) == 0:
+    windows = _windows(len(ids), seq_len, stride)
+    if not windows or len(ids) < 2:
         raise ValueError(f"{len(ids)} tokens hold no window of {seq_len}")
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, count = 0.0, 0
     for begin in progress(range(0, len(windows), batch_size), show_progress, "perplexity"):
         batch = windows[begin: begin + batch_size]
-        total += float(_causal_loss(model, batch)) * batch[:, 1:].numel()
+        for length in sorted({end - start for start, end, _ in batch}):  # one forward pass per window length
+            same = [window for window in batch if window[1] - window[0] == length]
+            inputs = torch.stack([ids[start:end] for start, end, _ in same])
+            logits = model(input_ids=inputs).logits[:, :-1].float()
+            nll = nn.functional.cross_entropy(logits.transpose(1, 2), inputs[:, 1:], reduction="none").double()
+            scored = torch.stack([torch.arange(start + 1, end) >= first for start, end, first in same])
+            total += float(nll[scored].sum())
+            count += int(scored.sum())
     model.train(was_training)
-    count = windows[:, 1:].numel()
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count, "seq_len": seq_len,
-            "stride": seq_len}
+            "stride": stride}
 
 
 def _learning_rate(recipe: LMRecipe, step: int) -> float:
@@ -204,16 +241,40 @@ def _load_as_float32(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def evaluate_reference_lm(directory: str | os.PathLike, corpus: str | os.PathLike | None = None, seq_len: int = 128,
+                          sample_tokens: int = 512, show_progress: bool = False) -> dict:
+    """Perplexities of the model saved in ``directory`` (loaded as ``from_pretrained`` loads it) on the
+    corpus's held-out splits.
+
+    Returns:
+        ``{"validation", "test"}``: non-overlapping windows of ``seq_len`` tokens; ``{"validation_sliding",
+        "test_sliding"}``: windows of ``seq_len`` tokens every ``seq_len // 2`` (each token scored once, as
+        ``ptsparse eval`` does); ``"test_sample"``: non-overlapping windows over the test split's first
+        ``sample_tokens`` tokens, which a quick test recomputes. Each as :func:`perplexity` returns it.
+    """
+    transformers = require("transformers", "the reference language model", extra="hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True).float().eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    evaluation = {}
+    for split in ("validation", "test"):
+        ids = encode(tokenizer, python_docs.split_text(split, corpus))
+        for name, stride in ((split, seq_len), (f"{split}_sliding", seq_len // 2)):
+            evaluation[name] = perplexity(model, ids, seq_len, stride, show_progress=show_progress)
+            log.info("%s perplexity %.3f (%d tokens scored, stride %d)", split, evaluation[name]["perplexity"],
+                     evaluation[name]["tokens"], stride)
+    evaluation["test_sample"] = perplexity(model, ids, seq_len, max_tokens=sample_tokens)
+    return evaluation
+
+
 def train_reference_lm(out: str | os.PathLike, recipe: LMRecipe = LMRecipe(), corpus: str | os.PathLike | None = None,
                        show_progress: bool = True, sample_tokens: int = 512) -> dict:
     """Trains the tokenizer and the model on the corpus's training split and saves both to ``out``.
 
     ``out`` then holds a Hugging Face directory (``config.json``, ``model.safetensors`` in float16, tokenizer
     files), loadable as ``--model hf:DIR`` and by ``AutoModelForCausalLM.from_pretrained`` (as float32: the
-    config says so), and :data:`METADATA`: the corpus package, version, licence, digest
-    and split rule, the recipe, the training time and final loss, and validation and test perplexity (float32
-    weights as saved, i.e. after rounding to float16), plus the perplexity of the test split's first
-    ``sample_tokens`` tokens, which a quick test recomputes.
+    config says so), and :data:`METADATA`: the corpus package, version, licence, digest and split rule, the
+    recipe, the training time and final loss, and the perplexities of :func:`evaluate_reference_lm` (of the
+    saved float16 weights).
 
     Returns:
         The metadata.
@@ -232,13 +293,6 @@ def train_reference_lm(out: str | os.PathLike, recipe: LMRecipe = LMRecipe(), co
     model.half().save_pretrained(out, safe_serialization=True)
     _load_as_float32(out / "config.json")
     tokenizer.save_pretrained(out)
-    model = model.float()  # the weights as saved, so the recorded perplexities are the committed model's
-    evaluation = {}
-    for split in ("validation", "test"):
-        ids = encode(tokenizer, python_docs.split_text(split, corpus))
-        evaluation[split] = perplexity(model, ids, recipe.seq_len, show_progress=show_progress)
-        log.info("%s perplexity %.3f over %d tokens", split, evaluation[split]["perplexity"], len(ids))
-    evaluation["test_sample"] = perplexity(model, ids, recipe.seq_len, max_tokens=sample_tokens)
     transformers = require("transformers", "the reference language model", extra="hf")
     metadata = {
         "model": "LlamaForCausalLM",
@@ -259,7 +313,7 @@ def train_reference_lm(out: str | os.PathLike, recipe: LMRecipe = LMRecipe(), co
         "final_train_loss": round(trained["final_train_loss"], 4),
         "loss_every_50_steps": [round(sum(trained["losses"][i:i + 50]) / len(trained["losses"][i:i + 50]), 4)
                                 for i in range(0, len(trained["losses"]), 50)],
-        "eval": evaluation,
+        "eval": evaluate_reference_lm(out, corpus, recipe.seq_len, sample_tokens, show_progress),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -313,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(default, tuple):
             train.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log")
+    evaluate = commands.add_parser("eval", help=f"measure a saved model's perplexities again, into its {METADATA}")
+    evaluate.add_argument("directory")
+    evaluate.add_argument("--corpus", default=None)
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log")
     texts = commands.add_parser("texts", help="write calibration.txt, validation.txt and test.txt to a directory")
     texts.add_argument("directory")
     texts.add_argument("--corpus", default=None)
@@ -325,6 +383,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {path}")
             return 0
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
+        if args.command == "eval":
+            path = Path(args.directory) / METADATA
+            metadata = json.loads(path.read_text()) if path.is_file() else {}
+            seq_len = metadata.get("recipe", {}).get("seq_len", LMRecipe.seq_len)
+            metadata["eval"] = evaluate_reference_lm(args.directory, args.corpus, seq_len,
+                                                     show_progress=not args.quiet)
+            path.write_text(json.dumps(metadata, indent=2) + "\n")
+            print(json.dumps({name: round(value["perplexity"], 3) for name, value in metadata["eval"].items()}))
+            return 0
         fields = {name: getattr(args, name) for name in asdict(LMRecipe()) if hasattr(args, name)}
         metadata = train_reference_lm(args.out, LMRecipe(**fields), args.corpus, show_progress=not args.quiet)
     except PtsparseError as error:
