@@ -110,69 +110,50 @@ def _causal_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), window[:, 1:].reshape(-1))
 
 
-def _windows(tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """``(begin, end, first)`` per window: tokens ``[begin, end)`` go in, ``[first, end)`` are scored.
-
-    ``stride == seq_len``: non-overlapping windows, each scoring all its tokens but the first, the tail shorter
-    than a window dropped. ``stride < seq_len``: sliding windows (the Hugging Face recipe) that score only the
-    tokens the window before did not, so every token but the stream's first is scored once, the last window
-    possibly shorter.
-    """
-    if stride == seq_len:
-        return [(begin, begin + seq_len, begin + 1) for begin in range(0, tokens - seq_len + 1, seq_len)]
-    windows, scored_to = [], 1
-    for begin in range(0, tokens, stride):
-        end = min(begin + seq_len, tokens)
-        windows.append((begin, end, scored_to))
-        scored_to = end
-        if end == tokens:
-            break
-    return windows
-
-
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 128, stride: int | None = None,
-               batch_size: int = 32, max_tokens: int | None = None, show_progress: bool = False) -> dict:
-    """Perplexity of a causal LM on a token stream: ``exp`` of the mean next-token negative log-likelihood.
+def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 32,
+               max_tokens: int | None = None, show_progress: bool = False) -> dict:
+    """Perplexity of a Hugging Face causal LM on a token stream over non-overlapping windows of ``seq_len``
+    tokens: a window's first token is context only, and the tail shorter than a window is dropped. (The
+    sliding-window perplexity of ``ptsparse eval`` is :func:`ptsparse.evaluate.perplexity`.)
 
     Args:
         ids: the token ids, one vector.
-        seq_len: tokens per window.
-        stride: tokens between window starts (default ``seq_len``): ``seq_len`` scores non-overlapping windows
-            (a window's first token is context only, the tail shorter than a window is dropped); less slides
-            the windows and scores each token once, with at least ``seq_len - stride`` tokens of context past
-            the start (as ``ptsparse eval`` does, with half a window).
         max_tokens: use only the stream's first ``max_tokens`` tokens.
 
     Returns:
         ``{"perplexity", "nll", "tokens" (scored), "seq_len", "stride"}``.
 
     Raises:
-        ValueError: no window fits, or ``stride`` is not in [1, seq_len].
+        ValueError: the stream holds no window.
     """
-    stride = seq_len if stride is None else stride
-    if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride {stride} is not in [1, {seq_len}]")
     ids = ids[:max_tokens] if max_tokens else ids
-    windows = _windows(len(ids), seq_len, stride)
-    if not windows or len(ids) < 2:
+    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    if len(windows) == 0:
         raise ValueError(f"{len(ids)} tokens hold no window of {seq_len}")
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = 0.0
     for begin in progress(range(0, len(windows), batch_size), show_progress, "perplexity"):
         batch = windows[begin: begin + batch_size]
-        for length in sorted({end - start for start, end, _ in batch}):  # one forward pass per window length
-            same = [window for window in batch if window[1] - window[0] == length]
-            inputs = torch.stack([ids[start:end] for start, end, _ in same])
-            logits = model(input_ids=inputs).logits[:, :-1].float()
-            nll = nn.functional.cross_entropy(logits.transpose(1, 2), inputs[:, 1:], reduction="none").double()
-            scored = torch.stack([torch.arange(start + 1, end) >= first for start, end, first in same])
-            total += float(nll[scored].sum())
-            count += int(scored.sum())
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        total += float(nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+                       .double().sum())
     model.train(was_training)
+    count = windows[:, 1:].numel()
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count, "seq_len": seq_len,
-            "stride": stride}
+            "stride": seq_len}
+
+
+def sliding_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 128, show_progress: bool = False) -> dict:
+    """Perplexity as ``ptsparse eval`` measures it (:func:`ptsparse.evaluate.perplexity`): windows of ``seq_len``
+    tokens every ``seq_len // 2``, every token after the first scored once, as :func:`perplexity` reports it."""
+    from ..evaluate import perplexity as sliding
+    from .zoo import HFCausalLM
+
+    value = sliding(HFCausalLM(model), ids, seq_len, seq_len // 2, batch_size=32, show_progress=show_progress)
+    return {"perplexity": value, "nll": math.log(value), "tokens": len(ids) - 1, "seq_len": seq_len,
+            "stride": seq_len // 2}
 
 
 def _learning_rate(recipe: LMRecipe, step: int) -> float:
@@ -258,10 +239,11 @@ def evaluate_reference_lm(directory: str | os.PathLike, corpus: str | os.PathLik
     evaluation = {}
     for split in ("validation", "test"):
         ids = encode(tokenizer, python_docs.split_text(split, corpus))
-        for name, stride in ((split, seq_len), (f"{split}_sliding", seq_len // 2)):
-            evaluation[name] = perplexity(model, ids, seq_len, stride, show_progress=show_progress)
+        evaluation[split] = perplexity(model, ids, seq_len, show_progress=show_progress)
+        evaluation[f"{split}_sliding"] = sliding_perplexity(model, ids, seq_len, show_progress=show_progress)
+        for name in (split, f"{split}_sliding"):
             log.info("%s perplexity %.3f (%d tokens scored, stride %d)", split, evaluation[name]["perplexity"],
-                     evaluation[name]["tokens"], stride)
+                     evaluation[name]["tokens"], evaluation[name]["stride"])
     evaluation["test_sample"] = perplexity(model, ids, seq_len, max_tokens=sample_tokens)
     return evaluation
 
