@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+PYTHON_DOCS_DIR ?= /usr/share/doc/python3.11/html/_sources
 INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test test-slow test-all data venv clean
@@ -14,7 +15,8 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,export,vision,timm,hf]'
 	touch $(INSTALLED)
 
-# The Debian package dataset-fashion-mnist holds the IDX files; install it when they are missing.
+# The Debian package dataset-fashion-mnist holds the IDX files, python3.11-doc the reference language model's
+# corpus (the documentation's reST sources); install them when they are missing.
 data:
 	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ] && [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte ]; then \
 	  echo "Fashion-MNIST files missing in $(FASHION_MNIST_DIR); installing dataset-fashion-mnist"; \
@@ -23,6 +25,15 @@ data:
 	    || { echo "could not install it; run: sudo apt-get update && sudo apt-get install dataset-fashion-mnist"; exit 1; }; \
 	  else \
 	    echo "run: sudo apt-get update && sudo apt-get install dataset-fashion-mnist"; exit 1; \
+	  fi; \
+	fi
+	@if [ ! -f $(PYTHON_DOCS_DIR)/tutorial/index.rst.txt ]; then \
+	  echo "Python documentation sources missing in $(PYTHON_DOCS_DIR); installing python3.11-doc"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q python3.11-doc || (apt-get update -q && apt-get install -y -q python3.11-doc)) >/dev/null \
+	    || { echo "could not install it; run: sudo apt-get update && sudo apt-get install python3.11-doc"; exit 1; }; \
+	  else \
+	    echo "run: sudo apt-get update && sudo apt-get install python3.11-doc"; exit 1; \
 	  fi; \
 	fi
 

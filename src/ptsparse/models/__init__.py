@@ -2,7 +2,9 @@
 written by ptsparse.
 
 ``--model`` accepts a reference model (:data:`REFERENCE_MODELS`: ``reference``, the committed, trained ResNet-20
-for Fashion-MNIST, and ``reference_mobilenet``, the compact MobileNetV2-style one), a model spec
+for Fashion-MNIST, and ``reference_mobilenet``, the compact MobileNetV2-style one), ``reference_lm`` (the
+committed language model, a Llama trained on the Python documentation by :mod:`ptsparse.models.language`: it
+stands for ``hf:`` its directory, :func:`reference_lm_dir`), a model spec
 ``torchvision:NAME``, ``timm:NAME`` or ``hf:DIRECTORY`` (:mod:`ptsparse.models.zoo`, optional extras), the
 path of a safetensors checkpoint whose metadata names an architecture (every checkpoint ptsparse writes
 does), or a sparsify output directory.
@@ -107,6 +109,24 @@ REFERENCE_MODELS = {"reference": "reference_resnet20", "reference_resnet20": "re
                     "reference_mobilenet": "reference_mobilenet"}
 
 
+# ``--model`` name of the committed language model: a Hugging Face directory beside the weights above, with the
+# training metadata in ``ptsparse_reference_lm.json`` (:mod:`ptsparse.models.language`).
+REFERENCE_LM = "reference_lm"
+
+
+def reference_lm_dir() -> Path:
+    """The committed reference language model's directory (``config.json``, ``model.safetensors``, tokenizer):
+    ``hf:`` this directory is the model ``--model reference_lm`` stands for."""
+    return Path(str(resources.files(__package__).joinpath("weights", REFERENCE_LM)))
+
+
+def reference_lm_metadata() -> dict:
+    """Corpus, recipe, training time and perplexities of the committed reference language model."""
+    from .language import METADATA
+
+    return json.loads((reference_lm_dir() / METADATA).read_text())
+
+
 def _reference_architecture(name: str) -> str:
     if name not in REFERENCE_MODELS:
         raise ModelError(f"reference model {name!r} is not one of {', '.join(REFERENCE_MODELS)}")
@@ -163,7 +183,8 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
     """``--model`` (and ``--weights``): the model (eval mode) and its architecture name.
 
     Args:
-        spec: a reference model (:data:`REFERENCE_MODELS`); ``"torchvision:NAME"``, ``"timm:NAME"`` (random weights unless ``weights``) or
+        spec: a reference model (:data:`REFERENCE_MODELS`, or :data:`REFERENCE_LM` for ``hf:`` the committed
+            language model's directory); ``"torchvision:NAME"``, ``"timm:NAME"`` (random weights unless ``weights``) or
             ``"hf:DIRECTORY"`` (its own weights if it has any), see :mod:`ptsparse.models.zoo`; or a checkpoint
             path / output directory written by ptsparse.
         weights: a local state dict (safetensors, or a torch file read with ``weights_only=True``) loaded
@@ -178,6 +199,8 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
         MissingExtraError: the optional package of a spec is not installed (the message names the pip command).
         ModelError: a spec names no known model.
     """
+    if str(spec) == REFERENCE_LM:
+        spec = f"{zoo.HF_PREFIX}:{reference_lm_dir()}"
     if str(spec) in REFERENCE_MODELS:
         model, architecture = load_reference(str(spec)), REFERENCE_MODELS[str(spec)]
     elif zoo.is_spec(str(spec)):
@@ -186,7 +209,8 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
     else:
         path = Path(spec)
         if not path.exists():
-            raise CheckpointError(f"model {str(spec)!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}) "
+            raise CheckpointError(f"model {str(spec)!r} is neither a reference model "
+                                  f"({', '.join([*REFERENCE_MODELS, REFERENCE_LM])}) "
                                   f"nor an existing checkpoint path "
                                   f"(nor a model spec: {', '.join(zoo.SPEC_FORMS)})")
         model, metadata = load_checkpoint(path)
@@ -196,6 +220,7 @@ def resolve_model(spec: str | os.PathLike, weights: str | os.PathLike | None = N
     return model.eval(), architecture
 
 
-__all__ = ["ARCHITECTURES", "Architectures", "CompactMobileNet", "REFERENCE_MODELS", "ReferenceResNet", "architecture_of",
-           "compact_mobilenet", "load_checkpoint", "load_reference", "reference_metadata", "reference_resnet",
-           "reference_weights_path", "resolve_model", "tag_architecture"]
+__all__ = ["ARCHITECTURES", "Architectures", "CompactMobileNet", "REFERENCE_LM", "REFERENCE_MODELS", "ReferenceResNet",
+           "architecture_of", "compact_mobilenet", "load_checkpoint", "load_reference", "reference_lm_dir",
+           "reference_lm_metadata", "reference_metadata", "reference_resnet", "reference_weights_path", "resolve_model",
+           "tag_architecture"]
