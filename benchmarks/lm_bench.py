@@ -211,8 +211,9 @@ def detail(row: dict) -> str:
     """What the allocation chose, where it chose something."""
     search = row.get("allocation_search") or {}
     if row["config"]["allocation"] == "unipts_search" and search:
+        kl, erk = -search["best_fitness"], -search["erk_fitness"]  # ratios: free of how the KL is averaged
         return (f"search {search['wall_time_s']:.0f} s, {search['evaluations']} candidates, best: {search['best']} "
-                f"(fitness {search['best_fitness']:.4f}; ERK {search['erk_fitness']:.4f})")
+                f"(its KL to dense {100 * (1 - kl / erk):.1f}% below ERK's)")
     if row["config"]["allocation"] == "owl" and search:
         sparsities = [layer["sparsity"] for layer in search["layers"].values()]
         return f"layer sparsities {min(sparsities):.3f}-{max(sparsities):.3f}"
