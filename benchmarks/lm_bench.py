@@ -69,9 +69,9 @@ RECOVERY_SUFFIX = "+kd"
 
 
 def result_path(run: str, sparsity: float | None, seed: int = 0, directory: Path = RESULTS) -> Path:
-    """``RUN[+kd]-SPARSITY[-sSEED].json`` (``2_4`` for the 2:4 rows)."""
+    """``RUN[-kd]-SPARSITY[-sSEED].json`` (``2_4`` for the 2:4 rows)."""
     cell = "2_4" if sparsity is None else f"{sparsity:g}"
-    return directory / f"{run.replace('+', '_')}-{cell}{'' if seed == 0 else f'-s{seed}'}.json"
+    return directory / f"{run.replace(RECOVERY_SUFFIX, '-kd')}-{cell}{'' if seed == 0 else f'-s{seed}'}.json"
 
 
 def overrides_of(run: str) -> dict:
@@ -314,7 +314,8 @@ def lm_section(directory: Path = RESULTS) -> str:
         "same distillation with one threshold per layer learned jointly (FCPTS), projected onto the exact target.\n\n"
         "Wall time: the `sparsify` call alone (search, pruning, recovery; perplexity measured outside it); CPU "
         "time: the process's during that call; peak RSS: the process's during that call, reset before each row "
-        "(about 1 GiB of it is PyTorch, transformers, the dense model and the text). All runs used one thread and "
+        f"(the lowest, {min(r['peak_rss_mb'] for r in rows):.0f} MiB, is mostly PyTorch, transformers, the dense "
+        "model and the text). All runs used one thread and "
         "shared the 2-core CPU with other jobs (training runs, other benchmarks, tests), so wall times are not "
         "comparable to runs alone and only roughly to each other; the CPU time is the time on one core. "
         f"In all: {len(rows)} rows, {sum(r['wall_time_s'] for r in rows) / 60:.0f} min of `sparsify` wall time "
