@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeds import format_cell, mean_std  # noqa: E402  (a script beside this one)
+from seeds import format_cell, mean_std, paired  # noqa: E402  (a script beside this one)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "lm"
@@ -181,8 +181,9 @@ def by_cell(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return grouped
 
 
-def mean_of(rows: list[dict], key: str = "sparse_perplexity") -> float:
-    return mean_std([r[key] for r in rows])[0]
+def mean_of(rows: list[dict]) -> float:
+    """The mean perplexity of a cell's seeds."""
+    return mean_std([r["sparse_perplexity"] for r in rows])[0]
 
 
 def perplexity_cell(rows: list[dict] | None) -> str:
@@ -266,6 +267,49 @@ def ordering_statement(dense: float, grouped: dict[tuple[str, str], list[dict]])
     return "\n".join(lines) + "\n"
 
 
+def outlier_statement(grouped: dict[tuple[str, str], list[dict]], parameters: int) -> str:
+    """OWL's outlier ratios on this model (what Wanda's activation term and OWL's allocation act on)."""
+    rows = grouped.get(("owl-wanda", "0.5"))
+    if not rows:
+        return ""
+    search = rows[0]["allocation_search"]
+    ratios = {layer["group"]: layer["outlier_ratio"] for layer in search["layers"].values()}
+    return (f"- Outlier weights (Wanda scores above {search['outlier_threshold']:g}x their decoder layer's mean, "
+            f"OWL's measure) on this model: {100 * min(ratios.values()):.2f}%-{100 * max(ratios.values()):.2f}% by "
+            "decoder layer. The Wanda paper motivates its activation term by the large outlier input features of "
+            f"LLMs with billions of parameters; a model of {parameters / 1e6:.1f}M parameters, trained briefly, need "
+            "not have them: one reading (not tested here) of why Wanda gains little over magnitude on it.\n")
+
+
+def seed_map(rows: list[dict]) -> dict[int, float]:
+    return {r["seed"]: r["sparse_perplexity"] for r in rows}
+
+
+# (run, baseline): the allocation (or learned thresholds) against the uniform one, the rest of the run alike.
+ALLOCATION_PAIRS = (("unipts_search-magnitude", "magnitude"), ("owl-wanda", "wanda"),
+                    ("unipts_search-magnitude" + RECOVERY_SUFFIX, "magnitude" + RECOVERY_SUFFIX),
+                    ("owl-wanda" + RECOVERY_SUFFIX, "wanda" + RECOVERY_SUFFIX),
+                    ("fcpts", "magnitude" + RECOVERY_SUFFIX))
+
+
+def allocation_statement(grouped: dict[tuple[str, str], list[dict]]) -> str:
+    """Each allocation's perplexity minus the uniform allocation's, paired by seed, per sparsity."""
+    lines = []
+    for run, baseline in ALLOCATION_PAIRS:
+        shared = [cell for cell in ("0.5", "0.6", "0.7") if (run, cell) in grouped and (baseline, cell) in grouped]
+        if shared:
+            lines.append(f"- `{run}` minus `{baseline}`: " + ", ".join(
+                f"{cell}: {paired(seed_map(grouped[(run, cell)]), seed_map(grouped[(baseline, cell)]))}"
+                for cell in shared) + ".")
+    if not lines:
+        return ""
+    return ("\nAllocations against the uniform one (perplexity difference, paired by seed: mean ± standard deviation "
+            "over the seeds, `**` beyond two standard deviations; `(1 seed)`: no claim; negative: lower perplexity "
+            "than uniform). `fcpts` against `magnitude+kd`: ERK magnitude masks whose per-layer thresholds are "
+            "learned during the same distillation, against uniform magnitude masks held fixed:\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def recovery_statement(grouped: dict[tuple[str, str], list[dict]]) -> str:
     pairs = [(run, cell, mean_of(rows), mean_of(grouped[(run + RECOVERY_SUFFIX, cell)]))
              for (run, cell), rows in grouped.items() if (run + RECOVERY_SUFFIX, cell) in grouped]
@@ -329,7 +373,8 @@ def lm_section(directory: Path = RESULTS) -> str:
     text += "| run | " + " | ".join(cells_present) + " |\n" + "|---" * (len(cells_present) + 1) + "|\n"
     text += "| dense | " + " | ".join(f"{dense:.2f}" for _ in cells_present) + " |\n"
     for name in names:
-        text += f"| {name} | " + " | ".join(perplexity_cell(grouped.get((name, cell))) for cell in cells_present) + " |\n"
+        text += (f"| {name} | " + " | ".join(perplexity_cell(grouped.get((name, cell))) for cell in cells_present)
+                 + " |\n")
     text += ("\nEvery row (seed 0 shown for the time, memory and detail columns):\n\n"
              "| run | target | achieved | allocation / criterion / recovery | perplexity | wall time (s) | "
              "CPU time (s) | peak RSS (MiB) | detail |\n|---|---|---|---|---|---|---|---|---|\n")
@@ -342,7 +387,8 @@ def lm_section(directory: Path = RESULTS) -> str:
             text += (f"| {name} | {cell} | {r['achieved_sparsity']:.4f} | {parts(r)} | {perplexity_cell(cell_rows)} "
                      f"| {r['wall_time_s']:.1f} | {r['bench']['cpu_time_s']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{detail(r)} |\n")
-    text += "\n" + ordering_statement(dense, grouped) + recovery_statement(grouped)
+    text += ("\n" + ordering_statement(dense, grouped) + outlier_statement(grouped, dense_row["parameters"])
+             + recovery_statement(grouped) + allocation_statement(grouped))
     return text
 
 
