@@ -31,7 +31,7 @@ from torch import nn
 from .._extras import MissingExtraError, require
 from ..checkpoint import check_new_directory, save_model
 from ..errors import CheckpointError, ConfigError
-from ..models import REFERENCE_MODELS, load_checkpoint, load_reference, zoo
+from ..models import REFERENCE_LM, REFERENCE_MODELS, load_checkpoint, load_reference, resolve_model, zoo
 from .base import FORMATS, ExportFormat
 
 # Each format module registers its format on import, in the order of the table above.
@@ -134,10 +134,13 @@ def load_model(spec: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """
     if str(spec) in REFERENCE_MODELS:
         return load_reference(str(spec)), {"architecture": REFERENCE_MODELS[str(spec)]}
+    if str(spec) == REFERENCE_LM:
+        model, architecture = resolve_model(REFERENCE_LM)
+        return model, {"architecture": architecture}
     path = Path(spec)
     if not path.exists():
-        raise CheckpointError(f"model {str(spec)!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}) "
-                              "nor an existing checkpoint path")
+        raise CheckpointError(f"model {str(spec)!r} is neither a reference model "
+                              f"({', '.join([*REFERENCE_MODELS, REFERENCE_LM])}) nor an existing checkpoint path")
     return load_checkpoint(path)
 
 
