@@ -68,12 +68,12 @@ def _metric_line(report: dict[str, Any]) -> str:
         where = (f" ({evaluation['scored_tokens']} held-out tokens, windows of {evaluation['max_length']}, stride "
                  f"{evaluation['stride']})" if evaluation else " (no held-out text: --eval-data text:FILE)")
         change = "" if before is None or sparse is None else \
-            f"  (the same masks before recovery {before:.2f}: recovery changed it by {sparse - before:+.2f})"
+            f"  (one-shot masks before recovery {before:.2f}: recovery changed it by {sparse - before:+.2f})"
         return f"perplexity: dense {shown[0]}  sparse {shown[1]}{where}{change}"
     dense, sparse, before = (report.get(f"{kind}_accuracy") for kind in ("dense", "sparse", "one_shot"))
     shown = ["n/a" if value is None else f"{100 * value:.2f}%" for value in (dense, sparse)]
     change = "" if before is None or sparse is None else \
-        f"  (the same masks before recovery {100 * before:.2f}%: recovery added {100 * (sparse - before):+.2f} points)"
+        f"  (one-shot masks before recovery {100 * before:.2f}%: recovery added {100 * (sparse - before):+.2f} points)"
     return f"accuracy: dense {shown[0]}  sparse {shown[1]}{change}"
 
 
