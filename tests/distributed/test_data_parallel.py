@@ -18,7 +18,7 @@ from tests.conftest import needs_fashion_mnist
 
 from ptsparse.errors import CheckpointError
 
-from .worker import ONE_SHOT, RESUMED, RUNS, calibration, model, one_shot
+from .worker import ONE_SHOT, REFERENCE_RUNS, RESUMED, RUNS, calibration, model, one_shot, run
 
 # Agreement measured with one process: 1.0 for each (dst 0.998). IEE's Taylor scores (run "iee_taylor": the same
 # model on every rank, but 0.979 of one process's masks) take gradients that BatchNorm in train mode changes when it
@@ -43,7 +43,7 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     return out, [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [*RUNS, *REFERENCE_RUNS])
 def test_every_rank_ends_with_the_same_model(ranks, name):
     first, second = (rank["results"][name] for rank in ranks[1])
     assert all(torch.equal(first["masks"][layer], second["masks"][layer]) for layer in first["masks"])
@@ -103,6 +103,54 @@ def test_moving_masks_at_the_same_global_batch_nearly_agree_with_one_process(ran
     moved = {"dst": recovery.get("kept_changed"), "fcpts": recovery.get("projection_flips"),
              "iee": sum(cycle["swapped"] for cycle in recovery.get("iee_cycles", []))}
     assert moved.get(name, moved["iee"]) > 0
+
+
+def test_pot_shares_its_layers_out_and_gives_one_process_masks_and_weights(ranks):
+    alone = run("pot")
+    layers = len(alone.masks)
+    for rank, parallel in enumerate(rank["results"]["pot"] for rank in ranks[1]):
+        assert all(torch.equal(alone.masks[layer], parallel["masks"][layer]) for layer in alone.masks)
+        assert parallel["work"]["layers"] == len(range(rank, layers, 2))  # layer i reconstructed on rank i % 2 alone
+        # each layer is the single process's computation; BatchNorm re-calibration sums each rank's batches
+        for key, value in alone.model.state_dict().items():
+            torch.testing.assert_close(parallel["state"][key], value, rtol=1e-5, atol=1e-6)
+        losses = parallel["report"]["recovery"]["layer_losses"]
+        assert losses == pytest.approx(alone.report["recovery"]["layer_losses"], rel=1e-5)
+
+
+def test_unipts_search_shares_its_candidates_out_and_picks_the_one_process_allocation(ranks):
+    alone = run("unipts")
+    search = alone.report["allocation_search"]
+    allocation = [layer["target"] for layer in alone.report["layers"]]
+    for parallel in (rank["results"]["unipts"]["report"] for rank in ranks[1]):
+        assert [layer["target"] for layer in parallel["layers"]] == allocation
+        shared = parallel["allocation_search"]
+        assert (shared["best"], shared["evaluations"]) == (search["best"], search["evaluations"])
+        assert shared["best_per_generation"] == pytest.approx(search["best_per_generation"], rel=1e-5)
+        assert [c["label"] for c in shared["rescored"]] == [c["label"] for c in search["rescored"]]
+        assert [c["after_distillation"] for c in shared["rescored"]] == pytest.approx(
+            [c["after_distillation"] for c in search["rescored"]], rel=1e-5)
+    scored = [rank["results"]["unipts"]["work"]["candidates"] for rank in ranks[1]]
+    assert sum(scored) == search["evaluations"] and all(0 < count < search["evaluations"] for count in scored)
+
+
+def test_bf16_distillation_runs_data_parallel_close_to_one_process(ranks):
+    alone = run("bf16")
+    parallel = ranks[1][0]["results"]["bf16"]
+    assert all(torch.equal(alone.masks[layer], parallel["masks"][layer]) for layer in alone.masks)
+    # as fp32 (each rank's BatchNorm normalises its half batch), and each rank's autocast rounds its half: 2e-4 apart
+    for key, value in alone.model.state_dict().items():
+        torch.testing.assert_close(parallel["state"][key], value, rtol=0, atol=1e-3)
+
+
+def test_gradient_checkpointing_runs_data_parallel_to_the_same_weights(ranks):
+    alone = run("grad_checkpointing")
+    for rank in ranks[1]:
+        parallel, plain = rank["results"]["grad_checkpointing"], rank["results"]["no_checkpointing"]
+        assert all(torch.equal(alone.masks[layer], parallel["masks"][layer]) for layer in alone.masks)
+        # recomputing the reference model's blocks under DDP changes nothing (its distance to one process is that of
+        # BatchNorm on half batches, which the 2-rank run without checkpointing shares)
+        assert all(torch.equal(plain["state"][key], value) for key, value in parallel["state"].items())
 
 
 def test_resume_after_an_interrupt_ends_as_an_uninterrupted_run(ranks):

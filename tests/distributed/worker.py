@@ -1,5 +1,6 @@
 """What every rank of ``torchrun --nproc-per-node 2 worker.py OUT`` runs for ``test_data_parallel.py``: the runs
-in :data:`RUNS` (which the tests repeat in one process), the runs each rank must refuse, a save, and a run
+in :data:`RUNS` and :data:`REFERENCE_RUNS` (which the tests repeat in one process; each rank also counts the work
+it did of what the ranks share out), the runs each rank must refuse, a save, and a run
 interrupted after a checkpoint then resumed (:data:`RESUMED`); each rank writes what it got to ``OUT/rank<R>.pt``.
 With ``fail`` after ``OUT``, the command line distils on every rank and rank 1 fails at its third step. With
 ``one_shot``, the data-driven one-shot criteria of :data:`ONE_SHOT` prune the reference model (a chain of residual
@@ -18,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ptsparse  # noqa: E402
 from ptsparse import cli, distributed  # noqa: E402
+from ptsparse.allocation.unipts_search import FitnessEvaluator  # noqa: E402
 from ptsparse.errors import CalibrationError, PtsparseError  # noqa: E402
 from ptsparse.models import load_reference  # noqa: E402
-from ptsparse.recovery import DYNAMICS, Dynamics, trainer  # noqa: E402
+from ptsparse.recovery import DYNAMICS, Dynamics, layerwise, trainer  # noqa: E402
 from tests.conftest import TinyCNN  # noqa: E402
 
 DISTIL = {"sparsity": 0.8, "distill_iterations": 12, "batch_size": 16}
@@ -36,6 +38,19 @@ RUNS = {
     "iee_channels": {"method": "iee", "pattern": "channel", "sparsity": 0.3, "distill_iterations": 20,
                      "batch_size": 16, **IEE_CYCLES},
     "fcpts": {"method": "fcpts", **DISTIL, "learned_thresholds_score_grad": "ste"},
+    # work the ranks share out instead of repeating: POT's layers, the UniPTS search's candidates (and finalists)
+    "pot": {"method": "pot", "sparsity": 0.8, "layerwise_iterations": 30, "batch_size": 16},
+    "unipts": {"method": "unipts", **DISTIL, "distill_iterations": 4, "unipts_search_population": 6,
+               "unipts_search_generations": 2, "unipts_search_parents": 3, "unipts_search_bn_samples": 16,
+               "unipts_search_fit_samples": 16, "unipts_search_rescore_top": 2, "unipts_search_rescore_steps": 3},
+    # memory savers
+    "bf16": {"method": "magnitude_kd", **DISTIL, "distill_precision": "bf16"},
+}
+# Runs on the reference model (a chain of residual blocks, which gradient checkpointing recomputes).
+REFERENCE_RUNS = {
+    "no_checkpointing": {"method": "magnitude_kd", "sparsity": 0.5, "distill_iterations": 3, "batch_size": 16},
+    "grad_checkpointing": {"method": "magnitude_kd", "sparsity": 0.5, "distill_iterations": 3, "batch_size": 16,
+                           "distill_grad_checkpointing": True},
 }
 # 64 samples in batches of 16: two whole batches per rank.
 ONE_SHOT = {
@@ -44,6 +59,7 @@ ONE_SHOT = {
     "sparsegpt": {"method": "sparsegpt", "sparsity": 0.6, "batch_size": 16},
     "sparsegpt_2_4": {"method": "sparsegpt", "pattern": "2:4", "batch_size": 16},
     "taylor": {"method": "taylor", "sparsity": 0.3, "batch_size": 16},
+    "wanda_offload": {"method": "wanda", "sparsity": 0.6, "batch_size": 16, "offload": True},
 }
 # Checkpoints at step 5, in the exploration of IEE's first cycle; the interrupted run stops at step 8.
 RESUMED = {**RUNS["iee_taylor"], "distill_checkpoint_every": 5}
@@ -76,6 +92,37 @@ def reference() -> torch.nn.Module:
 
 def reference_calibration() -> torch.Tensor:
     return torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+
+
+def run(name: str) -> ptsparse.SparsifyResult:
+    """``sparsify`` of run ``name`` of :data:`RUNS` (on :func:`model`) or :data:`REFERENCE_RUNS` (on the reference
+    model)."""
+    if name in REFERENCE_RUNS:
+        return ptsparse.sparsify(reference(), reference_calibration(), **REFERENCE_RUNS[name])
+    return ptsparse.sparsify(model(), calibration(), **RUNS[name])
+
+
+class Counting:
+    """Within the context, counts this rank's calls of the shared-out work: candidates scored by the UniPTS search
+    and layers whose inputs POT caches (one per layer it reconstructs)."""
+
+    def __enter__(self) -> dict[str, int]:
+        self.counts = {"candidates": 0, "layers": 0}
+        self.saved = FitnessEvaluator._score, layerwise.cache_layer_io
+
+        def score(evaluator, *args, _score=FitnessEvaluator._score):
+            self.counts["candidates"] += 1
+            return _score(evaluator, *args)
+
+        def cache(*args, _cache=layerwise.cache_layer_io, **kwargs):
+            self.counts["layers"] += 1
+            return _cache(*args, **kwargs)
+
+        FitnessEvaluator._score, layerwise.cache_layer_io = score, cache
+        return self.counts
+
+    def __exit__(self, *exc) -> None:
+        FitnessEvaluator._score, layerwise.cache_layer_io = self.saved
 
 
 def one_shot(overrides: dict) -> tuple[dict[str, torch.Tensor], int]:
@@ -117,11 +164,13 @@ def main(out: Path) -> None:
     with distributed.process_group():
         rank = distributed.world()[0]
         results, errors = {}, {}
-        for name, overrides in RUNS.items():
-            result = ptsparse.sparsify(model(), calibration(), **overrides)
-            results[name] = {"masks": result.masks, "state": result.model.state_dict(),
-                             "report": {key: result.report[key] for key in ("achieved_sparsity", "target_sparsity",
-                                                                            "recovery")}}
+        for name in (*RUNS, *REFERENCE_RUNS):
+            with Counting() as work:
+                result = run(name)
+            report = {key: result.report[key] for key in ("achieved_sparsity", "target_sparsity", "recovery",
+                                                          "layers", "allocation_search")}
+            results[name] = {"masks": result.masks, "state": result.model.state_dict(), "report": report,
+                             "work": dict(work)}
         result.save(out / f"saved_by_rank{rank}")
         runs = {name: (calibration(), overrides) for name, overrides in REFUSED.items()}
         runs["other_calibration"] = (calibration(offset=rank), RUNS["magnitude"])
