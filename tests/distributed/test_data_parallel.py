@@ -18,7 +18,8 @@ from tests.conftest import needs_fashion_mnist
 
 from ptsparse.errors import CheckpointError
 
-from .worker import ONE_SHOT, REFERENCE_RUNS, RESUMED, RUNS, calibration, model, one_shot, run
+from .worker import (LATENCY, ONE_SHOT, REFERENCE_RUNS, RESUMED, RUNS, calibration, model, one_shot, run,
+                     timed_by_macs)
 
 # Agreement measured with one process: 1.0 for each (dst 0.998). IEE's Taylor scores (run "iee_taylor": the same
 # model on every rank, but 0.979 of one process's masks) take gradients that BatchNorm in train mode changes when it
@@ -77,6 +78,15 @@ def test_one_shot_criteria_on_each_ranks_batches_give_one_process_masks(one_shot
         # 18 in one process for Wanda and SparseGPT (the chain check runs the first batch on every rank), 11 vs 15
         # for Taylor (its coupling and norm checks run an example on every rank)
         assert parallel_batches < batches
+
+
+def test_latency_knapsack_shares_its_timings_out_and_gives_one_process_masks(one_shot_ranks):
+    with timed_by_macs() as timed:  # real timings differ between ranks and runs: these are deterministic
+        masks, _ = one_shot(LATENCY)
+    for parallel, _ in (rank["latency"] for rank in one_shot_ranks):
+        assert masks.keys() == parallel.keys() and all(torch.equal(masks[k], parallel[k]) for k in masks)
+    shares = [rank["latency"][1] for rank in one_shot_ranks]
+    assert sum(shares) == timed[0] and all(0 < share < timed[0] for share in shares)
 
 
 def test_distillation_at_the_same_global_batch_stays_close_to_one_process(ranks):

@@ -4,13 +4,16 @@ it did of what the ranks share out), the runs each rank must refuse, a save, and
 interrupted after a checkpoint then resumed (:data:`RESUMED`); each rank writes what it got to ``OUT/rank<R>.pt``.
 With ``fail`` after ``OUT``, the command line distils on every rank and rank 1 fails at its third step. With
 ``one_shot``, the data-driven one-shot criteria of :data:`ONE_SHOT` prune the reference model (a chain of residual
-blocks: layer-by-layer on cached block inputs) and each rank writes its masks and the batches its stem ran."""
+blocks: layer-by-layer on cached block inputs) and each rank writes its masks and the batches its stem ran, and a
+latency knapsack (:data:`LATENCY`) its masks and how many layers it timed."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ptsparse  # noqa: E402
 from ptsparse import cli, distributed  # noqa: E402
+from ptsparse.allocation import knapsack  # noqa: E402
 from ptsparse.allocation.unipts_search import FitnessEvaluator  # noqa: E402
 from ptsparse.errors import CalibrationError, PtsparseError  # noqa: E402
+from ptsparse.graph.cost import count_macs  # noqa: E402
 from ptsparse.models import load_reference  # noqa: E402
 from ptsparse.recovery import DYNAMICS, Dynamics, layerwise, trainer  # noqa: E402
 from tests.conftest import TinyCNN  # noqa: E402
@@ -61,6 +66,9 @@ ONE_SHOT = {
     "taylor": {"method": "taylor", "sparsity": 0.3, "batch_size": 16},
     "wanda_offload": {"method": "wanda", "sparsity": 0.6, "batch_size": 16, "offload": True},
 }
+# Channel counts within a latency budget: the tables' standalone layers are timed by the ranks in turn.
+LATENCY = {"method": "taylor", "allocation": "knapsack", "knapsack_cost": "latency", "sparsity": 0.3,
+           "batch_size": 16}
 # Checkpoints at step 5, in the exploration of IEE's first cycle; the interrupted run stops at step 8.
 RESUMED = {**RUNS["iee_taylor"], "distill_checkpoint_every": 5}
 INTERRUPT_AT = 8
@@ -123,6 +131,23 @@ class Counting:
 
     def __exit__(self, *exc) -> None:
         FitnessEvaluator._score, layerwise.cache_layer_io = self.saved
+
+
+@contextmanager
+def timed_by_macs() -> Iterator[list[int]]:
+    """Within the context, the knapsack's latency tables time each layer as its MACs (deterministic, so ranks and
+    one process can be compared); yields a list holding the number of layers this rank timed."""
+    timed = [0]
+
+    def measure(module, shape, *args, **kwargs) -> dict[str, float]:
+        timed[0] += 1
+        return {"median_ms": count_macs(module, torch.zeros(1, *shape))["macs"] / 1e6}
+
+    measure_latency, knapsack.measure_latency = knapsack.measure_latency, measure
+    try:
+        yield timed
+    finally:
+        knapsack.measure_latency = measure_latency
 
 
 def one_shot(overrides: dict) -> tuple[dict[str, torch.Tensor], int]:
@@ -194,6 +219,8 @@ def fail(out: Path) -> int:
 def main_one_shot(out: Path) -> None:
     with distributed.process_group():
         results = {name: one_shot(overrides) for name, overrides in ONE_SHOT.items()}
+        with timed_by_macs() as timed:
+            results["latency"] = one_shot(LATENCY)[0], timed[0]
         torch.save(results, out / f"rank{distributed.world()[0]}.pt")
 
 
