@@ -18,7 +18,7 @@ from tests.conftest import needs_fashion_mnist
 
 from ptsparse.errors import CheckpointError
 
-from .worker import (LATENCY, ONE_SHOT, REFERENCE_RUNS, RESUMED, RUNS, calibration, model, one_shot, run,
+from .worker import (LATENCY, ONE_SHOT, REFERENCE_RUNS, RESUMED, RUNS, calibration, lm_run, model, one_shot, run,
                      timed_by_macs)
 
 # Agreement measured with one process: 1.0 for each (dst 0.998). IEE's Taylor scores (run "iee_taylor": the same
@@ -161,6 +161,40 @@ def test_gradient_checkpointing_runs_data_parallel_to_the_same_weights(ranks):
         # recomputing the reference model's blocks under DDP changes nothing (its distance to one process is that of
         # BatchNorm on half batches, which the 2-rank run without checkpointing shares)
         assert all(torch.equal(plain["state"][key], value) for key, value in parallel["state"].items())
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny random Llama's directory (with its word tokenizer), training text and held-out text."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tests.unit.test_language_models import CONFIGS, sentences, word_tokenizer
+
+    directory = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).save_pretrained(str(directory / "model"))
+    word_tokenizer().save_pretrained(str(directory / "model"))
+    (directory / "train.txt").write_text(sentences(60, 0) + "\n")
+    (directory / "valid.txt").write_text(sentences(12, 1) + "\n")
+    return directory / "model", directory / "train.txt", directory / "valid.txt"
+
+
+def test_a_language_model_distils_data_parallel_to_one_process_masks_and_perplexity(llama, tmp_path):
+    done = torchrun(str(WORKER), str(tmp_path), "lm", *map(str, llama))
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = lm_run(*llama)
+    assert alone.report["sparse_perplexity"] > alone.report["dense_perplexity"] > 1
+    for parallel in (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)):
+        assert alone.masks.keys() == parallel["masks"].keys()
+        for name, mask in alone.masks.items():
+            assert torch.equal(mask, parallel["masks"][name])
+            assert bool((parallel["state"][f"{name}.weight"][~mask] == 0).all()), name  # pruned weights stay zero
+        # no BatchNorm: the ranks' half batches sum to one process's gradients up to float rounding (6e-11 measured)
+        for key, value in alone.model.state_dict().items():
+            torch.testing.assert_close(parallel["state"][key], value, rtol=1e-5, atol=1e-6)
+        for key in ("dense_perplexity", "sparse_perplexity"):  # the windows scored across the ranks
+            assert parallel["report"][key] == pytest.approx(alone.report[key], rel=1e-6)
+        assert parallel["report"]["evaluation"] == alone.report["evaluation"]
 
 
 def test_resume_after_an_interrupt_ends_as_an_uninterrupted_run(ranks):

@@ -5,7 +5,9 @@ interrupted after a checkpoint then resumed (:data:`RESUMED`); each rank writes 
 With ``fail`` after ``OUT``, the command line distils on every rank and rank 1 fails at its third step. With
 ``one_shot``, the data-driven one-shot criteria of :data:`ONE_SHOT` prune the reference model (a chain of residual
 blocks: layer-by-layer on cached block inputs) and each rank writes its masks and the batches its stem ran, and a
-latency knapsack (:data:`LATENCY`) its masks and how many layers it timed."""
+latency knapsack (:data:`LATENCY`) its masks and how many layers it timed. With ``lm DIR TRAIN VALID``, :data:`LM`
+distils the causal language model in ``DIR`` (:func:`lm_run`) and each rank writes its masks, weights and
+perplexities."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from ptsparse.allocation import knapsack  # noqa: E402
 from ptsparse.allocation.unipts_search import FitnessEvaluator  # noqa: E402
 from ptsparse.errors import CalibrationError, PtsparseError  # noqa: E402
 from ptsparse.graph.cost import count_macs  # noqa: E402
-from ptsparse.models import load_reference  # noqa: E402
+from ptsparse.data import load_source, sample_calibration  # noqa: E402
+from ptsparse.models import load_reference, resolve_model, zoo  # noqa: E402
 from ptsparse.recovery import DYNAMICS, Dynamics, layerwise, trainer  # noqa: E402
 from tests.conftest import TinyCNN  # noqa: E402
 
@@ -69,6 +72,8 @@ ONE_SHOT = {
 # Channel counts within a latency budget: the tables' standalone layers are timed by the ranks in turn.
 LATENCY = {"method": "taylor", "allocation": "knapsack", "knapsack_cost": "latency", "sparsity": 0.3,
            "batch_size": 16}
+# A causal language model (a tiny Llama) distilled on packed text, perplexity on held-out text.
+LM = {"method": "magnitude_kd", "sparsity": 0.5, "distill_iterations": 5, "batch_size": 4}
 # Checkpoints at step 5, in the exploration of IEE's first cycle; the interrupted run stops at step 8.
 RESUMED = {**RUNS["iee_taylor"], "distill_checkpoint_every": 5}
 INTERRUPT_AT = 8
@@ -158,6 +163,17 @@ def one_shot(overrides: dict) -> tuple[dict[str, torch.Tensor], int]:
     return result.masks, len(batches)
 
 
+def lm_run(directory: str | Path, train: str | Path, valid: str | Path) -> ptsparse.SparsifyResult:
+    """:data:`LM` on the ``hf:`` model in ``directory``: 8 windows of 16 tokens of ``train``, perplexity on
+    ``valid``."""
+    model, architecture = resolve_model(f"hf:{directory}")
+    tokenizer = zoo.load_tokenizer(architecture)
+    source = load_source(f"text:{train}", tokenizer=tokenizer, seq_len=16, packed=True)
+    held_out = load_source(f"text:{valid}", tokenizer=tokenizer, seq_len=16, packed=True)
+    return ptsparse.sparsify(model, sample_calibration(source, 8, seed=0), eval_data=held_out,
+                             architecture=architecture, progress=False, **LM)
+
+
 def stopping_at(step: int, error: BaseException):
     """``trainer.batch_at`` that raises ``error`` at ``step``."""
     batch_at = trainer.batch_at
@@ -224,7 +240,17 @@ def main_one_shot(out: Path) -> None:
         torch.save(results, out / f"rank{distributed.world()[0]}.pt")
 
 
+def main_lm(out: Path, directory: str, train: str, valid: str) -> None:
+    with distributed.process_group():
+        result = lm_run(directory, train, valid)
+        report = {key: result.report[key] for key in ("dense_perplexity", "sparse_perplexity", "evaluation")}
+        torch.save({"masks": result.masks, "state": result.model.state_dict(), "report": report},
+                   out / f"rank{distributed.world()[0]}.pt")
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["fail"]:
         sys.exit(fail(Path(sys.argv[1])))
+    if sys.argv[2:3] == ["lm"]:
+        sys.exit(main_lm(Path(sys.argv[1]), *sys.argv[3:]))
     (main_one_shot if sys.argv[2:] == ["one_shot"] else main)(Path(sys.argv[1]))
