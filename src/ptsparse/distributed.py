@@ -102,20 +102,17 @@ def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def computed_in_turns(items: Sequence[T], compute: Callable[[T], Sequence[float]], width: int,
-                      show_progress: bool = False, desc: str = "") -> list[tuple[float, ...]]:
+                      wrap: Callable[[range], Iterable[int]] = iter) -> list[tuple[float, ...]]:
     """``compute(item)`` for every item: each rank computes its turn of them (:func:`my_turns`: item ``i`` on rank
     ``i % world``), and every rank gets every result, in item order.
 
     The ``width`` floats of each result travel in float64, added to zeros, so every rank receives exactly the
     values the rank that computed them had. ``compute`` must not enter a collective (the ranks compute different
-    items at the same time). ``show_progress`` shows a bar ``desc`` over rank 0's items.
+    items at the same time). ``wrap`` wraps the range of this rank's item indices (a progress bar).
     """
-    from ._progress import progress
-
     rank, size = world()
     values = torch.zeros(len(items), width, dtype=torch.float64)
-    mine = range(rank, len(items), size)
-    for index in progress(mine, show_progress, desc, total=len(mine)):
+    for index in wrap(range(rank, len(items), size)):
         values[index] = torch.tensor([float(value) for value in compute(items[index])], dtype=torch.float64)
     if size > 1:
         on_device = values.to(_collective_device())

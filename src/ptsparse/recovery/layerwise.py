@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from .._progress import progress
 from ..data import Calibration
 from ..masking import mask_of, trainable
 from ..targets import Target
@@ -122,8 +123,8 @@ def reconstruct_layers(student: nn.Module, teacher: nn.Module, targets: list[Tar
             optimizer.step()
         return (float(loss.detach()),)
 
-    losses = distributed.computed_in_turns(list(enumerate(targets)), reconstruct, 1, show_progress,
-                                           "reconstruct layers")
+    losses = distributed.computed_in_turns(list(enumerate(targets)), reconstruct, 1,
+                                           lambda mine: progress(mine, show_progress, "reconstruct layers"))
     ranks = distributed.world()[1]
     for index, target in enumerate(targets):
         distributed.broadcast_(_trained(target.module), index % ranks)
