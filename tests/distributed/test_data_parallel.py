@@ -180,11 +180,15 @@ def llama(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def test_a_language_model_distils_data_parallel_to_one_process_masks_and_perplexity(llama, tmp_path):
+    """Each rank training a whole student (DistributedDataParallel) or its shards (FSDP2)."""
     done = torchrun(str(WORKER), str(tmp_path), "lm", *map(str, llama))
     assert done.returncode == 0, done.stderr[-3000:]
     alone = lm_run(*llama)
     assert alone.report["sparse_perplexity"] > alone.report["dense_perplexity"] > 1
-    for parallel in (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)):
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    whole = ranks[0]["none"]["work"]["optimized"]
+    assert [rank["fsdp"]["work"]["optimized"] for rank in ranks] == [whole // 2] * 2  # every tensor halves evenly
+    for parallel in (rank[shard] for rank in ranks for shard in ("none", "fsdp")):
         assert alone.masks.keys() == parallel["masks"].keys()
         for name, mask in alone.masks.items():
             assert torch.equal(mask, parallel["masks"][name])
@@ -197,10 +201,22 @@ def test_a_language_model_distils_data_parallel_to_one_process_masks_and_perplex
         assert parallel["report"]["evaluation"] == alone.report["evaluation"]
 
 
-def test_resume_after_an_interrupt_ends_as_an_uninterrupted_run(ranks):
+@pytest.mark.parametrize("name", ["resumed", "resumed_sharded"])
+def test_resume_after_an_interrupt_ends_as_an_uninterrupted_run(ranks, name):
     for rank in ranks[1]:
-        whole, resumed = rank["resumed"]["whole"], rank["resumed"]["resumed"]
+        whole, resumed = rank[name]["whole"], rank[name]["resumed"]
         assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+def test_a_sharded_student_trains_as_a_whole_one_holding_half_its_parameters_per_rank(ranks):
+    alone = run("fsdp")
+    for rank in ranks[1]:
+        sharded, whole = rank["results"]["fsdp"], rank["results"]["grad_checkpointing"]
+        assert all(torch.equal(alone.masks[layer], sharded["masks"][layer]) for layer in alone.masks)
+        # the same steps as DistributedDataParallel's, with each block's weights gathered (and masked) to run it
+        for key, value in whole["state"].items():
+            torch.testing.assert_close(sharded["state"][key], value, rtol=1e-5, atol=1e-6)
+        assert sharded["work"]["optimized"] < 0.51 * whole["work"]["optimized"]
 
 
 def test_resume_on_another_number_of_ranks_is_refused_in_one_line(ranks):

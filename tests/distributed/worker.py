@@ -1,13 +1,14 @@
 """What every rank of ``torchrun --nproc-per-node 2 worker.py OUT`` runs for ``test_data_parallel.py``: the runs
 in :data:`RUNS` and :data:`REFERENCE_RUNS` (which the tests repeat in one process; each rank also counts the work
 it did of what the ranks share out), the runs each rank must refuse, a save, and a run
-interrupted after a checkpoint then resumed (:data:`RESUMED`); each rank writes what it got to ``OUT/rank<R>.pt``.
+interrupted after a checkpoint then resumed (:data:`RESUMED`, :data:`RESUMED_SHARDED`); each rank writes what it
+got to ``OUT/rank<R>.pt``.
 With ``fail`` after ``OUT``, the command line distils on every rank and rank 1 fails at its third step. With
 ``one_shot``, the data-driven one-shot criteria of :data:`ONE_SHOT` prune the reference model (a chain of residual
 blocks: layer-by-layer on cached block inputs) and each rank writes its masks and the batches its stem ran, and a
 latency knapsack (:data:`LATENCY`) its masks and how many layers it timed. With ``lm DIR TRAIN VALID``, :data:`LM`
-distils the causal language model in ``DIR`` (:func:`lm_run`) and each rank writes its masks, weights and
-perplexities."""
+distils the causal language model in ``DIR`` (:func:`lm_run`), its student whole on each rank and sharded, and each
+rank writes its masks, weights, perplexities and the parameter elements its optimizer held."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ptsparse.graph.cost import count_macs  # noqa: E402
 from ptsparse.data import load_source, sample_calibration  # noqa: E402
 from ptsparse.models import load_reference, resolve_model, zoo  # noqa: E402
 from ptsparse.recovery import DYNAMICS, Dynamics, layerwise, trainer  # noqa: E402
+from ptsparse.recovery.memory import SHARDS  # noqa: E402
 from tests.conftest import TinyCNN  # noqa: E402
 
 DISTIL = {"sparsity": 0.8, "distill_iterations": 12, "batch_size": 16}
@@ -59,6 +61,9 @@ REFERENCE_RUNS = {
     "no_checkpointing": {"method": "magnitude_kd", "sparsity": 0.5, "distill_iterations": 3, "batch_size": 16},
     "grad_checkpointing": {"method": "magnitude_kd", "sparsity": 0.5, "distill_iterations": 3, "batch_size": 16,
                            "distill_grad_checkpointing": True},
+    # the student sharded with FSDP2, each residual block one unit, its activations recomputed
+    "fsdp": {"method": "magnitude_kd", "sparsity": 0.5, "distill_iterations": 3, "batch_size": 16,
+             "distill_grad_checkpointing": True, "distill_shard": "fsdp"},
 }
 # 64 samples in batches of 16: two whole batches per rank.
 ONE_SHOT = {
@@ -77,6 +82,8 @@ LM = {"method": "magnitude_kd", "sparsity": 0.5, "distill_iterations": 5, "batch
 # Checkpoints at step 5, in the exploration of IEE's first cycle; the interrupted run stops at step 8.
 RESUMED = {**RUNS["iee_taylor"], "distill_checkpoint_every": 5}
 INTERRUPT_AT = 8
+# The same with the student sharded (FSDP2): checkpoints of full state dicts gathered from the shards.
+RESUMED_SHARDED = {**RUNS["magnitude_kd"], "distill_shard": "fsdp", "distill_checkpoint_every": 5}
 
 
 @DYNAMICS.register("rank_local")
@@ -116,12 +123,13 @@ def run(name: str) -> ptsparse.SparsifyResult:
 
 
 class Counting:
-    """Within the context, counts this rank's calls of the shared-out work: candidates scored by the UniPTS search
-    and layers whose inputs POT caches (one per layer it reconstructs)."""
+    """Within the context, counts this rank's part of the shared-out work: candidates scored by the UniPTS search,
+    layers whose inputs POT caches (one per layer it reconstructs), and the elements of the parameters its
+    distillation optimizer holds (the shards of a sharded student)."""
 
     def __enter__(self) -> dict[str, int]:
-        self.counts = {"candidates": 0, "layers": 0}
-        self.saved = FitnessEvaluator._score, layerwise.cache_layer_io
+        self.counts = {"candidates": 0, "layers": 0, "optimized": 0}
+        self.saved = FitnessEvaluator._score, layerwise.cache_layer_io, trainer.make_optimizer
 
         def score(evaluator, *args, _score=FitnessEvaluator._score):
             self.counts["candidates"] += 1
@@ -131,11 +139,16 @@ class Counting:
             self.counts["layers"] += 1
             return _cache(*args, **kwargs)
 
-        FitnessEvaluator._score, layerwise.cache_layer_io = score, cache
+        def optimizer(groups, *args, _make=trainer.make_optimizer):
+            local = [getattr(p, "to_local", lambda p=p: p)() for group in groups for p in group["params"]]
+            self.counts["optimized"] += sum(tensor.numel() for tensor in local)
+            return _make(groups, *args)
+
+        FitnessEvaluator._score, layerwise.cache_layer_io, trainer.make_optimizer = score, cache, optimizer
         return self.counts
 
     def __exit__(self, *exc) -> None:
-        FitnessEvaluator._score, layerwise.cache_layer_io = self.saved
+        FitnessEvaluator._score, layerwise.cache_layer_io, trainer.make_optimizer = self.saved
 
 
 @contextmanager
@@ -163,15 +176,15 @@ def one_shot(overrides: dict) -> tuple[dict[str, torch.Tensor], int]:
     return result.masks, len(batches)
 
 
-def lm_run(directory: str | Path, train: str | Path, valid: str | Path) -> ptsparse.SparsifyResult:
-    """:data:`LM` on the ``hf:`` model in ``directory``: 8 windows of 16 tokens of ``train``, perplexity on
-    ``valid``."""
+def lm_run(directory: str | Path, train: str | Path, valid: str | Path, **overrides) -> ptsparse.SparsifyResult:
+    """:data:`LM` (and ``overrides``) on the ``hf:`` model in ``directory``: 8 windows of 16 tokens of ``train``,
+    perplexity on ``valid``."""
     model, architecture = resolve_model(f"hf:{directory}")
     tokenizer = zoo.load_tokenizer(architecture)
     source = load_source(f"text:{train}", tokenizer=tokenizer, seq_len=16, packed=True)
     held_out = load_source(f"text:{valid}", tokenizer=tokenizer, seq_len=16, packed=True)
     return ptsparse.sparsify(model, sample_calibration(source, 8, seed=0), eval_data=held_out,
-                             architecture=architecture, progress=False, **LM)
+                             architecture=architecture, progress=False, **{**LM, **overrides})
 
 
 def stopping_at(step: int, error: BaseException):
@@ -185,19 +198,19 @@ def stopping_at(step: int, error: BaseException):
     return stop
 
 
-def resumed(out: Path) -> dict[str, torch.Tensor]:
-    """An uninterrupted run's state and that of the same run interrupted at :data:`INTERRUPT_AT` then resumed
-    (rank 0 keeps a copy of its checkpoint in ``out/kept``)."""
-    whole = ptsparse.sparsify(model(), calibration(), **RESUMED, checkpoint_dir=out / "whole")
+def resumed(out: Path, overrides: dict) -> dict[str, torch.Tensor]:
+    """The state of an uninterrupted run of ``overrides`` and that of the same run interrupted at
+    :data:`INTERRUPT_AT` then resumed (rank 0 keeps a copy of its checkpoint in ``out/kept``)."""
+    whole = ptsparse.sparsify(model(), calibration(), **overrides, checkpoint_dir=out / "whole")
     batch_at, trainer.batch_at = trainer.batch_at, stopping_at(INTERRUPT_AT, KeyboardInterrupt())
     try:
-        ptsparse.sparsify(model(), calibration(), **RESUMED, checkpoint_dir=out / "parts")
+        ptsparse.sparsify(model(), calibration(), **overrides, checkpoint_dir=out / "parts")
     except KeyboardInterrupt:
         if distributed.is_main():
             shutil.copytree(out / "parts", out / "kept")
     finally:
         trainer.batch_at = batch_at
-    again = ptsparse.sparsify(model(), calibration(), **RESUMED, checkpoint_dir=out / "parts", resume=True)
+    again = ptsparse.sparsify(model(), calibration(), **overrides, checkpoint_dir=out / "parts", resume=True)
     return {"whole": whole.model.state_dict(), "resumed": again.model.state_dict()}
 
 
@@ -220,7 +233,8 @@ def main(out: Path) -> None:
                 ptsparse.sparsify(model(), calib, **overrides)
             except PtsparseError as error:
                 errors[name] = f"{type(error).__name__}: {error}"
-        torch.save({"results": results, "errors": errors, "resumed": resumed(out)}, out / f"rank{rank}.pt")
+        runs = {"resumed": resumed(out, RESUMED), "resumed_sharded": resumed(out / "sharded", RESUMED_SHARDED)}
+        torch.save({"results": results, "errors": errors, **runs}, out / f"rank{rank}.pt")
 
 
 def fail(out: Path) -> int:
@@ -242,10 +256,14 @@ def main_one_shot(out: Path) -> None:
 
 def main_lm(out: Path, directory: str, train: str, valid: str) -> None:
     with distributed.process_group():
-        result = lm_run(directory, train, valid)
-        report = {key: result.report[key] for key in ("dense_perplexity", "sparse_perplexity", "evaluation")}
-        torch.save({"masks": result.masks, "state": result.model.state_dict(), "report": report},
-                   out / f"rank{distributed.world()[0]}.pt")
+        results = {}
+        for shard in SHARDS:
+            with Counting() as work:
+                result = lm_run(directory, train, valid, distill_shard=shard)
+            report = {key: result.report[key] for key in ("dense_perplexity", "sparse_perplexity", "evaluation")}
+            results[shard] = {"masks": result.masks, "state": result.model.state_dict(), "report": report,
+                              "work": dict(work)}
+        torch.save(results, out / f"rank{distributed.world()[0]}.pt")
 
 
 if __name__ == "__main__":
