@@ -12,7 +12,7 @@ student sharded over the ranks.
   without checkpointing.
 * ``shard="fsdp"`` (data-parallel runs): distillation trains a copy of the student whose parameters are sharded
   over the ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``, each block one unit, the rest the root's):
-  each rank holds 1/N of the student's parameters, gradients and optimizer state, and a block's full parameters
+  each rank holds 1/N of the copy's parameters, gradients and optimizer state, and a block's full parameters
   only while it runs. Its gradients are averaged over the ranks as DistributedDataParallel's are, so the steps
   are the same. The masks stay parametrizations of the copy: a forward pass gathers each stored weight whole and
   masks it, so pruned weights stay zero; outside a forward pass a masked weight is a shard, which is why only

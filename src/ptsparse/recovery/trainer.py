@@ -12,6 +12,9 @@ the gradients, so every rank takes the single process's step on the global batch
 train mode, which normalises by the statistics of each rank's slice; its running statistics are averaged over the
 ranks at checkpoints (a resumed run starts every rank from rank 0's copy; averaging is linear, so the end is the
 same) and at the end. Rank 0 alone writes the checkpoints, which record the number of ranks: a run resumes on as many.
+With ``shard_blocks`` (``distill_shard: fsdp``) a copy of the student sharded with FSDP2 trains in DDP's place,
+taking the same steps (:mod:`ptsparse.recovery.memory`); its checkpoints hold full state dicts gathered from the
+shards.
 """
 
 from __future__ import annotations
