@@ -1,6 +1,8 @@
 """Data-parallel runs (``torchrun --nproc-per-node 2``, gloo on CPU) against one process: equal masks for static
-masks and nearly equal ones for moving masks, close weights, one writer, refusals in one line, a failing rank ending
-the run with one line, and a resumed run ending as an uninterrupted one."""
+masks and nearly equal ones for moving masks, close weights, work shared out rather than repeated (POT's layers, the
+UniPTS search's candidates, the latency knapsack's timings), the memory savers and a sharded student (FSDP2), a
+causal language model, one writer, refusals in one line, a failing rank ending the run with one line, and resumed
+runs ending as uninterrupted ones."""
 
 from __future__ import annotations
 
