@@ -189,6 +189,10 @@ class SparsityConfig:
             raise IncompatibleOptionsError(f"channel_multiple {multiple} needs a per-layer allocation and masks that "
                                            f"do not swap channels; allocation {self.allocation!r} and dynamics "
                                            f"{self.dynamics!r} choose single channels")
+        if self.parts["distill"].shard == "fsdp" and self.recovery == "distill" and picked["dynamics"].moves_masks:
+            raise IncompatibleOptionsError(f"distill_shard 'fsdp' keeps only static masks (a sharded weight is whole "
+                                           f"only inside a forward pass); dynamics {self.dynamics!r} moves them: use "
+                                           f"dynamics 'static' or distill_shard 'none'")
         if picked["dynamics"].moves_masks and not RECOVERIES.get(self.recovery).runs_dynamics:
             trainers = " or ".join(repr(n) for n in RECOVERIES if RECOVERIES.get(n).runs_dynamics)
             raise IncompatibleOptionsError(f"dynamics {self.dynamics!r} moves masks during training; it needs "

@@ -12,7 +12,7 @@ import ptsparse
 from ptsparse.criteria import CRITERIA, prune_model
 from ptsparse.criteria.block_inputs import BlockInputs, find_chains
 from ptsparse.data import as_calibration
-from ptsparse.errors import ConfigError
+from ptsparse.errors import ConfigError, IncompatibleOptionsError
 from ptsparse.models import load_reference
 from ptsparse.patterns import NM, Unstructured
 from ptsparse.targets import find_targets
@@ -226,6 +226,16 @@ def test_bf16_distillation_runs_convolutions_in_bf16(reference):
 def test_precision_choices_are_checked(value):
     with pytest.raises(ConfigError, match=f"precision '{value}' is not allowed; choose from fp32, bf16"):
         ptsparse.SparsityConfig(method="magnitude", precision=value)
+
+
+def test_fsdp_sharding_is_for_static_masks_and_a_no_op_in_one_process(reference):
+    with pytest.raises(IncompatibleOptionsError, match="distill_shard 'fsdp' keeps only static masks.*'dst'"):
+        ptsparse.SparsityConfig(method="unipts", distill_shard="fsdp")
+    ptsparse.SparsityConfig(method="pot", distill_shard="fsdp")  # no distillation: nothing to shard, nothing refused
+    x = randn(32, 1, 28, 28)
+    plain = ptsparse.sparsify(reference, x, **DISTILL).model.state_dict()
+    alone = ptsparse.sparsify(reference, x, distill_shard="fsdp", **DISTILL).model.state_dict()
+    assert all(torch.equal(plain[k], alone[k]) for k in plain)  # one rank: nothing to shard over
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -27,6 +27,7 @@ from .._registry import Registry
 from ..allocation import LayerBudget
 from ..blocks import find_blocks
 from ..data import Calibration
+from ..errors import ConfigError
 from ..options import Options, Part, option
 from ..targets import Target
 from .dynamics import DYNAMICS, Dynamics
@@ -98,10 +99,22 @@ class Distill(Recovery):
             teacher_bn=self.settings.teacher_bn, device=device, checkpoint_dir=checkpoint_dir, resume=resume,
             run_id={**(self.run_id or {}), "calib": calibration.hash}, stopwatch=stopwatch,
             recompute_blocks=find_blocks(student, targets, self.blocks) if self.settings.grad_checkpointing else (),
+            shard_blocks=_shard_units(student, targets, self.blocks) if self.settings.shard == "fsdp" else None,
             show_progress=self.progress)
         return {"kind": "distill", "iterations": schedule.iterations, "warmup_iterations": schedule.warmup_iterations,
                 "objective": objective_name, "dynamics": dynamics_name, "teacher_bn": self.settings.teacher_bn,
                 **dynamics.summary(), "history": history}
+
+
+def _shard_units(student: nn.Module, targets: list[Target], names: Sequence[str]) -> list[str]:
+    """The blocks FSDP shards one by one: the named ones, else those found; none (the whole student one unit) when
+    the student has no blocks."""
+    if names:
+        return find_blocks(student, targets, names)
+    try:
+        return find_blocks(student, targets)
+    except ConfigError:  # no blocks: the root unit holds every parameter
+        return []
 
 
 @RECOVERIES.register("layerwise")
