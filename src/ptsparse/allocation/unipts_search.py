@@ -240,6 +240,7 @@ class ReducingRegrowingSearch(Allocation):
                                   f"{self.parents} (2..population), elites {self.elites} (< population)")
 
     needs_context = True
+    offloadable = False  # evaluates candidates on a copy of the whole model
     patterns = ("unstructured",)
 
     def __init__(self, delta: float = 0.05, population: int = 16, generations: int = 8, parents: int = 6,

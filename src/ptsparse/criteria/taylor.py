@@ -80,6 +80,7 @@ class Taylor(Criterion):
     requires_data = True
     patterns = ("channel",)
     prunes_units = True
+    offloadable = False  # gradients through the whole model
 
     def __init__(self, aggregation: str = "squared", batch_size: int = 64) -> None:
         self.aggregation, self.batch_size = self.Settings(aggregation=aggregation).aggregation, batch_size
