@@ -126,7 +126,8 @@ def _learned_allocation_lines(recovery: dict[str, Any]) -> list[str]:
 
 
 def _search_lines(search: dict[str, Any] | None) -> list[str]:
-    if not search:
+    """unipts_search's outcome (other allocations' summaries, OWL's or knapsack's, are in the JSON only)."""
+    if not search or "best" not in search:
         return []
     return [f"allocation search: best {search['best']} (fitness {search['best_fitness']:.4f}, ERK "
             f"{search['erk_fitness']:.4f}, {search['fitness']}), {search['evaluations']} evaluations in "

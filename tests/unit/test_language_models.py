@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ptsparse
+from ptsparse.allocation import OWL, AllocationContext, LayerBudget
 from ptsparse.blocks import find_blocks
 from ptsparse.cli import main
 from ptsparse.criteria import CRITERIA, prune_model
@@ -25,7 +26,10 @@ from ptsparse.models import resolve_model, zoo
 from ptsparse.patterns import Unstructured
 from ptsparse.recovery.objectives import kd_kl
 from ptsparse.recovery.trainer import TrainSchedule, batch_at
+from ptsparse.report import format_table
 from ptsparse.targets import find_targets
+
+from ..conftest import RecordingOffload
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -210,15 +214,78 @@ def test_block_by_block_pruning_gives_the_masks_of_whole_model_passes(lms, famil
     chains = find_chains(model, find_targets(model), calibration, batch_size=4)
     assert [chain.names for chain in chains] == [[f"{BLOCKS[family]}.0", f"{BLOCKS[family]}.1"]]
     outcomes = []
-    for cached in (True, False):
+    for cached, offload in ((True, False), (False, False), (True, True)):
         copied = copy.deepcopy(model)
         targets = find_targets(copied)
+        moves = RecordingOffload.of(copied, targets, "cpu") if offload else None
         masks = prune_model(copied, targets, {t.name: t.numel // 2 for t in targets}, Unstructured(),
-                            CRITERIA.get(criterion)(), calibration, batch_size=4, cache_block_inputs=cached)
+                            CRITERIA.get(criterion)(), calibration, batch_size=4, cache_block_inputs=cached,
+                            offload=moves)
         outcomes.append((masks, {t.name: t.weight.detach().clone() for t in targets}))
-    (masks, weights), (full_masks, full_weights) = outcomes
-    assert all(torch.equal(masks[name], full_masks[name]) for name in masks)
-    assert all(torch.allclose(weights[name], full_weights[name], atol=1e-6) for name in weights)
+    (masks, weights), *others = outcomes
+    for other_masks, other_weights in others:
+        assert all(torch.equal(masks[name], other_masks[name]) for name in masks)
+        assert all(torch.allclose(weights[name], other_weights[name], atol=1e-6) for name in weights)
+    assert all(torch.equal(weights[name], others[1][1][name]) for name in weights)  # offload: the same computation
+    # offload: each decoder layer runs alone on the device; on cached inputs without the embedding
+    assert moves.block_names == tuple(chains[0].names)
+    assert {name for name, _, _ in moves.runs} == set(chains[0].names)
+    assert all(on_device == [name] for name, on_device, _ in moves.runs)
+    assert any(not embedding for _, _, embedding in moves.runs) and not moves.on_device
+
+
+def test_offload_gives_the_same_run_and_owl_goes_block_by_block(lms):
+    model, _, calibration = lms["llama"]
+    runs = {offload: ptsparse.sparsify(model, calibration, method="wanda", allocation="owl", owl_max_deviation=0.2,
+                                       sparsity=0.5, batch_size=4, offload=offload, progress=False)
+            for offload in (False, True)}
+    assert runs[True].report["allocation_search"] == runs[False].report["allocation_search"]
+    assert all(torch.equal(runs[True].masks[name], runs[False].masks[name]) for name in runs[False].masks)
+    assert len({entry["sparsity"] for entry in runs[True].report["allocation_search"]["layers"].values()}) == 2
+    summary = format_table(runs[True].report)
+    assert runs[True].report["peak_device_memory_mb"] is None and "(tensors included: the device is the CPU)" in summary
+    assert "calibration 8 sequences of 16 tokens (hash " in summary
+
+
+def test_owl_statistics_under_offload_are_those_of_one_pass_one_block_on_the_device_at_a_time(lms):
+    model, _, calibration = lms["qwen2"]
+    model = copy.deepcopy(model)
+    targets = find_targets(model)
+    budgets = [LayerBudget(t.name, tuple(t.shape)) for t in targets]
+    plain = OWL(max_deviation=0.2).allocate(budgets, 0.5, context=AllocationContext(model, targets, calibration, 4))
+    moves = RecordingOffload.of(model, targets, "cpu")
+    offloaded = OWL(max_deviation=0.2).allocate(budgets, 0.5, context=AllocationContext(
+        model, targets, calibration, 4, offload=moves))
+    assert offloaded == plain and len(set(plain.values())) == 2
+    assert {name for name, _, _ in moves.runs} == {f"{BLOCKS['qwen2']}.{i}" for i in range(2)}
+    assert all(on_device == [name] for name, on_device, _ in moves.runs)
+    assert any(not embedding for _, _, embedding in moves.runs) and not moves.on_device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_offload_keeps_peak_gpu_memory_far_below_the_model(method):
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=32,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                                      max_position_embeddings=64, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = zoo.HFCausalLM(transformers.LlamaForCausalLM(config)).eval()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # about 134 MB, a block 4 MB
+    tokens = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(0))
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats(device)
+    offloaded = ptsparse.sparsify(model, tokens, method=method, sparsity=0.5, batch_size=8, device="cuda",
+                                  offload=True, progress=False)
+    peak = torch.cuda.max_memory_allocated(device)
+    assert offloaded.report["peak_device_memory_mb"] == round(peak / 2**20, 1)
+    assert peak < model_bytes / 2
+    plain = ptsparse.sparsify(model, tokens, method=method, sparsity=0.5, batch_size=8, device="cuda",
+                              progress=False)
+    assert plain.report["peak_device_memory_mb"] * 2**20 > model_bytes  # the whole model was on the GPU
+    assert ptsparse.sparsity_of(offloaded.model) == ptsparse.sparsity_of(plain.model) == 0.5
+    if method == "wanda":  # no weight update: the masks do not depend on the order of float sums on the GPU
+        assert all(torch.equal(offloaded.masks[name], plain.masks[name]) for name in plain.masks)
 
 
 # --- distillation -----------------------------------------------------------------------------------------
