@@ -26,7 +26,7 @@ from ptsparse.models import resolve_model, zoo
 from ptsparse.patterns import Unstructured
 from ptsparse.recovery.objectives import kd_kl
 from ptsparse.recovery.trainer import TrainSchedule, batch_at
-from ptsparse.report import format_table
+from ptsparse.report import format_table, more_time_hint
 from ptsparse.targets import find_targets
 
 from ..conftest import RecordingOffload
@@ -333,6 +333,8 @@ def test_recommended_distils_decoder_layers_in_bf16_with_checkpointing(lms, fami
     assert_pruned_weights_stay_zero(result)
     recovery = result.report["recovery"]
     assert recovery["objective"] == "kd_blocks" and recovery["history"][-1]["block_mse"] > 0  # blocks compared
+    assert more_time_hint(result.report) == ("more time for a lower perplexity: --distill-iterations (this run: 3 "
+                                             "steps)")
 
 
 # --- command line -----------------------------------------------------------------------------------------
@@ -348,7 +350,7 @@ def test_cli_sparsify_reports_dense_and_sparse_perplexity_and_eval_agrees(capsys
     code, stdout, _ = run_cli(capsys, "sparsify", "--model", f"hf:{lm_dirs['gpt2']}", "--data", f"text:{texts[0]}",
                               "--eval-data", f"text:{texts[1]}", "--method", "wanda", "--sparsity", "0.5",
                               "--seq-len", "32", "--calib-size", "8", "--out", out, "-q")
-    assert code == 0 and "perplexity: dense " in stdout
+    assert code == 0 and "perplexity: dense " in stdout and "calibration 8 sequences of 32 tokens (hash" in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["metric"] == "perplexity" and report["dense_accuracy"] is None
     assert report["dense_perplexity"] > 1 and report["sparse_perplexity"] > 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from ptsparse.errors import ConfigError, IncompatibleOptionsError
 from ptsparse.models import load_reference
 from ptsparse.offload import Offload
 from ptsparse.patterns import NM, Unstructured
+from ptsparse.report import format_table
 from ptsparse.targets import find_targets
 
 from ..conftest import RecordingOffload
@@ -213,6 +215,17 @@ def test_offload_puts_one_block_on_the_device_at_a_time_and_gives_the_same_masks
     # statistics) bring it
     assert {stem for _, _, stem in moves.runs} == {False, True}
     assert not moves.on_device and moves.resident is None  # everything back in CPU memory
+
+
+def test_the_summary_gives_peak_device_memory_where_the_device_has_its_own(tiny_mlp):
+    result = ptsparse.sparsify(tiny_mlp, randn(16, 1, 8, 8), method="magnitude", progress=False)
+    assert result.report["peak_device_memory_mb"] is None
+    assert "MiB (tensors included: the device is the CPU)  seed 0" in format_table(result.report)
+    on_gpu = {**result.report, "device": "cuda:0", "peak_device_memory_mb": 1234.4}
+    assert re.search(r"peak RSS \d+ MiB  peak cuda:0 memory 1234 MiB  seed 0  calibration 16 samples",
+                     format_table(on_gpu))
+    older = {key: value for key, value in on_gpu.items() if key != "peak_device_memory_mb"}  # an earlier report
+    assert re.search(r"peak RSS \d+ MiB  seed 0", format_table(older))
 
 
 def test_offload_refuses_parts_that_need_the_whole_model_on_the_device():
