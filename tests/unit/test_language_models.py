@@ -15,16 +15,19 @@ import torch
 
 import ptsparse
 from ptsparse.allocation import OWL, AllocationContext, LayerBudget
+from ptsparse.allocation.unipts_search import FitnessEvaluator
 from ptsparse.blocks import find_blocks
 from ptsparse.cli import main
 from ptsparse.criteria import CRITERIA, prune_model
 from ptsparse.criteria.block_inputs import find_chains
 from ptsparse.data import PackedText, load_source, sample_calibration
-from ptsparse.errors import DataError, ModelError
+from ptsparse.criteria.taylor import taylor_loss
+from ptsparse.errors import ConfigError, DataError, ModelError
 from ptsparse.evaluate import perplexity, sliding_windows
+from ptsparse.export import input_shape_for
 from ptsparse.models import resolve_model, zoo
 from ptsparse.patterns import Unstructured
-from ptsparse.recovery.objectives import kd_kl
+from ptsparse.recovery.objectives import kd_kl, output_mse
 from ptsparse.recovery.trainer import TrainSchedule, batch_at
 from ptsparse.report import format_table, more_time_hint
 from ptsparse.targets import find_targets
@@ -289,6 +292,57 @@ def test_offload_keeps_peak_gpu_memory_far_below_the_model(method):
 
 
 # --- distillation -----------------------------------------------------------------------------------------
+
+def test_block_mse_is_a_mean_over_token_positions_and_unchanged_for_images():
+    student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = float((student - teacher).pow(2).sum(-1).mean())  # summed over the hidden size, mean over tokens
+    assert float(output_mse(student, teacher)) == pytest.approx(expected, rel=1e-6)
+    assert float(output_mse(student.repeat(1, 3, 1), teacher.repeat(1, 3, 1))) == pytest.approx(expected, rel=1e-6)
+    images, reference = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)  # (batch, channels, h, w): over channels
+    assert torch.equal(output_mse(images, reference), (images - reference).pow(2).sum(1).mean())
+
+
+def test_taylor_scores_a_causal_lm_by_next_token_cross_entropy(lms):
+    model, _, calibration = lms["gpt2"]
+    x = calibration.inputs[:2]
+    logits = model(x)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    assert torch.equal(taylor_loss(logits, x, None), expected)
+    classes = torch.randn(4, 10)  # a classifier: against its labels, else its arg-max
+    assert torch.equal(taylor_loss(classes, torch.randn(4, 3), None),
+                       torch.nn.functional.cross_entropy(classes, classes.argmax(1)))
+
+
+def test_unipts_kd_fitness_averages_the_kl_over_token_positions(lms):
+    model, _, calibration = lms["opt"]
+    model = copy.deepcopy(model)
+    targets = find_targets(model)
+    evaluate = FitnessEvaluator(AllocationContext(model, targets, calibration, batch_size=4), bn_samples=4,
+                                fit_samples=4, temperature=2.0)
+    assert evaluate({t.name: 0 for t in targets})[0] == 0.0
+    fitness, _ = evaluate({t.name: t.numel // 2 for t in targets})
+    with torch.no_grad():
+        sparse = evaluate.model(evaluate.fit_slice.inputs).double() / 2.0
+        dense = model(evaluate.fit_slice.inputs).double() / 2.0
+    per_token = (dense.softmax(-1) * (dense.log_softmax(-1) - sparse.log_softmax(-1))).sum(-1)  # (samples, tokens)
+    assert fitness == pytest.approx(-float(per_token.mean()), rel=1e-4)
+
+
+def test_tracing_exports_and_latency_refuse_a_language_model_in_one_line(capsys, lm_dirs, texts, tmp_path):
+    spec = f"hf:{lm_dirs['llama']}"
+    assert zoo.image_input_shape(spec) is None
+    for given in (None, (16,)):
+        with pytest.raises(ConfigError, match=r"reads token ids: tracing exports \(channels, onnx\) and bench-latency"):
+            input_shape_for(spec, given)
+    out = tmp_path / "run"
+    assert run_cli(capsys, "sparsify", "--model", spec, "--data", f"text:{texts[0]}", "--method", "magnitude",
+                   "--seq-len", "16", "--calib-size", "4", "--out", out, "-q")[0] == 0
+    for argv in (("export", out, "--format", "onnx", "--out", tmp_path / "model.onnx"),
+                 ("bench-latency", out, "--repeats", "1", "--warmup", "0")):
+        code, _, stderr = run_cli(capsys, *argv)
+        lines = [line for line in stderr.splitlines() if line.startswith("ptsparse: error")]
+        assert code == 2 and len(lines) == 1 and "reads token ids" in lines[0], stderr
+
 
 def test_kd_kl_averages_the_per_token_kl_over_positions():
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
