@@ -35,7 +35,9 @@ from ptsparse.checkpoint import write_json
 from ptsparse.criteria import CRITERIA, prune_model
 from ptsparse.data import as_calibration
 from ptsparse.graph.cost import synchronize
+from ptsparse.errors import IncompatibleOptionsError
 from ptsparse.models import resolve_model
+from ptsparse.offload import Offload
 from ptsparse.patterns import Unstructured
 from ptsparse.targets import find_targets
 
@@ -65,7 +67,8 @@ def method_run(method: str, args: argparse.Namespace) -> dict:
     model, architecture = resolve_model(args.model)
     calib = _images(args)
     overrides = {"distill_iterations": args.iterations, "distill_precision": args.precision,
-                 "distill_grad_checkpointing": args.grad_checkpointing, "offload": args.offload}
+                 "distill_grad_checkpointing": args.grad_checkpointing,
+                 "offload": args.offload and _offloadable(method)}
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(args.device))
     synchronize(args.device)
@@ -81,7 +84,7 @@ def method_run(method: str, args: argparse.Namespace) -> dict:
     if args.device.startswith("cuda"):
         row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(torch.device(args.device)) / 2**30
     suffix = "-".join(str(v) for v in (args.precision, "ckpt" if args.grad_checkpointing else "",
-                                        "offload" if args.offload else "") if v)
+                                        "offload" if overrides["offload"] else "") if v)
     write_json(args.out / f"methods-{args.device.split(':')[0]}-{_slug(args.model)}-{method}-{suffix}.json", row)
     return row
 
@@ -100,14 +103,24 @@ def block_cache_run(criterion: str, args: argparse.Namespace) -> dict:
         counts = {t.name: int(args.sparsity * t.numel) for t in targets}
         synchronize(args.device)
         start = time.perf_counter()
+        offload = Offload.of(copied.cpu(), targets, args.device) if args.offload else None
         masks[cached] = prune_model(copied, targets, counts, Unstructured(), CRITERIA.get(criterion)(), calib,
-                                    device=args.device, cache_block_inputs=cached, offload=args.offload)
+                                    device=args.device, cache_block_inputs=cached, offload=offload)
         synchronize(args.device)
         row["cached_seconds" if cached else "full_pass_seconds"] = time.perf_counter() - start
     row["same_masks"] = all(torch.equal(masks[True][k], masks[False][k]) for k in masks[True])
     row["speedup"] = row["full_pass_seconds"] / row["cached_seconds"]
     write_json(args.out / f"block_cache-{args.device.split(':')[0]}-{_slug(args.model)}-{criterion}.json", row)
     return row
+
+
+def _offloadable(method: str) -> bool:
+    """Whether ``method`` runs with offload (one-shot methods; those that distil need the whole model on the device)."""
+    try:
+        ptsparse.SparsityConfig(method=method, offload=True)
+    except IncompatibleOptionsError:
+        return False
+    return True
 
 
 def _slug(spec: str) -> str:
@@ -158,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=None, help="distillation steps (default: the presets')")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--offload", action="store_true", help="cached block inputs on the CPU")
+    parser.add_argument("--offload", action="store_true",
+                        help="the model and cached block inputs in CPU memory, one block at a time on the device "
+                             "(one-shot methods; the others run without)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON results")
     parser.add_argument("--table", action="store_true", help="print the markdown section and exit")
     args = parser.parse_args(argv)
