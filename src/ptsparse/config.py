@@ -149,7 +149,7 @@ class SparsityConfig:
     bn_recalibration: bool = option(True, "re-estimate BatchNorm statistics on the calibration set after masking")
     offload: bool = option(False, "keep the model and the cached block inputs in CPU memory and move one block at a "
                            "time to --device (the layers outside blocks too, for a pass through the whole model); "
-                           "one-shot runs: recovery none, not criterion taylor")
+                           "one-shot runs only: parts that train or differentiate the whole model are refused")
     seed: int = option(0, "seed of calibration sampling and every random choice", kind=int)
     device: str = option("cpu", "cpu or cuda", check=_device)
     progress: bool = option(True, "show progress bars", cli=False)

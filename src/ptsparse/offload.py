@@ -49,6 +49,7 @@ class Offload:
         self.block_names = tuple(blocks)
         self.blocks = [model.get_submodule(name) for name in blocks]
         self.resident: nn.Module | None = None  # the block on the device, if any
+        self._whole = False  # inside whole()
 
     @classmethod
     def of(cls, model: nn.Module, targets: Sequence[Target], device: str | torch.device) -> Offload:
@@ -77,23 +78,27 @@ class Offload:
             self.resident = block
 
     def _outside(self) -> list[nn.Module]:
-        """The modules outside every block (read now: masks attached since add modules)."""
+        """The modules outside every block (read each time: attaching a mask adds modules)."""
         return [module for name, module in self.model.named_modules()
                 if not any(name == block or name.startswith(block + ".") for block in self.block_names)]
 
     @contextmanager
     def whole(self) -> Iterator[None]:
         """Within the context, a forward pass of the whole model runs on the device with one block there at a time
-        (inputs of the model are moved there too); everything is back in CPU memory on exit."""
-        outside = self._outside()
-        for module in outside:
-            self.move(module, True, recurse=False)
-        handles = [block.register_forward_pre_hook(lambda block, args: self.hold(block), prepend=True)
-                   for block in self.blocks]
-        handles.append(self.model.register_forward_pre_hook(
-            lambda model, args, kwargs: (moved(args, self.device), moved(kwargs, self.device)),
-            prepend=True, with_kwargs=True))
+        (inputs of the model are moved there too); everything is back in CPU memory on exit. Nested, it does
+        nothing more."""
+        if self._whole:
+            yield
+            return
+        self._whole, outside, handles = True, self._outside(), []
         try:
+            for module in outside:
+                self.move(module, True, recurse=False)
+            handles = [block.register_forward_pre_hook(lambda block, args: self.hold(block), prepend=True)
+                       for block in self.blocks]
+            handles.append(self.model.register_forward_pre_hook(
+                lambda model, args, kwargs: (moved(args, self.device), moved(kwargs, self.device)),
+                prepend=True, with_kwargs=True))
             yield
         finally:
             for handle in handles:
@@ -101,6 +106,7 @@ class Offload:
             self.hold(None)
             for module in outside:
                 self.move(module, False, recurse=False)
+            self._whole = False
 
 
 def whole_model(offload: Offload | None) -> AbstractContextManager:
