@@ -52,7 +52,9 @@ from ptsparse.criteria import CRITERIA, prune_model
 from ptsparse.data import FashionMNIST, as_calibration, sample_calibration
 from ptsparse.evaluate import accuracy
 from ptsparse.graph.cost import synchronize
+from ptsparse.errors import IncompatibleOptionsError
 from ptsparse.models import load_reference, resolve_model
+from ptsparse.offload import Offload
 from ptsparse.patterns import Unstructured
 from ptsparse.sparsify import resolve_device
 from ptsparse.targets import find_targets
@@ -89,7 +91,8 @@ def method_run(method: str, args: argparse.Namespace) -> dict:
     model, architecture = resolve_model(args.model)
     calib = _images(args)
     overrides = {"distill_iterations": args.iterations, "distill_precision": args.precision,
-                 "distill_grad_checkpointing": args.grad_checkpointing, "offload": args.offload}
+                 "distill_grad_checkpointing": args.grad_checkpointing,
+                 "offload": args.offload and _offloadable(method)}
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(args.device))
     synchronize(args.device)
@@ -105,7 +108,7 @@ def method_run(method: str, args: argparse.Namespace) -> dict:
     if args.device.startswith("cuda"):
         row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(torch.device(args.device)) / 2**30
     suffix = "-".join(str(v) for v in (args.precision, "ckpt" if args.grad_checkpointing else "",
-                                        "offload" if args.offload else "") if v)
+                                        "offload" if overrides["offload"] else "") if v)
     write_json(args.out / f"methods-{args.device.split(':')[0]}-{_slug(args.model)}-{method}-{suffix}.json", row)
     return row
 
@@ -124,8 +127,9 @@ def block_cache_run(criterion: str, args: argparse.Namespace) -> dict:
         counts = {t.name: int(args.sparsity * t.numel) for t in targets}
         synchronize(args.device)
         start = time.perf_counter()
+        offload = Offload.of(copied.cpu(), targets, args.device) if args.offload else None
         masks[cached] = prune_model(copied, targets, counts, Unstructured(), CRITERIA.get(criterion)(), calib,
-                                    device=args.device, cache_block_inputs=cached, offload=args.offload)
+                                    device=args.device, cache_block_inputs=cached, offload=offload)
         synchronize(args.device)
         row["cached_seconds" if cached else "full_pass_seconds"] = time.perf_counter() - start
     row["same_masks"] = all(torch.equal(masks[True][k], masks[False][k]) for k in masks[True])
@@ -195,6 +199,15 @@ def ranks_run(method: str, seed: int, args: argparse.Namespace) -> dict:
            "accuracy_difference": 100 * (parallel["accuracy"] - single["accuracy"])}
     write_json(args.out / f"ranks-{args.device.split(':')[0]}-reference-{method}-n{nproc}-s{seed}.json", row)
     return row
+
+
+def _offloadable(method: str) -> bool:
+    """Whether ``method`` runs with offload (one-shot methods; those that distil need the whole model on the device)."""
+    try:
+        ptsparse.SparsityConfig(method=method, offload=True)
+    except IncompatibleOptionsError:
+        return False
+    return True
 
 
 def _slug(spec: str) -> str:
@@ -289,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=None, help="distillation steps (default: the presets')")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--offload", action="store_true", help="cached block inputs on the CPU")
+    parser.add_argument("--offload", action="store_true",
+                        help="the model and cached block inputs in CPU memory, one block at a time on the device "
+                             "(one-shot methods; the others run without)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON results")
     parser.add_argument("--table", action="store_true", help="print the markdown section and exit")
     parser.add_argument("--nproc", type=int, default=None, help="N ranks against one process (--part ranks)")

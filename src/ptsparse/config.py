@@ -147,8 +147,9 @@ class SparsityConfig:
     calib_balanced: bool = option(False, "draw the same number of samples per class from --data")
     batch_size: int = option(64, "calibration batch size", minimum=1)
     bn_recalibration: bool = option(True, "re-estimate BatchNorm statistics on the calibration set after masking")
-    offload: bool = option(False, "wanda/sparsegpt: keep the cached inputs of the block being pruned in CPU "
-                           "memory, not on --device")
+    offload: bool = option(False, "keep the model and the cached block inputs in CPU memory and move one block at a "
+                           "time to --device (the layers outside blocks too, for a pass through the whole model); "
+                           "one-shot runs only: parts that train or differentiate the whole model are refused")
     seed: int = option(0, "seed of calibration sampling and every random choice", kind=int)
     device: str = option("cpu", "cpu or cuda", check=_device)
     progress: bool = option(True, "show progress bars", cli=False)
@@ -193,6 +194,15 @@ class SparsityConfig:
             raise IncompatibleOptionsError(f"distill_shard 'fsdp' keeps only static masks (a sharded weight is whole "
                                            f"only inside a forward pass); dynamics {self.dynamics!r} moves them: use "
                                            f"dynamics 'static' or distill_shard 'none'")
+        if self.offload:
+            for axis in ("criterion", "allocation", "recovery"):
+                registry = AXES[axis]
+                if not registry.get(getattr(self, axis)).offloadable:
+                    allowed = " or ".join(repr(name) for name in registry if registry.get(name).offloadable)
+                    raise IncompatibleOptionsError(
+                        f"offload runs the model one block at a time, forward passes only; {axis} "
+                        f"{getattr(self, axis)!r} needs the whole model on the device: use {axis} {allowed}, or "
+                        "drop offload")
         if picked["dynamics"].moves_masks and not RECOVERIES.get(self.recovery).runs_dynamics:
             trainers = " or ".join(repr(n) for n in RECOVERIES if RECOVERIES.get(n).runs_dynamics)
             raise IncompatibleOptionsError(f"dynamics {self.dynamics!r} moves masks during training; it needs "

@@ -16,6 +16,32 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def peak_device_memory_mb(device: str | torch.device) -> float | None:
+    """Peak memory of the tensors this process has held on ``device`` so far, in MiB: CUDA's
+    ``max_memory_allocated`` (the caching allocator reserves somewhat more); ``None`` for the CPU, whose tensors
+    are part of the peak RSS."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def _memory(report: dict[str, Any]) -> str:
+    """Peak RSS, and the device's peak tensor memory where the run used one (older reports: RSS alone)."""
+    rss = f"peak RSS {report['peak_rss_mb']:.0f} MiB"
+    device = report.get("device", "cpu")
+    if report.get("peak_device_memory_mb") is not None:
+        return f"{rss}  peak {device} memory {report['peak_device_memory_mb']:.0f} MiB"
+    return f"{rss} (tensors included: the device is the CPU)" if device == "cpu" else rss
+
+
+def _calibration(report: dict[str, Any]) -> str:
+    """The calibration set: samples, or a causal language model's sequences and their length."""
+    if report.get("calib_seq_len"):
+        return f"calibration {report['calib_size']} sequences of {report['calib_seq_len']} tokens"
+    return f"calibration {report['calib_size']} samples"
+
+
 def removed_fractions(modules: list[nn.Module], weights: float, macs: dict[str, int]) -> dict[str, float]:
     """What a channel run removed: fractions of the layers' output channels (all-zero rows), of their weights
     (``weights``, the achieved sparsity), and of the model's MACs (:func:`~ptsparse.graph.cost.count_macs`:
@@ -46,8 +72,8 @@ def format_table(report: dict[str, Any]) -> str:
         *_learned_allocation_lines(report.get("recovery", {})),
         *_search_lines(report.get("allocation_search")),
         _metric_line(report),
-        f"time {report['wall_time_s']:.1f} s  peak RSS {report['peak_rss_mb']:.0f} MiB  seed {report['seed']}  "
-        f"calibration {report['calib_size']} samples (hash {report['calib_hash']})",
+        f"time {report['wall_time_s']:.1f} s  {_memory(report)}  seed {report['seed']}  {_calibration(report)} "
+        f"(hash {report['calib_hash']})",
     ]
     return "\n".join(lines)
 
@@ -78,11 +104,14 @@ def _metric_line(report: dict[str, Any]) -> str:
 
 
 def more_time_hint(report: dict[str, Any]) -> str | None:
-    """For a run that distilled: the flag that buys accuracy with more time (``None`` for other runs)."""
+    """For a run that distilled: the flag that buys accuracy (a lower perplexity for a causal language model) with
+    more time (``None`` for other runs)."""
     recovery = report.get("recovery") or {}
     if recovery.get("kind") != "distill":
         return None
     steps = recovery["iterations"]
+    if report.get("metric") == "perplexity":
+        return f"more time for a lower perplexity: --distill-iterations (this run: {steps} steps)"
     return (f"more time for accuracy: --distill-iterations (this run: {steps} steps); benchmarks/RESULTS.md, "
             "'Time to accuracy', shows what each budget bought on the reference models and where more stopped paying")
 
@@ -97,7 +126,8 @@ def _learned_allocation_lines(recovery: dict[str, Any]) -> list[str]:
 
 
 def _search_lines(search: dict[str, Any] | None) -> list[str]:
-    if not search:
+    """unipts_search's outcome (other allocations' summaries, OWL's or knapsack's, are in the JSON only)."""
+    if not search or "best" not in search:
         return []
     return [f"allocation search: best {search['best']} (fitness {search['best_fitness']:.4f}, ERK "
             f"{search['erk_fitness']:.4f}, {search['fitness']}), {search['evaluations']} evaluations in "

@@ -475,6 +475,7 @@ class Knapsack(Allocation):
     patterns = ("channel",)
     needs_scores = True
     needs_context = True
+    offloadable = False  # traces the whole model on the device
     exact = True  # ratios are whole channel counts that meet the cost budget; no weight-count rounding
     chooses_units = True
 

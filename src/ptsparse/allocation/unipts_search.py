@@ -178,8 +178,10 @@ class FitnessEvaluator:
         return self._score()
 
     def _kl(self, logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """KL from ``reference``'s softened outputs to ``logits``' at the fitness temperature (batch mean)."""
-        return F.kl_div(F.log_softmax(logits / self.temperature, -1), F.log_softmax(reference / self.temperature, -1),
+        """KL from ``reference``'s softened outputs to ``logits``' at the fitness temperature, summed over classes
+        (the last dimension) and averaged over the rest: samples, and a language model's token positions."""
+        return F.kl_div(F.log_softmax(logits.flatten(0, -2) / self.temperature, -1),
+                        F.log_softmax(reference.flatten(0, -2) / self.temperature, -1),
                         reduction="batchmean", log_target=True)
 
     @torch.no_grad()
@@ -246,6 +248,7 @@ class ReducingRegrowingSearch(Allocation):
                                   f"{self.parents} (2..population), elites {self.elites} (< population)")
 
     needs_context = True
+    offloadable = False  # evaluates candidates on a copy of the whole model
     patterns = ("unstructured",)
 
     def __init__(self, delta: float = 0.05, population: int = 16, generations: int = 8, parents: int = 6,

@@ -60,8 +60,13 @@ def input_shape_for(architecture: str | None, given: tuple[int, ...] | None = No
     preprocessing makes of an image, e.g. ``(3, 224, 224)``).
 
     Raises:
-        ConfigError: neither is known.
+        ConfigError: neither is known, or the architecture reads token ids (a language model or text classifier),
+            which the float inputs built from a shape cannot feed.
     """
+    if zoo.is_spec(architecture) and zoo.reads_token_ids(architecture):
+        raise ConfigError(f"architecture {architecture!r} reads token ids: tracing exports (channels, onnx) and "
+                          "bench-latency feed float inputs of a shape, so they do not apply to it; export it with "
+                          "--format hf or compressed")
     if given:
         return tuple(given)
     if architecture in INPUT_SHAPES:

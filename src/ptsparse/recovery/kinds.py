@@ -9,7 +9,8 @@
 Contract: ``run(student, teacher, targets, calibration, ...)`` trains ``student`` in place and returns what
 the report records of it; a resumable kind checkpoints into ``checkpoint_dir``, continues from it with
 ``resume`` and carries the run's ``stopwatch`` across the interruption. ``needs_teacher`` says whether a frozen copy of the dense model is kept for it, and
-``runs_dynamics`` whether mask dynamics can act during it.
+``runs_dynamics`` whether mask dynamics can act during it, and ``offloadable`` whether it works with ``offload`` (the
+model in CPU memory, run one block at a time, forward passes only: :mod:`ptsparse.offload`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Recovery(Part, abc.ABC):
 
     needs_teacher: ClassVar[bool] = True
     runs_dynamics: ClassVar[bool] = False
+    offloadable: ClassVar[bool] = False  # recovery trains the whole model on the device
 
     @abc.abstractmethod
     def run(self, student: nn.Module, teacher: nn.Module | None, targets: list[Target], calibration: Calibration,
@@ -57,6 +59,7 @@ class NoRecovery(Recovery):
     """The masked model as it is."""
 
     needs_teacher = False
+    offloadable = True
 
     def run(self, student, teacher, targets, calibration, budgets, sparsity, device, checkpoint_dir=None,
             resume=False, stopwatch=None) -> dict[str, Any]:
