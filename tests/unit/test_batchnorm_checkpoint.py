@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,7 +269,7 @@ def test_failed_save_state_leaves_nothing(tmp_path, monkeypatch):
 def test_tensors_sharing_memory_are_saved_under_each_name(tmp_path):
     shared = torch.arange(4.0)
     save_state({"a": shared, "b": shared}, tmp_path / "m.safetensors")
-    loaded = load_state(tmp_path / "m.safetensors")
+    loaded, _ = load_state(tmp_path / "m.safetensors")
     assert torch.equal(loaded["a"], shared) and torch.equal(loaded["b"], shared)
 
 
