@@ -514,6 +514,12 @@ def recommended_section(reports: list[dict]) -> str:
             baseline_std = mean_std(list(cells[(*key[:4], "magnitude_kd")].values()))[1]
             if difference is not None and difference.seeds > 1 and difference.mean < -baseline_std:
                 below.append(f"{MODEL_TITLES[key[0]]} {key[1]}/{key[2] or 'preset'}/{key[3]:g}")
+    gradual_gains = []
+    for key, values in cells.items():
+        static = cells.get((*key[:4], "recommended-static"))
+        difference = paired(values, static) if key[4] == "recommended" and static else None
+        if difference is not None and difference.seeds > 1:
+            gradual_gains.append(f"{MODEL_TITLES[key[0]]} {key[1]}/{key[2] or 'preset'}/{key[3]:g}: {difference}")
     full_run = [r for r in reports if r["run"] == "recommended" and regime_of(r) == {
         "model": DEFAULT_MODEL, "calib_size": DEFAULT_CALIB_SIZE, "steps": None, "sparsity": 0.9}]
     fastest = min((r["wall_time_s"] for r in full_run), default=None)
@@ -530,6 +536,8 @@ def recommended_section(reports: list[dict]) -> str:
         + versus(("reference_mobilenet", 128, 200, 0.95), 1.0),
         "- No regime below `magnitude_kd` by more than its standard deviation: "
         + ("met" if not below else "not met in " + ", ".join(below)),
+        "- What tightening the masks gradually adds (`recommended` against `recommended-static`, paired over "
+        "seeds): " + ("; ".join(gradual_gains) or "no regime with both yet"),
         "- A full `recommended` run at 0.9 on the ResNet-20 in under 10 minutes on 2 cores: "
         + ("no run yet" if fastest is None else f"{fastest:.0f} s"
            + (f", the fastest of {len(full_run)} runs (the others shared the CPU)" if len(full_run) > 1 else "")
