@@ -163,6 +163,9 @@ class SparsityConfig:
         method = keys.get("method", DEFAULT_METHOD)
         if isinstance(method, str) and method in METHODS:
             preset = METHODS.get(method)(keys.get("pattern", "unstructured"))
+            recovery = RECOVERIES.get(keys["recovery"]) if keys.get("recovery") in RECOVERIES else None
+            if recovery is not None and not recovery.runs_dynamics and "dynamics" not in keys:
+                preset.pop("dynamics", None)  # the preset's mask dynamics need the recovery that runs them
             keys = merge_keys(normalize_keys(preset, f"method {method!r}"), keys)
         for f in RUN_FIELDS:
             value = keys.pop(f.name) if f.name in keys else default_of(f)

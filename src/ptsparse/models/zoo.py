@@ -215,7 +215,7 @@ class Conv1DLinear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _replace_conv1d(model: nn.Module) -> nn.Module:
+def replace_conv1d(model: nn.Module) -> nn.Module:
     """``model`` with each transformers ``Conv1D`` replaced by a :class:`Conv1DLinear` of the same values."""
     from transformers.pytorch_utils import Conv1D
 
@@ -284,7 +284,7 @@ def _hf(spec: Spec, load_weights: bool) -> nn.Module:
             model = (cls.from_config(config) if hasattr(cls, "from_config") else cls(config)).float()
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"hf:{directory}: cannot load the model: {str(error).splitlines()[0]}") from None
-    return wrapper(_replace_conv1d(model))
+    return wrapper(replace_conv1d(model))
 
 
 def build_model(spec: str, load_weights: bool = True) -> nn.Module:
@@ -557,5 +557,5 @@ def load_tokenizer(spec: str) -> Any:
 
 
 __all__ = ["Conv1DLinear", "HFCausalLM", "HFImageTransform", "HFLogits", "HF_PREFIX", "MissingExtraError", "PREFIXES",
-           "SPEC_FORMS", "Spec", "build_model", "canonical_spec", "image_transform", "is_causal_lm", "is_spec", "load_tokenizer",
-           "load_weights", "parse_spec", "read_weights", "reads_token_ids"]
+           "SPEC_FORMS", "Spec", "build_model", "canonical_spec", "image_transform", "is_causal_lm", "is_spec",
+           "load_tokenizer", "load_weights", "parse_spec", "read_weights", "reads_token_ids", "replace_conv1d"]
