@@ -30,6 +30,7 @@ from ptsparse.models import load_reference
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_bench import export_section  # noqa: E402  (scripts beside this one)
 from family_sweep import families_section  # noqa: E402
+from lm_bench import lm_section  # noqa: E402
 from lm_memory_bench import memory_section  # noqa: E402
 from scale_bench import scale_section  # noqa: E402
 from seeds import (  # noqa: E402
@@ -637,6 +638,7 @@ def write_results() -> None:
         + scale_section()
         + "\n" + families_section()
         + memory_section()
+        + lm_section()
     )
     write_text(HERE / "RESULTS.md", text)
 

@@ -323,3 +323,14 @@ def test_cached_inputs_on_bert_with_padding(tmp_path):
     chains = find_chains(model, find_targets(model), as_calibration(x), batch_size=8)
     assert [c.names for c in chains] == [[f"hf.bert.encoder.layer.{i}" for i in range(3)]]
     assert_same(pruned(model, x, "sparsegpt"), pruned(model, x, "sparsegpt", cache_block_inputs=False))
+
+
+def test_the_peak_resident_memory_starts_afresh_after_a_reset():
+    from ptsparse.report import peak_rss_mb, reset_peak_rss
+
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB written, then returned to the system
+    del block
+    high = peak_rss_mb()
+    if not reset_peak_rss():
+        pytest.skip("this system cannot reset the peak resident memory (/proc/self/clear_refs)")
+    assert peak_rss_mb() < high - 32

@@ -8,6 +8,12 @@ calibration slice, and scored on a *disjoint* held-out slice against the dense m
 ``delta * N`` weights and scoring on held-out images are the two guards against fitting the small
 calibration set.
 
+The fitness is end to end (the KL of the whole model's outputs to the dense model's, not a sum of layer
+errors), and a candidate's magnitude masks see no data; only BatchNorm statistics are fitted to calibration
+samples. So a model without BatchNorm (a language model) takes no BatchNorm slice: the fitness scores
+``fit_samples`` windows drawn from the whole calibration sample, and the rest are what ``rescore_top``
+distils on.
+
 Our readings (``unipts.md`` §3.3-3.4, small budget): population 16, 8 generations, 6 parents, 2 elites carried
 over, best-ever returned, duplicates replaced by fresh random genomes, fitness cached by genome; label-free
 ``kd`` fitness by default. Besides the uniform-regrowth anchor the authors use, ERK is scored once as one
@@ -39,6 +45,7 @@ from .. import distributed
 from .._progress import progress
 from ..data import Calibration
 from ..errors import ConfigError
+from ..norms import BATCH_NORMS
 from ..options import Options, option
 from .base import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
 from .erk import ERK
@@ -94,7 +101,8 @@ class FitnessEvaluator:
         fitness: ``"kd"`` (minus the KL from the dense outputs at ``temperature``), ``"agreement"`` (share of
             held-out samples with the dense model's top-1, ties broken by kd) or ``"top1_labels"`` (accuracy
             on the calibration labels, as the authors' code).
-        bn_samples, fit_samples: sizes of the two disjoint, seeded slices.
+        bn_samples, fit_samples: sizes of the two disjoint, seeded slices (without BatchNorm in the model:
+            ``fit_samples`` scored, the rest of the sample in the other slice).
         seed: seeds the slices and the order of the short distillation of :meth:`after_distillation`.
     """
 
@@ -103,7 +111,12 @@ class FitnessEvaluator:
         calibration = context.calibration
         if len(calibration) < 2:
             raise ConfigError("allocation 'unipts_search' needs at least 2 calibration samples")
-        if bn_samples + fit_samples > len(calibration):
+        if not any(isinstance(module, BATCH_NORMS) for module in context.model.modules()):
+            # Nothing to re-estimate (a language model): the fitness scores ``fit_samples`` of the whole sample,
+            # the rest is the slice ``after_distillation`` trains on.
+            fit_samples = min(fit_samples, len(calibration))
+            bn_samples = len(calibration) - fit_samples
+        elif bn_samples + fit_samples > len(calibration):
             bn_samples = len(calibration) // 2
             fit_samples = len(calibration) - bn_samples
         if fitness == "top1_labels" and calibration.labels is None:
@@ -152,6 +165,10 @@ class FitnessEvaluator:
     def after_distillation(self, counts: Mapping[str, int], steps: int, lr: float = 0.01) -> tuple[float, float]:
         """The fitness after ``steps`` of logit distillation on the BatchNorm slice (SGD with momentum, masks held,
         teacher in eval mode): closer to what a candidate is worth after recovery than its one-shot fitness."""
+        if len(self.bn_slice) == 0:
+            raise ConfigError(f"unipts_search_rescore_top distils on calibration samples outside the "
+                              f"{len(self.fit_slice)} the fitness scores, and none are left; give more samples or a "
+                              f"unipts_search_fit_samples below {len(self.fit_slice)}")
         kept = self._prune(counts)
         optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
         generator = torch.Generator().manual_seed(self.seed)
