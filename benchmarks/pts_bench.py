@@ -598,8 +598,9 @@ def time_to_accuracy_section(reports: list[dict]) -> str:
     return ("\n## Time to accuracy\n\nAccuracy at 0.9 with 1024 calibration images against the wall time of the "
             "whole run, over distillation budgets (`--steps`; the presets' own is 1600), mean over the seeds that "
             "ran. Read the steps more than the times: the 1600-step rows of fcpts, unipts and iee ran alone on 2 "
-            "threads (an earlier commit), the rows of 2026-12-04 beside other work (mostly on one thread; the 100-step rows and the 400-step `recommended` on two), so their times "
-            "are up to about 2-3x high and the ResNet-20 curves are one seed.\n" + text) if text else ""
+            "threads (an earlier commit), the rows of 2026-12-04 beside other work (mostly on one thread; the "
+            "100-step rows and the 400-step `recommended` on two), so their times are up to about 2-3x high and the "
+            "ResNet-20 curves are one seed.\n" + text) if text else ""
 
 
 def write_results() -> None:
