@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_bench import export_section  # noqa: E402  (scripts beside this one)
 from family_sweep import families_section  # noqa: E402
 from lm_bench import lm_section  # noqa: E402
+from lm_memory_bench import memory_section  # noqa: E402
 from scale_bench import scale_section  # noqa: E402
 from seeds import (  # noqa: E402
     DEFAULT_CALIB_SIZE,
@@ -97,8 +98,8 @@ ABLATION_RUNS: dict[str, dict] = {
     "unipts-delta0.2": {"method": "unipts", "unipts_search_delta": 0.2},
     "unipts-rescore": {"method": "unipts", "unipts_search_rescore_top": 3},
     "iee-preview5x": {"method": "iee", "iee_explore_lr_scale": 5.0},
-    # The recommended recipe with its masks tightened gradually (dense start, cubic schedule) instead of at once.
-    "recommended-gradual": {"method": "recommended", "dynamics": "gradual"},
+    # The recommended recipe with its masks fixed at the start instead of tightened gradually.
+    "recommended-static": {"method": "recommended", "dynamics": "static"},
 }
 ABLATION_SPARSITIES = (0.9,)
 # Runs whose sparsity is fixed by their pattern (N:M) run once, at that sparsity.
@@ -479,8 +480,6 @@ def regimes_section(reports: list[dict]) -> str:
     return text
 
 
-# The recipe's runs: the preset, and the same configuration under its benchmark name in the short regimes.
-RECIPE_RUNS = ("recommended", "magnitude_kd-blocks_rel")
 
 
 def recommended_section(reports: list[dict]) -> str:
@@ -489,10 +488,9 @@ def recommended_section(reports: list[dict]) -> str:
     cells, dense = accuracy_by_seed(reports), dense_by_model(reports)
 
     def recipe(model, calib_size, steps, sparsity):
-        for run in RECIPE_RUNS:
-            key = (model, calib_size, steps, sparsity, run)
-            if len(cells.get(key, {})) > 1:
-                return run, cells[key], cells.get((model, calib_size, steps, sparsity, "magnitude_kd"), {})
+        key = (model, calib_size, steps, sparsity, "recommended")
+        if len(cells.get(key, {})) > 1:
+            return "recommended", cells[key], cells.get((model, calib_size, steps, sparsity, "magnitude_kd"), {})
         return None, {}, {}
 
     def versus(regime, margin):
@@ -512,19 +510,24 @@ def recommended_section(reports: list[dict]) -> str:
 
     below = []
     for key, values in cells.items():
-        if key[4] in RECIPE_RUNS and (*key[:4], "magnitude_kd") in cells:
+        if key[4] == "recommended" and (*key[:4], "magnitude_kd") in cells:
             difference = paired(values, cells[(*key[:4], "magnitude_kd")])
             baseline_std = mean_std(list(cells[(*key[:4], "magnitude_kd")].values()))[1]
             if difference is not None and difference.seeds > 1 and difference.mean < -baseline_std:
                 below.append(f"{MODEL_TITLES[key[0]]} {key[1]}/{key[2] or 'preset'}/{key[3]:g}")
+    gradual_gains = []
+    for key, values in cells.items():
+        static = cells.get((*key[:4], "recommended-static"))
+        difference = paired(values, static) if key[4] == "recommended" and static else None
+        if difference is not None and difference.seeds > 1:
+            gradual_gains.append(f"{MODEL_TITLES[key[0]]} {key[1]}/{key[2] or 'preset'}/{key[3]:g}: {difference}")
     full_run = [r for r in reports if r["run"] == "recommended" and regime_of(r) == {
         "model": DEFAULT_MODEL, "calib_size": DEFAULT_CALIB_SIZE, "steps": None, "sparsity": 0.9}]
     fastest = min((r["wall_time_s"] for r in full_run), default=None)
     lines = [
         "\n## The recommended recipe against its targets\n",
         "Computed from the runs above (mean ± standard deviation over seeds; `**`: beyond two standard deviations "
-        "of the paired difference). `magnitude_kd-blocks_rel` is `recommended`'s configuration under its name in "
-        "the short regimes.\n",
+        "of the paired difference).\n",
         "- Compact model, 0.9, 1024 images, full budget, at least +2.0 over `magnitude_kd`: "
         + versus(("reference_mobilenet", DEFAULT_CALIB_SIZE, None, 0.9), 2.0),
         "- ResNet-20 at 0.9 within 1.0 point of dense: " + near_dense(DEFAULT_MODEL, 0.9, 1.0),
@@ -534,6 +537,8 @@ def recommended_section(reports: list[dict]) -> str:
         + versus(("reference_mobilenet", 128, 200, 0.95), 1.0),
         "- No regime below `magnitude_kd` by more than its standard deviation: "
         + ("met" if not below else "not met in " + ", ".join(below)),
+        "- What tightening the masks gradually adds (`recommended` against `recommended-static`, paired over "
+        "seeds): " + ("; ".join(gradual_gains) or "no regime with both yet"),
         "- A full `recommended` run at 0.9 on the ResNet-20 in under 10 minutes on 2 cores: "
         + ("no run yet" if fastest is None else f"{fastest:.0f} s"
            + (f", the fastest of {len(full_run)} runs (the others shared the CPU)" if len(full_run) > 1 else "")
@@ -542,7 +547,7 @@ def recommended_section(reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-TIME_TO_ACCURACY_RUNS = ("magnitude_kd", "fcpts", "unipts", "iee", "recommended")
+TIME_TO_ACCURACY_RUNS = ("magnitude_kd", "fcpts", "unipts", "iee", "recommended", "recommended-static")
 
 
 def time_to_accuracy_section(reports: list[dict]) -> str:
@@ -593,8 +598,9 @@ def time_to_accuracy_section(reports: list[dict]) -> str:
     return ("\n## Time to accuracy\n\nAccuracy at 0.9 with 1024 calibration images against the wall time of the "
             "whole run, over distillation budgets (`--steps`; the presets' own is 1600), mean over the seeds that "
             "ran. Read the steps more than the times: the 1600-step rows of fcpts, unipts and iee ran alone on 2 "
-            "threads (an earlier commit), the rows of 2026-12-04 on one thread beside other work, so their times "
-            "are up to about 2-3x high and the ResNet-20 curves are one seed.\n" + text) if text else ""
+            "threads (an earlier commit), the rows of 2026-12-04 beside other work (mostly on one thread; the "
+            "100-step rows and the 400-step `recommended` on two), so their times are up to about 2-3x high and the "
+            "ResNet-20 curves are one seed.\n" + text) if text else ""
 
 
 def write_results() -> None:
@@ -616,7 +622,9 @@ def write_results() -> None:
         "scaled down for the CPU), no BN folding; `magnitude_kd` distils for 100 epochs of the calibration "
         "set (1,600 steps at batch 64, SGD 0.01, warm-up + cosine, flips) with the teacher in eval mode "
         "(`teacher_bn=eval`); `recommended` is the same with the block loss relative to the teacher's block "
-        "outputs (`objective: kd_blocks`, `kd_blocks_normalize: teacher`: the regimes' `magnitude_kd-blocks_rel`). "
+        "outputs (`objective: kd_blocks`, `kd_blocks_normalize: teacher`: the regimes' `magnitude_kd-blocks_rel`) "
+        "and masks tightened gradually from the dense weights to the ERK counts over the first half of the "
+        "budget (`dynamics: gradual`; `recommended-static`: fixed from the start). "
         "`taylor-channel` rows prune the given fraction of output channels in every "
         "layer (the classifier keeps all its classes); their target column is that fraction. 2:4 rows skip "
         "the 1-channel stem, so their sparsity is just under 0.5.\n\n"
@@ -630,6 +638,7 @@ def write_results() -> None:
         + "\n" + export_section()
         + scale_section()
         + "\n" + families_section()
+        + memory_section()
         + lm_section()
     )
     write_text(HERE / "RESULTS.md", text)

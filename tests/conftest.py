@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from ptsparse.offload import Offload
+
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path(os.environ.get("PTSPARSE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 needs_fashion_mnist = pytest.mark.skipif(
@@ -35,6 +37,32 @@ class TinyCNN(nn.Module):
         x = torch.relu(self.grouped(x))
         x = x + torch.relu(self.bn2(self.pointwise(self.depthwise(x))))
         return self.fc(x.mean((2, 3)))
+
+
+class RecordingOffload(Offload):
+    """An :class:`~ptsparse.offload.Offload` that follows its moves: on a CPU-only machine the device is the CPU and a
+    move changes nothing visible, so each block records, as it starts running, which blocks are then on the device.
+
+    Attributes:
+        on_device: the modules moved onto the device and not back (for a block: the block and all inside it).
+        runs: per block call, ``(block name, names of the blocks on the device, stem/embedding on the device)``.
+    """
+
+    def __init__(self, model: nn.Module, blocks, device) -> None:
+        super().__init__(model, blocks, device)
+        self.on_device: set[nn.Module] = set()
+        self.runs: list[tuple[str, list[str], bool]] = []
+        first_outside = next(m for n, m in model.named_modules()
+                             if n and not any(n == b or n.startswith(b + ".") or b.startswith(n + ".") for b in blocks))
+        for name, block in zip(self.block_names, self.blocks):  # after the offload's own hooks, which are first
+            block.register_forward_pre_hook(lambda module, args, name=name: self.runs.append(
+                (name, [n for n, b in zip(self.block_names, self.blocks) if b in self.on_device],
+                 first_outside in self.on_device)))
+
+    def move(self, module: nn.Module, resident: bool, recurse: bool = True) -> None:
+        super().move(module, resident, recurse)
+        for inner in module.modules() if recurse else [module]:
+            (self.on_device.add if resident else self.on_device.discard)(inner)
 
 
 @pytest.fixture

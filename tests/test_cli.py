@@ -189,7 +189,7 @@ def test_report_of_missing_run(capsys, tmp_path):
 
 def test_list_axes(capsys):
     assert {"magnitude", "magnitude_kd", "pot"} <= set(run_cli(capsys, "list", "methods")[1].split())
-    assert run_cli(capsys, "list", "allocations")[1].split() == ["erk", "fcpts", "global", "knapsack", "uniform",
+    assert run_cli(capsys, "list", "allocations")[1].split() == ["erk", "fcpts", "global", "knapsack", "owl", "uniform",
                                                                "unipts_search"]
 
 

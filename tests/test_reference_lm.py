@@ -137,13 +137,13 @@ def test_committed_lm_sample_perplexity_is_the_recorded_one():
 
 
 def test_reference_lm_name_resolves_to_its_directory():
-    from ptsparse.models import zoo
+    from ptsparse.export import load_model
 
-    if not hasattr(zoo, "HFCausalLM"):
-        pytest.skip("this build's hf: loader builds classifiers only (no zoo.HFCausalLM)")
     model, architecture = resolve_model(REFERENCE_LM)
     assert architecture == f"hf:{reference_lm_dir().resolve()}"
     assert model(torch.tensor([[1, 2, 3]])).shape[-1] == reference_lm_metadata()["tokenizer"]["vocab_size"]
+    _, metadata = load_model(REFERENCE_LM)  # what `ptsparse eval` and `export` load by name
+    assert metadata["architecture"] == architecture
 
 
 # --- the recipe ------------------------------------------------------------------------------------------

@@ -147,8 +147,9 @@ class SparsityConfig:
     calib_balanced: bool = option(False, "draw the same number of samples per class from --data")
     batch_size: int = option(64, "calibration batch size", minimum=1)
     bn_recalibration: bool = option(True, "re-estimate BatchNorm statistics on the calibration set after masking")
-    offload: bool = option(False, "wanda/sparsegpt: keep the cached inputs of the block being pruned in CPU "
-                           "memory, not on --device")
+    offload: bool = option(False, "keep the model and the cached block inputs in CPU memory and move one block at a "
+                           "time to --device (the layers outside blocks too, for a pass through the whole model); "
+                           "one-shot runs only: parts that train or differentiate the whole model are refused")
     seed: int = option(0, "seed of calibration sampling and every random choice", kind=int)
     device: str = option("cpu", "cpu or cuda", check=_device)
     progress: bool = option(True, "show progress bars", cli=False)
@@ -162,6 +163,9 @@ class SparsityConfig:
         method = keys.get("method", DEFAULT_METHOD)
         if isinstance(method, str) and method in METHODS:
             preset = METHODS.get(method)(keys.get("pattern", "unstructured"))
+            recovery = RECOVERIES.get(keys["recovery"]) if keys.get("recovery") in RECOVERIES else None
+            if recovery is not None and not recovery.runs_dynamics and "dynamics" not in keys:
+                preset.pop("dynamics", None)  # the preset's mask dynamics need the recovery that runs them
             keys = merge_keys(normalize_keys(preset, f"method {method!r}"), keys)
         for f in RUN_FIELDS:
             value = keys.pop(f.name) if f.name in keys else default_of(f)
@@ -189,6 +193,19 @@ class SparsityConfig:
             raise IncompatibleOptionsError(f"channel_multiple {multiple} needs a per-layer allocation and masks that "
                                            f"do not swap channels; allocation {self.allocation!r} and dynamics "
                                            f"{self.dynamics!r} choose single channels")
+        if self.parts["distill"].shard == "fsdp" and self.recovery == "distill" and picked["dynamics"].moves_masks:
+            raise IncompatibleOptionsError(f"distill_shard 'fsdp' keeps only static masks (a sharded weight is whole "
+                                           f"only inside a forward pass); dynamics {self.dynamics!r} moves them: use "
+                                           f"dynamics 'static' or distill_shard 'none'")
+        if self.offload:
+            for axis in ("criterion", "allocation", "recovery"):
+                registry = AXES[axis]
+                if not registry.get(getattr(self, axis)).offloadable:
+                    allowed = " or ".join(repr(name) for name in registry if registry.get(name).offloadable)
+                    raise IncompatibleOptionsError(
+                        f"offload runs the model one block at a time, forward passes only; {axis} "
+                        f"{getattr(self, axis)!r} needs the whole model on the device: use {axis} {allowed}, or "
+                        "drop offload")
         if picked["dynamics"].moves_masks and not RECOVERIES.get(self.recovery).runs_dynamics:
             trainers = " or ".join(repr(n) for n in RECOVERIES if RECOVERIES.get(n).runs_dynamics)
             raise IncompatibleOptionsError(f"dynamics {self.dynamics!r} moves masks during training; it needs "

@@ -5,7 +5,8 @@ A run is data-parallel when a default process group is initialised: by ``torchru
 the same model, calibration data and config. Every rank holds the same calibration sample (it is small) and
 computes on its own disjoint part of it: a contiguous slice of each global batch in distillation
 (:func:`local_batch`; DistributedDataParallel averages the gradients), whole batches in turn for BatchNorm
-statistics (:func:`my_turns`, then summed with :func:`all_reduce_`). Rank 0 alone writes. Decisions the ranks
+statistics (:func:`my_turns`, then summed with :func:`all_reduce_`), whole items in turn for independent pieces
+of work (search candidates, :func:`computed_in_turns`). Rank 0 alone writes. Decisions the ranks
 make each on their own (masks) are checked with :func:`same_on_every_rank`, and an error on one rank ends every
 rank with its message (:func:`failures_shared`). Without a group, or with a world of one, every helper is the
 identity, so a single process runs the same code.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from itertools import islice
@@ -98,6 +99,34 @@ def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def computed_in_turns(items: Sequence[T], compute: Callable[[T], Sequence[float]], width: int,
+                      wrap: Callable[[range], Iterable[int]] = iter) -> list[tuple[float, ...]]:
+    """``compute(item)`` for every item: each rank computes its turn of them (:func:`my_turns`: item ``i`` on rank
+    ``i % world``), and every rank gets every result, in item order.
+
+    The ``width`` floats of each result travel in float64, added to zeros, so every rank receives exactly the
+    values the rank that computed them had. ``compute`` must not enter a collective (the ranks compute different
+    items at the same time). ``wrap`` wraps the range of this rank's item indices (a progress bar).
+    """
+    rank, size = world()
+    values = torch.zeros(len(items), width, dtype=torch.float64)
+    for index in wrap(range(rank, len(items), size)):
+        values[index] = torch.tensor([float(value) for value in compute(items[index])], dtype=torch.float64)
+    if size > 1:
+        on_device = values.to(_collective_device())
+        dist.all_reduce(on_device)
+        values = on_device.cpu()
+    return [tuple(row) for row in values.tolist()]
+
+
+@torch.no_grad()
+def broadcast_(tensors: Iterable[torch.Tensor], source: int) -> None:
+    """Every rank's ``tensors`` take rank ``source``'s values, in place (nothing without a group)."""
+    if world()[1] > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor, source)
 
 
 def digest_of(tensors: Iterable[torch.Tensor]) -> str:

@@ -99,7 +99,7 @@ def attach_channel_masks(target: Target, norm: nn.Module | None = None) -> None:
     for owner, name in ((target.module, "bias"), (norm, "weight"), (norm, "bias")):
         tensor = getattr(owner, name, None) if owner is not None else None
         if tensor is not None and tensor.shape == keep.shape and weight_mask(owner, name) is None:
-            parametrize.register_parametrization(owner, name, WeightMask(keep.clone()))
+            parametrize.register_parametrization(owner, name, WeightMask(keep.clone().to(tensor.device)))
 
 
 def trainable(module: nn.Module, name: str = "weight") -> torch.Tensor:

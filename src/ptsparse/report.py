@@ -16,6 +16,32 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def peak_device_memory_mb(device: str | torch.device) -> float | None:
+    """Peak memory of the tensors this process has held on ``device`` so far, in MiB: CUDA's
+    ``max_memory_allocated`` (the caching allocator reserves somewhat more); ``None`` for the CPU, whose tensors
+    are part of the peak RSS."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def _memory(report: dict[str, Any]) -> str:
+    """Peak RSS, and the device's peak tensor memory where the run used one (older reports: RSS alone)."""
+    rss = f"peak RSS {report['peak_rss_mb']:.0f} MiB"
+    device = report.get("device", "cpu")
+    if report.get("peak_device_memory_mb") is not None:
+        return f"{rss}  peak {device} memory {report['peak_device_memory_mb']:.0f} MiB"
+    return f"{rss} (tensors included: the device is the CPU)" if device == "cpu" else rss
+
+
+def _calibration(report: dict[str, Any]) -> str:
+    """The calibration set: samples, or a causal language model's sequences and their length."""
+    if report.get("calib_seq_len"):
+        return f"calibration {report['calib_size']} sequences of {report['calib_seq_len']} tokens"
+    return f"calibration {report['calib_size']} samples"
+
+
 def reset_peak_rss() -> bool:
     """Starts :func:`peak_rss_mb` afresh from the current resident memory, so that one process can measure the
     peak of several runs in turn (Linux 4.0 and later: ``5`` written to ``/proc/self/clear_refs``). Returns
@@ -58,8 +84,8 @@ def format_table(report: dict[str, Any]) -> str:
         *_learned_allocation_lines(report.get("recovery", {})),
         *_search_lines(report.get("allocation_search")),
         _metric_line(report),
-        f"time {report['wall_time_s']:.1f} s  peak RSS {report['peak_rss_mb']:.0f} MiB  seed {report['seed']}  "
-        f"calibration {report['calib_size']} samples (hash {report['calib_hash']})",
+        f"time {report['wall_time_s']:.1f} s  {_memory(report)}  seed {report['seed']}  {_calibration(report)} "
+        f"(hash {report['calib_hash']})",
     ]
     return "\n".join(lines)
 
@@ -80,21 +106,24 @@ def _metric_line(report: dict[str, Any]) -> str:
         where = (f" ({evaluation['scored_tokens']} held-out tokens, windows of {evaluation['max_length']}, stride "
                  f"{evaluation['stride']})" if evaluation else " (no held-out text: --eval-data text:FILE)")
         change = "" if before is None or sparse is None else \
-            f"  (the same masks before recovery {before:.2f}: recovery changed it by {sparse - before:+.2f})"
+            f"  (one-shot masks before recovery {before:.2f}: recovery changed it by {sparse - before:+.2f})"
         return f"perplexity: dense {shown[0]}  sparse {shown[1]}{where}{change}"
     dense, sparse, before = (report.get(f"{kind}_accuracy") for kind in ("dense", "sparse", "one_shot"))
     shown = ["n/a" if value is None else f"{100 * value:.2f}%" for value in (dense, sparse)]
     change = "" if before is None or sparse is None else \
-        f"  (the same masks before recovery {100 * before:.2f}%: recovery added {100 * (sparse - before):+.2f} points)"
+        f"  (one-shot masks before recovery {100 * before:.2f}%: recovery added {100 * (sparse - before):+.2f} points)"
     return f"accuracy: dense {shown[0]}  sparse {shown[1]}{change}"
 
 
 def more_time_hint(report: dict[str, Any]) -> str | None:
-    """For a run that distilled: the flag that buys accuracy with more time (``None`` for other runs)."""
+    """For a run that distilled: the flag that buys accuracy (a lower perplexity for a causal language model) with
+    more time (``None`` for other runs)."""
     recovery = report.get("recovery") or {}
     if recovery.get("kind") != "distill":
         return None
     steps = recovery["iterations"]
+    if report.get("metric") == "perplexity":
+        return f"more time for a lower perplexity: --distill-iterations (this run: {steps} steps)"
     return (f"more time for accuracy: --distill-iterations (this run: {steps} steps); benchmarks/RESULTS.md, "
             "'Time to accuracy', shows what each budget bought on the reference models and where more stopped paying")
 
@@ -109,7 +138,8 @@ def _learned_allocation_lines(recovery: dict[str, Any]) -> list[str]:
 
 
 def _search_lines(search: dict[str, Any] | None) -> list[str]:
-    if not search:
+    """unipts_search's outcome (other allocations' summaries, OWL's or knapsack's, are in the JSON only)."""
+    if not search or "best" not in search:
         return []
     return [f"allocation search: best {search['best']} (fitness {search['best_fitness']:.4f}, ERK "
             f"{search['erk_fitness']:.4f}, {search['fitness']}), {search['evaluations']} evaluations in "

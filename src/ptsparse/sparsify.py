@@ -34,10 +34,11 @@ from .graph.outputs import feeding_the_output, record_output_nodes, traceable_in
 from .masking import bake, masks_of
 from .models import architecture_of
 from .models.zoo import is_causal_lm
+from .offload import HOME, Offload, whole_model
 from .patterns import NM, Channel, Pattern, parse_pattern
 from .recovery import DYNAMICS, RECOVERIES, recalibrate_batchnorm
 from .recovery.trainer import CHECKPOINT_NAME, Stopwatch
-from .report import peak_rss_mb, removed_fractions
+from .report import peak_device_memory_mb, peak_rss_mb, removed_fractions
 from .targets import Target, count_zeros, find_targets
 
 log = logging.getLogger(__name__)
@@ -254,9 +255,12 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     calibration = as_calibration(calib)
     check_data_parallel(config, calibration)
     device = resolve_device(config.device)
-    student = copy.deepcopy(model).to(device)
+    student = copy.deepcopy(model).to(HOME if config.offload else device)
     targets = find_targets(student, config.layer_types, config.include, config.exclude)
-    targets, output_layers = probe(student, targets, calibration, device)
+    # with offload the student stays in CPU memory and every pass moves one block at a time to the device
+    offload = Offload.of(student, targets, device) if config.offload else None
+    with whole_model(offload):
+        targets, output_layers = probe(student, targets, calibration, device)
     pattern = parse_pattern(config.pattern, config.settings_of(NM).fallback)
     protected = set()
     if isinstance(pattern, Channel):
@@ -270,7 +274,8 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     def evaluate(network: nn.Module) -> float | None:
         if eval_data is None:
             return None
-        return measure(network, eval_data, device, show_progress=config.progress)
+        with whole_model(offload if network is student else None):
+            return measure(network, eval_data, device, show_progress=config.progress)
 
     dense_metric = evaluate(student)
     recovery = RECOVERIES.get(config.recovery).from_config(config)
@@ -281,15 +286,20 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     stage_report = sparsify(student, calibration, stage_config(config, allocation.stage)).report \
         if allocation.stage else None
     prunes_units = criterion.prunes_units and isinstance(pattern, Channel)  # its units are known once it scored
-    scores = criterion.scores(student, targets, calibration) if allocation.needs_scores or prunes_units else None
+    scores = None
+    if allocation.needs_scores or prunes_units:
+        with whole_model(offload):
+            scores = criterion.scores(student, targets, calibration)
+        if offload is not None:  # each where its layer was during the pass
+            scores = {name: score.to(HOME) for name, score in scores.items()}
     budgets = layer_budgets(targets, config, pattern, protected)
-    context = AllocationContext(student, targets, calibration, config.batch_size, device, stage_report) \
+    context = AllocationContext(student, targets, calibration, config.batch_size, device, stage_report, offload) \
         if allocation.needs_context else None
     units = criterion.unit_budgets(budgets, pattern) if prunes_units else None
     counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets, context,
                                                   units)
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
-                config.progress, scores=scores, offload=config.offload)
+                config.progress, scores=scores, offload=offload)
 
     # What the masks are worth before recovery (one-shot, BatchNorm re-estimated), to say what recovery bought.
     one_shot_metric = evaluate(_recalibrated_copy(student, calibration, config, device)) \
@@ -298,7 +308,8 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
                                    checkpoint_dir, resume, stopwatch)
     del teacher
     if config.bn_recalibration:
-        recalibrate_batchnorm(student, calibration, config.batch_size, device)
+        with whole_model(offload):
+            recalibrate_batchnorm(student, calibration, config.batch_size, device)
     masks = masks_of(targets)
     distributed.same_on_every_rank(masks.values(), "masks")
     bake(student)
@@ -315,9 +326,11 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         layer_zeros, layer_total = count_zeros([target])
         layers.append({"name": target.name, "params": layer_total, "target": ratios[target.name],
                        "achieved": layer_zeros / layer_total, "shape": list(target.shape)})
-    removed = removed_fractions([t.module for t in targets], zeros / total,
-                                count_macs(student, calibration.inputs[:1].to(device))) \
-        if isinstance(pattern, Channel) else None
+    removed = None
+    if isinstance(pattern, Channel):
+        with whole_model(offload):
+            macs = count_macs(student, calibration.inputs[:1].to(device))
+        removed = removed_fractions([t.module for t in targets], zeros / total, macs)
     report = {
         "method": config.method,
         "pattern": config.pattern,
@@ -335,8 +348,10 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         "layers": layers,
         "wall_time_s": round(stopwatch.elapsed(), 3),
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_memory_mb": peak_device_memory_mb(device),
         "seed": config.seed,
         "calib_size": len(calibration),
+        "calib_seq_len": calibration.inputs.shape[1] if is_causal_lm(model) else None,
         "calib_hash": calibration.hash,
         "device": str(device),
         "torch": torch.__version__,

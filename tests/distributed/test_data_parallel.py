@@ -1,6 +1,8 @@
 """Data-parallel runs (``torchrun --nproc-per-node 2``, gloo on CPU) against one process: equal masks for static
-masks and nearly equal ones for moving masks, close weights, one writer, refusals in one line, a failing rank ending
-the run with one line, and a resumed run ending as an uninterrupted one."""
+masks and nearly equal ones for moving masks, close weights, work shared out rather than repeated (POT's layers, the
+UniPTS search's candidates, the latency knapsack's timings), the memory savers and a sharded student (FSDP2), a
+causal language model, one writer, refusals in one line, a failing rank ending the run with one line, and resumed
+runs ending as uninterrupted ones."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from tests.conftest import needs_fashion_mnist
 
 from ptsparse.errors import CheckpointError
 
-from .worker import ONE_SHOT, RESUMED, RUNS, calibration, model, one_shot
+from .worker import (LATENCY, ONE_SHOT, REFERENCE_RUNS, RESUMED, RUNS, calibration, lm_run, model, one_shot, run,
+                     timed_by_macs)
 
 # Agreement measured with one process: 1.0 for each (dst 0.998). IEE's Taylor scores (run "iee_taylor": the same
 # model on every rank, but 0.979 of one process's masks) take gradients that BatchNorm in train mode changes when it
@@ -43,7 +46,7 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     return out, [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [*RUNS, *REFERENCE_RUNS])
 def test_every_rank_ends_with_the_same_model(ranks, name):
     first, second = (rank["results"][name] for rank in ranks[1])
     assert all(torch.equal(first["masks"][layer], second["masks"][layer]) for layer in first["masks"])
@@ -79,6 +82,15 @@ def test_one_shot_criteria_on_each_ranks_batches_give_one_process_masks(one_shot
         assert parallel_batches < batches
 
 
+def test_latency_knapsack_shares_its_timings_out_and_gives_one_process_masks(one_shot_ranks):
+    with timed_by_macs() as timed:  # real timings differ between ranks and runs: these are deterministic
+        masks, _ = one_shot(LATENCY)
+    for parallel, _ in (rank["latency"] for rank in one_shot_ranks):
+        assert masks.keys() == parallel.keys() and all(torch.equal(masks[k], parallel[k]) for k in masks)
+    shares = [rank["latency"][1] for rank in one_shot_ranks]
+    assert sum(shares) == timed[0] and all(0 < share < timed[0] for share in shares)
+
+
 def test_distillation_at_the_same_global_batch_stays_close_to_one_process(ranks):
     alone = ptsparse.sparsify(model(), calibration(), **RUNS["magnitude_kd"])
     parallel = ranks[1][0]["results"]["magnitude_kd"]
@@ -105,10 +117,108 @@ def test_moving_masks_at_the_same_global_batch_nearly_agree_with_one_process(ran
     assert moved.get(name, moved["iee"]) > 0
 
 
-def test_resume_after_an_interrupt_ends_as_an_uninterrupted_run(ranks):
+def test_pot_shares_its_layers_out_and_gives_one_process_masks_and_weights(ranks):
+    alone = run("pot")
+    layers = len(alone.masks)
+    for rank, parallel in enumerate(rank["results"]["pot"] for rank in ranks[1]):
+        assert all(torch.equal(alone.masks[layer], parallel["masks"][layer]) for layer in alone.masks)
+        assert parallel["work"]["layers"] == len(range(rank, layers, 2))  # layer i reconstructed on rank i % 2 alone
+        # each layer is the single process's computation; BatchNorm re-calibration sums each rank's batches
+        for key, value in alone.model.state_dict().items():
+            torch.testing.assert_close(parallel["state"][key], value, rtol=1e-5, atol=1e-6)
+        losses = parallel["report"]["recovery"]["layer_losses"]
+        assert losses == pytest.approx(alone.report["recovery"]["layer_losses"], rel=1e-5)
+
+
+def test_unipts_search_shares_its_candidates_out_and_picks_the_one_process_allocation(ranks):
+    alone = run("unipts")
+    search = alone.report["allocation_search"]
+    allocation = [layer["target"] for layer in alone.report["layers"]]
+    for parallel in (rank["results"]["unipts"]["report"] for rank in ranks[1]):
+        assert [layer["target"] for layer in parallel["layers"]] == allocation
+        shared = parallel["allocation_search"]
+        assert (shared["best"], shared["evaluations"]) == (search["best"], search["evaluations"])
+        assert shared["best_per_generation"] == pytest.approx(search["best_per_generation"], rel=1e-5)
+        assert [c["label"] for c in shared["rescored"]] == [c["label"] for c in search["rescored"]]
+        assert [c["after_distillation"] for c in shared["rescored"]] == pytest.approx(
+            [c["after_distillation"] for c in search["rescored"]], rel=1e-5)
+    scored = [rank["results"]["unipts"]["work"]["candidates"] for rank in ranks[1]]
+    assert sum(scored) == search["evaluations"] and all(0 < count < search["evaluations"] for count in scored)
+
+
+def test_bf16_distillation_runs_data_parallel_close_to_one_process(ranks):
+    alone = run("bf16")
+    parallel = ranks[1][0]["results"]["bf16"]
+    assert all(torch.equal(alone.masks[layer], parallel["masks"][layer]) for layer in alone.masks)
+    # as fp32 (each rank's BatchNorm normalises its half batch), and each rank's autocast rounds its half: 2e-4 apart
+    for key, value in alone.model.state_dict().items():
+        torch.testing.assert_close(parallel["state"][key], value, rtol=0, atol=1e-3)
+
+
+def test_gradient_checkpointing_runs_data_parallel_to_the_same_weights(ranks):
+    alone = run("grad_checkpointing")
     for rank in ranks[1]:
-        whole, resumed = rank["resumed"]["whole"], rank["resumed"]["resumed"]
+        parallel, plain = rank["results"]["grad_checkpointing"], rank["results"]["no_checkpointing"]
+        assert all(torch.equal(alone.masks[layer], parallel["masks"][layer]) for layer in alone.masks)
+        # recomputing the reference model's blocks under DDP changes nothing (its distance to one process is that of
+        # BatchNorm on half batches, which the 2-rank run without checkpointing shares)
+        assert all(torch.equal(plain["state"][key], value) for key, value in parallel["state"].items())
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny random Llama's directory (with its word tokenizer), training text and held-out text."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tests.unit.test_language_models import CONFIGS, sentences, word_tokenizer
+
+    directory = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).save_pretrained(str(directory / "model"))
+    word_tokenizer().save_pretrained(str(directory / "model"))
+    (directory / "train.txt").write_text(sentences(60, 0) + "\n")
+    (directory / "valid.txt").write_text(sentences(12, 1) + "\n")
+    return directory / "model", directory / "train.txt", directory / "valid.txt"
+
+
+def test_a_language_model_distils_data_parallel_to_one_process_masks_and_perplexity(llama, tmp_path):
+    """Each rank training a whole student (DistributedDataParallel) or its shards (FSDP2)."""
+    done = torchrun(str(WORKER), str(tmp_path), "lm", *map(str, llama))
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = lm_run(*llama)
+    assert alone.report["sparse_perplexity"] > alone.report["dense_perplexity"] > 1
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    whole = ranks[0]["none"]["work"]["optimized"]
+    assert [rank["fsdp"]["work"]["optimized"] for rank in ranks] == [whole // 2] * 2  # every tensor halves evenly
+    for parallel in (rank[shard] for rank in ranks for shard in ("none", "fsdp")):
+        assert alone.masks.keys() == parallel["masks"].keys()
+        for name, mask in alone.masks.items():
+            assert torch.equal(mask, parallel["masks"][name])
+            assert bool((parallel["state"][f"{name}.weight"][~mask] == 0).all()), name  # pruned weights stay zero
+        # no BatchNorm: the ranks' half batches sum to one process's gradients up to float rounding (6e-11 measured)
+        for key, value in alone.model.state_dict().items():
+            torch.testing.assert_close(parallel["state"][key], value, rtol=1e-5, atol=1e-6)
+        for key in ("dense_perplexity", "sparse_perplexity"):  # the windows scored across the ranks
+            assert parallel["report"][key] == pytest.approx(alone.report[key], rel=1e-6)
+        assert parallel["report"]["evaluation"] == alone.report["evaluation"]
+
+
+@pytest.mark.parametrize("name", ["resumed", "resumed_sharded"])
+def test_resume_after_an_interrupt_ends_as_an_uninterrupted_run(ranks, name):
+    for rank in ranks[1]:
+        whole, resumed = rank[name]["whole"], rank[name]["resumed"]
         assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+def test_a_sharded_student_trains_as_a_whole_one_holding_half_its_parameters_per_rank(ranks):
+    alone = run("fsdp")
+    for rank in ranks[1]:
+        sharded, whole = rank["results"]["fsdp"], rank["results"]["grad_checkpointing"]
+        assert all(torch.equal(alone.masks[layer], sharded["masks"][layer]) for layer in alone.masks)
+        # the same steps as DistributedDataParallel's, with each block's weights gathered (and masked) to run it
+        for key, value in whole["state"].items():
+            torch.testing.assert_close(sharded["state"][key], value, rtol=1e-5, atol=1e-6)
+        assert sharded["work"]["optimized"] < 0.51 * whole["work"]["optimized"]
 
 
 def test_resume_on_another_number_of_ranks_is_refused_in_one_line(ranks):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,11 +253,24 @@ def test_atomic_path_failure_keeps_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["out.txt"]
 
 
-def test_failed_save_state_leaves_nothing(tmp_path):
-    shared = torch.zeros(4)
-    with pytest.raises(RuntimeError):  # safetensors refuses tensors sharing memory, inside the atomic block
-        save_state({"a": shared, "b": shared}, tmp_path / "m.safetensors")
+def test_failed_save_state_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def half_written(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_state({"a": torch.zeros(4)}, tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+def test_tensors_sharing_memory_are_saved_under_each_name(tmp_path):
+    shared = torch.arange(4.0)
+    save_state({"a": shared, "b": shared}, tmp_path / "m.safetensors")
+    loaded, _ = load_state(tmp_path / "m.safetensors")
+    assert torch.equal(loaded["a"], shared) and torch.equal(loaded["b"], shared)
 
 
 def test_atomic_write_replaces_an_existing_file(tmp_path):

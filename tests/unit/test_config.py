@@ -320,3 +320,9 @@ def test_a_stage_runs_its_preset_with_every_change_the_run_made():
     # the run's own picks and its preset's settings stay out of the stage
     unipts = resolve_config(None, method="unipts", allocation="fcpts")
     assert stage_config(unipts, "fcpts") == resolve_config(None, method="fcpts")
+
+
+def test_a_recovery_without_training_keeps_the_presets_masks_fixed():
+    assert SparsityConfig(recovery="none").dynamics == "static"  # recommended tightens masks only while distilling
+    assert SparsityConfig(recovery="layerwise", method="recommended").dynamics == "static"
+    assert SparsityConfig().dynamics == "gradual"

@@ -265,8 +265,10 @@ def test_kd_blocks_on_a_model_without_blocks_errors_or_falls_back_to_logits(tiny
 def test_recommended_picks_the_relative_block_loss_and_runs_on_models_without_blocks(tiny_mlp):
     config = ptsparse.SparsityConfig.from_dict({"method": "recommended"})
     assert (config.allocation, config.criterion, config.recovery, config.objective, config.dynamics) == (
-        "erk", "magnitude", "distill", "kd_blocks", "static")
+        "erk", "magnitude", "distill", "kd_blocks", "gradual")
     assert config.settings_of(KDBlocks).normalize == "teacher"
+    for pattern in ("2:4", "channel"):  # masks that gradual magnitude pruning cannot tighten stay fixed
+        assert ptsparse.SparsityConfig.from_dict({"method": "recommended", "pattern": pattern}).dynamics == "static"
     inputs = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
     result = ptsparse.sparsify(tiny_mlp, inputs, method="recommended", sparsity=0.8, distill_iterations=3,
                                batch_size=16, progress=False)

@@ -14,18 +14,25 @@ import pytest
 import torch
 
 import ptsparse
+from ptsparse.allocation import OWL, AllocationContext, LayerBudget
+from ptsparse.allocation.unipts_search import FitnessEvaluator
 from ptsparse.blocks import find_blocks
 from ptsparse.cli import main
 from ptsparse.criteria import CRITERIA, prune_model
 from ptsparse.criteria.block_inputs import find_chains
 from ptsparse.data import PackedText, load_source, sample_calibration
-from ptsparse.errors import DataError, ModelError
+from ptsparse.criteria.taylor import taylor_loss
+from ptsparse.errors import ConfigError, DataError, ModelError
 from ptsparse.evaluate import perplexity, sliding_windows
+from ptsparse.export import input_shape_for
 from ptsparse.models import resolve_model, zoo
 from ptsparse.patterns import Unstructured
-from ptsparse.recovery.objectives import kd_kl
+from ptsparse.recovery.objectives import kd_kl, output_mse
 from ptsparse.recovery.trainer import TrainSchedule, batch_at
+from ptsparse.report import format_table, more_time_hint
 from ptsparse.targets import find_targets
+
+from ..conftest import RecordingOffload
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -210,18 +217,132 @@ def test_block_by_block_pruning_gives_the_masks_of_whole_model_passes(lms, famil
     chains = find_chains(model, find_targets(model), calibration, batch_size=4)
     assert [chain.names for chain in chains] == [[f"{BLOCKS[family]}.0", f"{BLOCKS[family]}.1"]]
     outcomes = []
-    for cached in (True, False):
+    for cached, offload in ((True, False), (False, False), (True, True)):
         copied = copy.deepcopy(model)
         targets = find_targets(copied)
+        moves = RecordingOffload.of(copied, targets, "cpu") if offload else None
         masks = prune_model(copied, targets, {t.name: t.numel // 2 for t in targets}, Unstructured(),
-                            CRITERIA.get(criterion)(), calibration, batch_size=4, cache_block_inputs=cached)
+                            CRITERIA.get(criterion)(), calibration, batch_size=4, cache_block_inputs=cached,
+                            offload=moves)
         outcomes.append((masks, {t.name: t.weight.detach().clone() for t in targets}))
-    (masks, weights), (full_masks, full_weights) = outcomes
-    assert all(torch.equal(masks[name], full_masks[name]) for name in masks)
-    assert all(torch.allclose(weights[name], full_weights[name], atol=1e-6) for name in weights)
+    (masks, weights), *others = outcomes
+    for other_masks, other_weights in others:
+        assert all(torch.equal(masks[name], other_masks[name]) for name in masks)
+        assert all(torch.allclose(weights[name], other_weights[name], atol=1e-6) for name in weights)
+    assert all(torch.equal(weights[name], others[1][1][name]) for name in weights)  # offload: the same computation
+    # offload: each decoder layer runs alone on the device; on cached inputs without the embedding
+    assert moves.block_names == tuple(chains[0].names)
+    assert {name for name, _, _ in moves.runs} == set(chains[0].names)
+    assert all(on_device == [name] for name, on_device, _ in moves.runs)
+    assert any(not embedding for _, _, embedding in moves.runs) and not moves.on_device
+
+
+def test_offload_gives_the_same_run_and_owl_goes_block_by_block(lms):
+    model, _, calibration = lms["llama"]
+    runs = {offload: ptsparse.sparsify(model, calibration, method="wanda", allocation="owl", owl_max_deviation=0.2,
+                                       sparsity=0.5, batch_size=4, offload=offload, progress=False)
+            for offload in (False, True)}
+    assert runs[True].report["allocation_search"] == runs[False].report["allocation_search"]
+    assert all(torch.equal(runs[True].masks[name], runs[False].masks[name]) for name in runs[False].masks)
+    assert len({entry["sparsity"] for entry in runs[True].report["allocation_search"]["layers"].values()}) == 2
+    summary = format_table(runs[True].report)
+    assert runs[True].report["peak_device_memory_mb"] is None and "(tensors included: the device is the CPU)" in summary
+    assert "calibration 8 sequences of 16 tokens (hash " in summary
+
+
+def test_owl_statistics_under_offload_are_those_of_one_pass_one_block_on_the_device_at_a_time(lms):
+    model, _, calibration = lms["qwen2"]
+    model = copy.deepcopy(model)
+    targets = find_targets(model)
+    budgets = [LayerBudget(t.name, tuple(t.shape)) for t in targets]
+    plain = OWL(max_deviation=0.2).allocate(budgets, 0.5, context=AllocationContext(model, targets, calibration, 4))
+    moves = RecordingOffload.of(model, targets, "cpu")
+    offloaded = OWL(max_deviation=0.2).allocate(budgets, 0.5, context=AllocationContext(
+        model, targets, calibration, 4, offload=moves))
+    assert offloaded == plain and len(set(plain.values())) == 2
+    assert {name for name, _, _ in moves.runs} == {f"{BLOCKS['qwen2']}.{i}" for i in range(2)}
+    assert all(on_device == [name] for name, on_device, _ in moves.runs)
+    assert any(not embedding for _, _, embedding in moves.runs) and not moves.on_device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_offload_keeps_peak_gpu_memory_far_below_the_model(method):
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=32,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                                      max_position_embeddings=64, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = zoo.HFCausalLM(transformers.LlamaForCausalLM(config)).eval()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # about 134 MB, a block 4 MB
+    tokens = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(0))
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats(device)
+    offloaded = ptsparse.sparsify(model, tokens, method=method, sparsity=0.5, batch_size=8, device="cuda",
+                                  offload=True, progress=False)
+    peak = torch.cuda.max_memory_allocated(device)
+    assert offloaded.report["peak_device_memory_mb"] == round(peak / 2**20, 1)
+    assert peak < model_bytes / 2
+    plain = ptsparse.sparsify(model, tokens, method=method, sparsity=0.5, batch_size=8, device="cuda",
+                              progress=False)
+    assert plain.report["peak_device_memory_mb"] * 2**20 > model_bytes  # the whole model was on the GPU
+    assert ptsparse.sparsity_of(offloaded.model) == ptsparse.sparsity_of(plain.model) == 0.5
+    if method == "wanda":  # no weight update: the masks do not depend on the order of float sums on the GPU
+        assert all(torch.equal(offloaded.masks[name], plain.masks[name]) for name in plain.masks)
 
 
 # --- distillation -----------------------------------------------------------------------------------------
+
+def test_block_mse_is_a_mean_over_token_positions_and_unchanged_for_images():
+    student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = float((student - teacher).pow(2).sum(-1).mean())  # summed over the hidden size, mean over tokens
+    assert float(output_mse(student, teacher)) == pytest.approx(expected, rel=1e-6)
+    assert float(output_mse(student.repeat(1, 3, 1), teacher.repeat(1, 3, 1))) == pytest.approx(expected, rel=1e-6)
+    images, reference = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)  # (batch, channels, h, w): over channels
+    assert torch.equal(output_mse(images, reference), (images - reference).pow(2).sum(1).mean())
+
+
+def test_taylor_scores_a_causal_lm_by_next_token_cross_entropy(lms):
+    model, _, calibration = lms["gpt2"]
+    x = calibration.inputs[:2]
+    logits = model(x)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    assert torch.equal(taylor_loss(logits, x, None), expected)
+    classes = torch.randn(4, 10)  # a classifier: against its labels, else its arg-max
+    assert torch.equal(taylor_loss(classes, torch.randn(4, 3), None),
+                       torch.nn.functional.cross_entropy(classes, classes.argmax(1)))
+
+
+def test_unipts_kd_fitness_averages_the_kl_over_token_positions(lms):
+    model, _, calibration = lms["opt"]
+    model = copy.deepcopy(model)
+    targets = find_targets(model)
+    evaluate = FitnessEvaluator(AllocationContext(model, targets, calibration, batch_size=4), bn_samples=4,
+                                fit_samples=4, temperature=2.0)
+    assert evaluate({t.name: 0 for t in targets})[0] == 0.0
+    fitness, _ = evaluate({t.name: t.numel // 2 for t in targets})
+    with torch.no_grad():
+        sparse = evaluate.model(evaluate.fit_slice.inputs).double() / 2.0
+        dense = model(evaluate.fit_slice.inputs).double() / 2.0
+    per_token = (dense.softmax(-1) * (dense.log_softmax(-1) - sparse.log_softmax(-1))).sum(-1)  # (samples, tokens)
+    assert fitness == pytest.approx(-float(per_token.mean()), rel=1e-4)
+
+
+def test_tracing_exports_and_latency_refuse_a_language_model_in_one_line(capsys, lm_dirs, texts, tmp_path):
+    spec = f"hf:{lm_dirs['llama']}"
+    assert zoo.image_input_shape(spec) is None
+    for given in (None, (16,)):
+        with pytest.raises(ConfigError, match=r"reads token ids: tracing exports \(channels, onnx\) and bench-latency"):
+            input_shape_for(spec, given)
+    out = tmp_path / "run"
+    assert run_cli(capsys, "sparsify", "--model", spec, "--data", f"text:{texts[0]}", "--method", "magnitude",
+                   "--seq-len", "16", "--calib-size", "4", "--out", out, "-q")[0] == 0
+    for argv in (("export", out, "--format", "onnx", "--out", tmp_path / "model.onnx"),
+                 ("bench-latency", out, "--repeats", "1", "--warmup", "0")):
+        code, _, stderr = run_cli(capsys, *argv)
+        lines = [line for line in stderr.splitlines() if line.startswith("ptsparse: error")]
+        assert code == 2 and len(lines) == 1 and "reads token ids" in lines[0], stderr
+
 
 def test_kd_kl_averages_the_per_token_kl_over_positions():
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
@@ -266,6 +387,8 @@ def test_recommended_distils_decoder_layers_in_bf16_with_checkpointing(lms, fami
     assert_pruned_weights_stay_zero(result)
     recovery = result.report["recovery"]
     assert recovery["objective"] == "kd_blocks" and recovery["history"][-1]["block_mse"] > 0  # blocks compared
+    assert more_time_hint(result.report) == ("more time for a lower perplexity: --distill-iterations (this run: 3 "
+                                             "steps)")
 
 
 # --- command line -----------------------------------------------------------------------------------------
@@ -281,7 +404,7 @@ def test_cli_sparsify_reports_dense_and_sparse_perplexity_and_eval_agrees(capsys
     code, stdout, _ = run_cli(capsys, "sparsify", "--model", f"hf:{lm_dirs['gpt2']}", "--data", f"text:{texts[0]}",
                               "--eval-data", f"text:{texts[1]}", "--method", "wanda", "--sparsity", "0.5",
                               "--seq-len", "32", "--calib-size", "8", "--out", out, "-q")
-    assert code == 0 and "perplexity: dense " in stdout
+    assert code == 0 and "perplexity: dense " in stdout and "calibration 8 sequences of 32 tokens (hash" in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["metric"] == "perplexity" and report["dense_accuracy"] is None
     assert report["dense_perplexity"] > 1 and report["sparse_perplexity"] > 1

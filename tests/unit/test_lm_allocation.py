@@ -86,8 +86,6 @@ def test_without_batchnorm_the_fitness_scores_windows_of_the_whole_sample(llama,
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.xfail(strict=True, reason="the fitness sums the KL over a window's positions (batchmean); the "
-                                      "per-token average comes with branch lm-memory")
 def test_the_fitness_is_the_kl_of_the_whole_models_next_token_distributions(llama, windows):
     """End to end on the held-out windows, per token: minus the mean over windows and positions of
     KL(dense || sparse) at the fitness temperature, on a model with the candidate's magnitude masks."""

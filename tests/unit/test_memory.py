@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -12,10 +13,14 @@ import ptsparse
 from ptsparse.criteria import CRITERIA, prune_model
 from ptsparse.criteria.block_inputs import BlockInputs, find_chains
 from ptsparse.data import as_calibration
-from ptsparse.errors import ConfigError
+from ptsparse.errors import ConfigError, IncompatibleOptionsError
 from ptsparse.models import load_reference
+from ptsparse.offload import Offload
 from ptsparse.patterns import NM, Unstructured
+from ptsparse.report import format_table
 from ptsparse.targets import find_targets
+
+from ..conftest import RecordingOffload
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -27,17 +32,19 @@ def reference():
     return load_reference().eval()
 
 
-def pruned(model: nn.Module, x: torch.Tensor, criterion: str, pattern=Unstructured(), **options):
-    """Masks and state of a copy of ``model`` pruned by ``criterion`` (60% per layer, or N:M)."""
+def pruned(model: nn.Module, x: torch.Tensor, criterion: str, pattern=Unstructured(), offload=None, **options):
+    """Masks and state of a copy of ``model`` pruned by ``criterion`` (60% per layer, or N:M); ``offload``: an
+    :class:`Offload` class, whose ``of`` the copy is offloaded by (its list of runs is returned third)."""
     model = copy.deepcopy(model)
     targets = find_targets(model)
     if isinstance(pattern, NM):
         counts = {t.name: pattern.prune_count(t.shape) if pattern.eligible(t.shape) else 0 for t in targets}
     else:
         counts = {t.name: int(0.6 * t.numel) for t in targets}
+    moves = offload.of(model, targets, "cpu") if offload is not None else None
     masks = prune_model(model, targets, counts, pattern, CRITERIA.get(criterion)(), as_calibration(x),
-                        batch_size=16, **options)
-    return masks, {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        batch_size=16, offload=moves, **options)
+    return masks, {k: v.detach().clone() for k, v in model.state_dict().items()}, moves
 
 
 def assert_same(a, b) -> None:
@@ -59,7 +66,7 @@ def test_cached_block_inputs_give_the_masks_and_weights_of_full_passes(reference
     x = randn(40, 1, 28, 28)
     cached = pruned(reference, x, criterion, pattern)
     assert_same(cached, pruned(reference, x, criterion, pattern, cache_block_inputs=False))
-    assert_same(cached, pruned(reference, x, criterion, pattern, offload=True))
+    assert_same(cached, pruned(reference, x, criterion, pattern, offload=Offload))
 
 
 def test_block_passes_run_the_block_not_the_network(reference):
@@ -189,6 +196,49 @@ def test_wanda_and_sparsegpt_meet_the_target_with_offload(reference):
         result = ptsparse.sparsify(reference, randn(32, 1, 28, 28), method=method, sparsity=0.7, offload=True,
                                    progress=False)
         assert result.report["achieved_sparsity"] == pytest.approx(0.7, abs=1e-4)
+        plain = ptsparse.sparsify(reference, randn(32, 1, 28, 28), method=method, sparsity=0.7, progress=False)
+        assert all(torch.equal(result.masks[name], plain.masks[name]) for name in plain.masks)
+        assert result.report["peak_device_memory_mb"] is None  # on the CPU: the peak RSS counts its tensors
+
+
+# offload: one block on the device at a time ------------------------------------------------------------
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_offload_puts_one_block_on_the_device_at_a_time_and_gives_the_same_masks(reference, criterion):
+    x = randn(40, 1, 28, 28)
+    masks, state, moves = pruned(reference, x, criterion, offload=RecordingOffload)
+    assert_same(pruned(reference, x, criterion), (masks, state))
+    blocks = [f"stages.{s}.{b}" for s in range(3) for b in range(3)]
+    assert sorted({name for name, _, _ in moves.runs}) == blocks
+    assert all(on_device == [name] for name, on_device, _ in moves.runs)  # the running block, alone
+    # passes on cached inputs leave the stem in CPU memory; whole-model passes (chain check, stem and classifier
+    # statistics) bring it
+    assert {stem for _, _, stem in moves.runs} == {False, True}
+    assert not moves.on_device and moves.resident is None  # everything back in CPU memory
+
+
+def test_the_summary_gives_peak_device_memory_where_the_device_has_its_own(tiny_mlp):
+    result = ptsparse.sparsify(tiny_mlp, randn(16, 1, 8, 8), method="magnitude", progress=False)
+    assert result.report["peak_device_memory_mb"] is None
+    assert "MiB (tensors included: the device is the CPU)  seed 0" in format_table(result.report)
+    on_gpu = {**result.report, "device": "cuda:0", "peak_device_memory_mb": 1234.4}
+    assert re.search(r"peak RSS \d+ MiB  peak cuda:0 memory 1234 MiB  seed 0  calibration 16 samples",
+                     format_table(on_gpu))
+    older = {key: value for key, value in on_gpu.items() if key != "peak_device_memory_mb"}  # an earlier report
+    assert re.search(r"peak RSS \d+ MiB  seed 0", format_table(older))
+
+
+def test_offload_refuses_parts_that_need_the_whole_model_on_the_device():
+    with pytest.raises(IncompatibleOptionsError, match="offload runs the model one block at a time, forward passes "
+                                                       "only; recovery 'distill' needs the whole model on the device: "
+                                                       "use recovery 'none', or drop offload"):
+        ptsparse.SparsityConfig(method="magnitude_kd", offload=True)
+    with pytest.raises(IncompatibleOptionsError, match="criterion 'taylor' needs the whole model"):
+        ptsparse.SparsityConfig(method="taylor", offload=True)
+    with pytest.raises(IncompatibleOptionsError, match="allocation 'unipts_search' needs the whole model"):
+        ptsparse.SparsityConfig(method="wanda", allocation="unipts_search", offload=True)
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        assert ptsparse.SparsityConfig(method=method, allocation="owl", offload=True).offload
 
 
 # recovery: gradient checkpointing and bf16 ---------------------------------------------------------------
@@ -228,12 +278,22 @@ def test_precision_choices_are_checked(value):
         ptsparse.SparsityConfig(method="magnitude", precision=value)
 
 
+def test_fsdp_sharding_is_for_static_masks_and_a_no_op_in_one_process(reference):
+    with pytest.raises(IncompatibleOptionsError, match="distill_shard 'fsdp' keeps only static masks.*'dst'"):
+        ptsparse.SparsityConfig(method="unipts", distill_shard="fsdp")
+    ptsparse.SparsityConfig(method="pot", distill_shard="fsdp")  # no distillation: nothing to shard, nothing refused
+    x = randn(32, 1, 28, 28)
+    plain = ptsparse.sparsify(reference, x, **DISTILL).model.state_dict()
+    alone = ptsparse.sparsify(reference, x, distill_shard="fsdp", **DISTILL).model.state_dict()
+    assert all(torch.equal(plain[k], alone[k]) for k in plain)  # one rank: nothing to shard over
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude_kd"])
 def test_cuda_with_every_memory_saver(reference, method):
     result = ptsparse.sparsify(reference, randn(64, 1, 28, 28), method=method, sparsity=0.9, device="cuda",
-                               offload=True, precision="bf16", grad_checkpointing=True, iterations=4,
-                               progress=False)
+                               offload=method != "magnitude_kd", precision="bf16", grad_checkpointing=True,
+                               iterations=4, progress=False)
     assert result.report["achieved_sparsity"] == pytest.approx(0.9, abs=1e-4)
 
 

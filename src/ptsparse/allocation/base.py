@@ -21,6 +21,7 @@ from torch import nn
 from .._registry import Registry
 from ..data import Calibration
 from ..errors import ConfigError
+from ..offload import Offload
 from ..options import Part
 from ..targets import Target
 
@@ -69,8 +70,10 @@ class AllocationContext:
         targets: its prunable layers.
         calibration: the calibration data.
         batch_size: the run's batch size.
-        device: where the model is.
+        device: where the model runs.
         stage_report: the report of the run the allocation's ``stage`` names, when it has one.
+        offload: the model is in CPU memory and runs on ``device`` one block at a time (:mod:`ptsparse.offload`);
+            ``None``: it is on ``device``.
     """
 
     model: nn.Module
@@ -79,6 +82,7 @@ class AllocationContext:
     batch_size: int = 64
     device: str | torch.device = "cpu"
     stage_report: Mapping[str, Any] | None = None
+    offload: Offload | None = None
 
 
 class Allocation(Part, abc.ABC):
@@ -94,7 +98,9 @@ class Allocation(Part, abc.ABC):
       sparsity they give as the run's target (``knapsack``, whose ``sparsity`` is a fraction of the MACs);
     * ``chooses_units``: it picks single channels itself, so channels cannot be pruned N at a time;
     * ``stage``: the method whose whole run must come first; its report reaches :meth:`allocate` as
-      ``context.stage_report`` (``fcpts``: the sparsities an FCPTS run learns).
+      ``context.stage_report`` (``fcpts``: the sparsities an FCPTS run learns);
+    * ``offloadable``: it works with ``offload`` (the model in CPU memory, run one block at a time, forward
+      passes only: :mod:`ptsparse.offload`).
 
     :meth:`summary` is what the report records of the allocation (``None``: nothing).
     """
@@ -105,6 +111,7 @@ class Allocation(Part, abc.ABC):
     exact: ClassVar[bool] = False
     chooses_units: ClassVar[bool] = False
     stage: ClassVar[str | None] = None
+    offloadable: ClassVar[bool] = True
 
     @abc.abstractmethod
     def allocate(self, layers: Sequence[LayerBudget], sparsity: float,

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .. import distributed
 from ..attention import AttentionHeads, find_attention, heads_by_layer
 from ..errors import ConfigError
 from ..graph.cost import CONV_TYPES, measure_latency, output_positions
@@ -173,10 +174,7 @@ class ChannelCosts:
                 if name in layers and graph.is_in_channel_pruning_fn(item.dep.handler):
                     layers[name].in_units.append((u, len(item.idxs) / unit.size))
         if cost == "latency":
-            timings: dict[tuple, float] = {}
-            for layer in layers.values():
-                layer.table = _latency_table(layer, torch.device(device), batch_size, points, warmup, repeats,
-                                             timings)
+            _latency_tables(list(layers.values()), torch.device(device), batch_size, points, warmup, repeats)
         return cls(units, fixed, list(layers.values()), cost)
 
     def cost(self, kept: Sequence[int]) -> float:
@@ -261,28 +259,41 @@ def _grid(full: int, points: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1), counts]).double()
 
 
-def _latency_table(layer: _Layer, device: torch.device, batch_size: int, points: int, warmup: int, repeats: int,
-                   timings: dict[tuple, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Milliseconds per batch of a standalone copy of ``layer`` on a grid of (kept out, kept in) channels.
+def _latency_tables(layers: Sequence[_Layer], device: torch.device, batch_size: int, points: int, warmup: int,
+                    repeats: int) -> None:
+    """Sets each layer's ``table``: milliseconds per batch of a standalone copy of it on a grid of (kept out, kept
+    in) channels.
 
-    A dimension no unit changes has its full count only; a grouped convolution is timed at full size only.
-    ``timings`` caches measurements across layers of the same shape.
+    A dimension no unit changes has its full count only; a grouped convolution is timed at full size only. Each
+    distinct standalone layer is timed once; under many ranks they take those in turn and share the times
+    (:func:`~ptsparse.distributed.computed_in_turns`), so every rank holds the same tables and makes the same
+    allocation.
     """
-    varies = layer.groups == 1
-    out_grid = _grid(layer.out_channels, points) if varies and layer.out_unit is not None else \
-        torch.tensor([float(layer.out_channels)], dtype=torch.float64)
-    in_grid = _grid(layer.in_features, points) if varies and layer.in_units else \
-        torch.tensor([float(layer.in_features)], dtype=torch.float64)
-    times = torch.zeros(len(out_grid), len(in_grid), dtype=torch.float64)
-    for i, out in enumerate(out_grid.tolist()):
-        for j, inputs in enumerate(in_grid.tolist()):
-            if out and inputs:
-                module, shape = _standalone(layer, int(out), int(inputs))
-                key = repr(module), shape
-                if key not in timings:
-                    timings[key] = measure_latency(module, shape, batch_size, device, warmup, repeats)["median_ms"]
-                times[i, j] = timings[key]
-    return out_grid, in_grid, times
+    grids, standalone = [], {}
+    for layer in layers:
+        varies = layer.groups == 1
+        out_grid = _grid(layer.out_channels, points) if varies and layer.out_unit is not None else \
+            torch.tensor([float(layer.out_channels)], dtype=torch.float64)
+        in_grid = _grid(layer.in_features, points) if varies and layer.in_units else \
+            torch.tensor([float(layer.in_features)], dtype=torch.float64)
+        keys = {}
+        for i, out in enumerate(out_grid.tolist()):
+            for j, inputs in enumerate(in_grid.tolist()):
+                if out and inputs:
+                    module, shape = _standalone(layer, int(out), int(inputs))
+                    keys[i, j] = repr(module), shape
+                    standalone.setdefault(keys[i, j], (layer, int(out), int(inputs)))  # rebuilt when timed
+        grids.append((out_grid, in_grid, keys))
+    distinct = list(standalone)
+    measured = distributed.computed_in_turns(
+        distinct, lambda key: (measure_latency(*_standalone(*standalone[key]), batch_size, device, warmup,
+                                               repeats)["median_ms"],), 1)
+    timings = {key: ms for key, (ms,) in zip(distinct, measured)}
+    for layer, (out_grid, in_grid, keys) in zip(layers, grids):
+        times = torch.zeros(len(out_grid), len(in_grid), dtype=torch.float64)
+        for (i, j), key in keys.items():
+            times[i, j] = timings[key]
+        layer.table = out_grid, in_grid, times
 
 
 def _standalone(layer: _Layer, out: int, inputs: int) -> tuple[nn.Module, tuple[int, ...]]:
@@ -464,6 +475,7 @@ class Knapsack(Allocation):
     patterns = ("channel",)
     needs_scores = True
     needs_context = True
+    offloadable = False  # traces the whole model on the device
     exact = True  # ratios are whole channel counts that meet the cost budget; no weight-count rounding
     chooses_units = True
 

@@ -27,6 +27,7 @@ class LearnedThresholdAllocation(Allocation):
     needs_context = True
     patterns = ("unstructured",)
     stage = "fcpts"
+    offloadable = False  # its stage distils the whole model
 
     def __init__(self) -> None:
         self.report: Mapping[str, Any] | None = None

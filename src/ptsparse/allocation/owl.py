@@ -23,7 +23,9 @@ for every allocation.
 
 The scores only decide the allocation: any criterion then prunes. The input norms come from one pass of the
 calibration set through the dense model (:func:`~ptsparse.criteria.statistics.gather_statistics_all`, summed over
-the ranks of a data-parallel run). Squared norms are averaged per input vector, so layers of one block that see
+the ranks of a data-parallel run); with ``offload`` the pass goes block by block on cached block inputs
+(:func:`~ptsparse.criteria.statistics.gather_statistics_by_block`), as Wanda and SparseGPT prune, so only one block
+is on the device at a time: the same norms. Squared norms are averaged per input vector, so layers of one block that see
 different numbers of input vectors (convolutions at different resolutions) share one scale; in a decoder layer
 every projection sees every token, which is the paper's scale up to a constant. Layers outside every block (a
 stem, a classifier) are groups of their own; a model without blocks gets one group per layer.
@@ -36,12 +38,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from ..blocks import find_blocks
-from ..criteria.statistics import gather_statistics_all
+from ..criteria.statistics import gather_statistics_all, gather_statistics_by_block
 from ..criteria.wanda import wanda_scores
 from ..errors import ConfigError
 from ..options import Options, option
@@ -158,8 +161,10 @@ class OWL(Allocation):
 
     def outlier_ratios(self, context: AllocationContext, groups: Mapping[str, str]) -> dict[str, float]:
         """Each group's outlier ratio (``groups``: each target's group), measured on the dense model."""
-        stats = gather_statistics_all(context.model, context.targets, context.calibration, ("input_norms",),
-                                      context.batch_size, context.device)
+        gather = gather_statistics_all if context.offload is None else \
+            partial(gather_statistics_by_block, offload=context.offload)
+        stats = gather(context.model, context.targets, context.calibration, ("input_norms",), context.batch_size,
+                       context.device)
         members: dict[str, list[Target]] = {}
         for target in context.targets:
             members.setdefault(groups[target.name], []).append(target)

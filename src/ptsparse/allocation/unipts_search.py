@@ -22,6 +22,11 @@ more candidate, so the search never returns an allocation worse than ERK on its 
 One-shot fitness does not predict accuracy after distillation (the searched genome beats ERK on fitness and then
 loses after recovery). ``rescore_top`` (off by default: the paper's form) re-scores the best distinct candidates and
 ERK after ``rescore_steps`` of logit distillation each, masks held, and returns the best of those.
+
+Data-parallel (:mod:`ptsparse.distributed`): the ranks share the candidates, not the samples. Each generation's
+new candidates (and the re-scored finalists) are dealt out in turn; each rank scores its own on the whole BN and
+held-out slices, alone, and the scores are gathered in candidate order (:func:`~ptsparse.distributed.computed_in_turns`),
+so every rank breeds the same next generation and returns the single process's allocation.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from .._progress import progress
 from ..data import Calibration
 from ..errors import ConfigError
@@ -189,15 +195,17 @@ class FitnessEvaluator:
         return self._score()
 
     def _kl(self, logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """KL from ``reference``'s softened outputs to ``logits``' at the fitness temperature (batch mean)."""
-        return F.kl_div(F.log_softmax(logits / self.temperature, -1), F.log_softmax(reference / self.temperature, -1),
+        """KL from ``reference``'s softened outputs to ``logits``' at the fitness temperature, summed over classes
+        (the last dimension) and averaged over the rest: samples, and a language model's token positions."""
+        return F.kl_div(F.log_softmax(logits.flatten(0, -2) / self.temperature, -1),
+                        F.log_softmax(reference.flatten(0, -2) / self.temperature, -1),
                         reduction="batchmean", log_target=True)
 
     @torch.no_grad()
     def _score(self) -> tuple[float, float]:
         from ..recovery.batchnorm import recalibrate_batchnorm
 
-        recalibrate_batchnorm(self.model, self.bn_slice, self.batch_size, self.device)
+        recalibrate_batchnorm(self.model, self.bn_slice, self.batch_size, self.device, shard=False)
         logits = self._logits(self.model)
         self.evaluations += 1
         kl = float(self._kl(logits, self.dense_logits))
@@ -257,6 +265,7 @@ class ReducingRegrowingSearch(Allocation):
                                   f"{self.parents} (2..population), elites {self.elites} (< population)")
 
     needs_context = True
+    offloadable = False  # evaluates candidates on a copy of the whole model
     patterns = ("unstructured",)
 
     def __init__(self, delta: float = 0.05, population: int = 16, generations: int = 8, parents: int = 6,
@@ -289,22 +298,29 @@ class ReducingRegrowingSearch(Allocation):
                                     self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         cache: dict[bytes, _Candidate] = {}
+        anchor = torch.zeros(len(layers), dtype=torch.float64)  # uniform regrowth
 
-        def score(genome: torch.Tensor, label: str = "genome") -> _Candidate:
-            key = genome.numpy().tobytes()
-            if key not in cache:
-                counts = exact_counts(layers, decode(genome, layers, sparsity, self.delta), wanted)
-                cache[key] = _Candidate(label, counts, *evaluate(counts))
-            return cache[key]
+        def score(genomes: list[torch.Tensor], *others: tuple[str, dict[str, int]]) -> list[_Candidate]:
+            """Caches the candidates of ``genomes`` not scored before, scoring them with ``others`` (label, counts)
+            across the ranks; returns the candidates of ``others``."""
+            fresh: dict[bytes, tuple[str, dict[str, int]]] = {}
+            for genome in genomes:
+                key = genome.numpy().tobytes()
+                if key not in cache and key not in fresh:
+                    fresh[key] = ("uniform regrowth" if torch.equal(genome, anchor) else "genome",
+                                  exact_counts(layers, decode(genome, layers, sparsity, self.delta), wanted))
+            pending = [*others, *fresh.values()]
+            results = distributed.computed_in_turns([counts for _, counts in pending], evaluate, 2)
+            scored = [_Candidate(label, counts, *result) for (label, counts), result in zip(pending, results)]
+            cache.update(zip(fresh, scored[len(others):]))
+            return scored[: len(others)]
 
         def random_genome() -> torch.Tensor:
             return torch.rand(len(layers), generator=generator, dtype=torch.float64)
 
-        erk_counts = exact_counts(layers, ERK().allocate(layers, sparsity), wanted)
-        erk = _Candidate("erk", erk_counts, *evaluate(erk_counts))
-        anchor = torch.zeros(len(layers), dtype=torch.float64)  # uniform regrowth
         population = [anchor] + [random_genome() for _ in range(self.population - 1)]
-        fitness = {id(g): score(g, "uniform regrowth" if g is anchor else "genome") for g in population}
+        erk, = score(population, ("erk", exact_counts(layers, ERK().allocate(layers, sparsity), wanted)))
+        fitness = {id(g): cache[g.numpy().tobytes()] for g in population}
         best = max([erk, *fitness.values()], key=lambda c: c.key)
         history = [best.fitness]
         crossovers = (self.population - self.elites) // 2
@@ -330,15 +346,16 @@ class ReducingRegrowingSearch(Allocation):
                 children[index] = child
                 seen.add(child.numpy().tobytes())
             population = children
-            fitness = {id(g): score(g, "uniform regrowth" if torch.equal(g, anchor) else "genome")
-                       for g in population}
+            score(population)
+            fitness = {id(g): cache[g.numpy().tobytes()] for g in population}
             best = max([best, *fitness.values()], key=lambda c: c.key)
             history.append(best.fitness)
         anchor_fitness = cache[anchor.numpy().tobytes()].fitness
         rescored = self._rescore(evaluate, [erk, *cache.values()]) if self.rescore_top else []
         if rescored:
             best = max(rescored, key=lambda pair: pair[1])[0]
-        self.report = {"fitness": self.fitness, "evaluations": evaluate.evaluations, "best": best.label,
+        evaluations = int(distributed.all_reduce_(torch.tensor([float(evaluate.evaluations)], dtype=torch.float64)))
+        self.report = {"fitness": self.fitness, "evaluations": evaluations, "best": best.label,
                        "best_fitness": best.fitness, "erk_fitness": erk.fitness,
                        "uniform_regrowth_fitness": anchor_fitness, "best_per_generation": history,
                        "bn_samples": len(evaluate.bn_slice), "fit_samples": len(evaluate.fit_slice),
@@ -347,7 +364,7 @@ class ReducingRegrowingSearch(Allocation):
             self.report["rescored"] = [{"label": c.label, "fitness": c.fitness, "after_distillation": after[0]}
                                        for c, after in rescored]
         log.info("unipts search: best %s (fitness %.5f; ERK %.5f) after %d evaluations", best.label, best.fitness,
-                 erk.fitness, evaluate.evaluations)
+                 erk.fitness, evaluations)
         return {l.name: best.counts[l.name] / l.numel for l in layers}
 
     def _rescore(self, evaluate: FitnessEvaluator,
@@ -361,7 +378,9 @@ class ReducingRegrowingSearch(Allocation):
             if tuple(candidate.counts.values()) not in seen:
                 finalists.append(candidate)
                 seen.add(tuple(candidate.counts.values()))
-        return [(c, evaluate.after_distillation(c.counts, self.rescore_steps)) for c in finalists]
+        after = distributed.computed_in_turns(
+            finalists, lambda candidate: evaluate.after_distillation(candidate.counts, self.rescore_steps), 2)
+        return list(zip(finalists, after))
 
     def summary(self) -> dict[str, Any]:
         return dict(self.report)

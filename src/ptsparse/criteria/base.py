@@ -13,6 +13,9 @@ has run, in :meth:`unit_budgets`; the prune counts are planned per unit from the
   ``count`` pruned weights (for N:M and channel patterns, the pattern's structure). It may update the
   layer's kept weights in place (SparseGPT's reconstruction does).
 
+``offloadable`` says whether it works with ``offload`` (the model in CPU memory, run one block at a time, forward
+passes only: :mod:`ptsparse.offload`).
+
 ``statistics`` names the per-layer input statistics ``prune_layer`` needs (``"input_norms"``,
 ``"hessian"``; see :mod:`ptsparse.criteria.statistics`). When it is non-empty, layers are pruned one at a
 time in execution order, each on inputs that flow through the already-pruned earlier layers, with one
@@ -45,6 +48,7 @@ class Criterion(Part, abc.ABC):
     requires_data: ClassVar[bool] = False
     statistics: ClassVar[tuple[str, ...]] = ()
     prunes_units: ClassVar[bool] = False
+    offloadable: ClassVar[bool] = True
 
     @abc.abstractmethod
     def scores(self, model: nn.Module, targets: list[Target],

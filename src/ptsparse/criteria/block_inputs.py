@@ -4,8 +4,9 @@ A *chain* is a run of blocks (:func:`ptsparse.blocks.find_blocks`: residual bloc
 where each block's first input is the previous block's output, every other input (an attention mask,
 position embeddings) is one the chain's first block received too, and each block runs once per forward.
 For the layers inside a chain, the inputs of the current block are cached for every calibration batch
-(on the CPU with ``offload``); a layer's statistics pass runs that block alone on them, and once the
-block's layers are pruned its outputs become the next block's inputs. That computes what full passes
+(in CPU memory with ``offload``, each batch moved to the device as the block runs on it, and the block itself
+the only one on the device: :mod:`ptsparse.offload`); a layer's statistics pass runs that block alone on them,
+and once the block's layers are pruned its outputs become the next block's inputs. That computes what full passes
 through the partly pruned network compute (same batches, BatchNorm on batch statistics), at the cost of
 one block per layer instead of the network up to it, and holds one block's inputs at a time. Under a
 process group each rank caches only its turn of the batches (:func:`ptsparse.distributed.my_turns`), whose
@@ -28,6 +29,7 @@ from torch import nn
 from ..blocks import find_blocks
 from ..data.calibration import Calibration, StopForward, inference_mode
 from ..errors import ConfigError
+from ..offload import HOME, Offload, moved, whole_model
 from ..targets import Target
 
 @dataclass
@@ -101,13 +103,12 @@ def _mapped(value: Any, leaf: type, change: Callable[[Any], Any]) -> Any:
     return value
 
 
-def _moved(value: Any, device: str | torch.device) -> Any:
-    return _mapped(value, torch.Tensor, lambda tensor: tensor.to(device))
-
-
 def find_chains(model: nn.Module, targets: Sequence[Target], calibration: Calibration, batch_size: int = 64,
-                device: str | torch.device = "cpu") -> list[Chain]:
+                device: str | torch.device = "cpu", offload: Offload | None = None) -> list[Chain]:
     """The chains of blocks that hold targets, found on the first calibration batch (see the module docstring).
+
+    Args:
+        offload: the model is in CPU memory and runs on ``device`` one block at a time.
 
     Returns:
         The chains in execution order; empty when the model has no blocks.
@@ -122,7 +123,7 @@ def find_chains(model: nn.Module, targets: Sequence[Target], calibration: Calibr
                for i, module in enumerate(modules)]
     try:
         first = next(calibration.batches(batch_size))[0].to(device)
-        with inference_mode(model, batch_statistics=True), torch.no_grad():
+        with whole_model(offload), inference_mode(model, batch_statistics=True), torch.no_grad():
             model(first)
     finally:
         for handle in handles:
@@ -164,36 +165,41 @@ class BlockInputs:
 
     Args:
         chain: the chain.
-        inputs: per batch, the first block's ``(args, kwargs)``, tensors on ``storage``.
+        inputs: per batch, the first block's ``(args, kwargs)``, tensors on the device, or in CPU memory with
+            ``offload``.
         device: where the blocks run.
-        storage: where the cached inputs are kept (``"cpu"`` to offload them from an accelerator).
+        offload: the model is in CPU memory: the held block moves to ``device`` while it runs (alone there), and
+            the cached inputs stay in CPU memory, one batch at a time moved to ``device``.
     """
 
     def __init__(self, chain: Chain, inputs: list[tuple[tuple, dict[str, Any]]], device: str | torch.device,
-                 storage: str | torch.device) -> None:
-        self.chain, self.device, self.storage = chain, device, storage
+                 offload: Offload | None = None) -> None:
+        self.chain, self.device, self.offload = chain, device, offload
+        self.storage = HOME if offload is not None else device  # where the cached inputs are
         self.position = 0
         self._start = inputs  # the first block's inputs (its other tensors feed every block's)
         self._current = [args[0] for args, _ in inputs]
 
     @classmethod
     def capture(cls, model: nn.Module, chain: Chain, calibration: Calibration, batch_size: int = 64,
-                device: str | torch.device = "cpu", storage: str | torch.device | None = None) -> BlockInputs:
+                device: str | torch.device = "cpu", offload: Offload | None = None) -> BlockInputs:
         """Runs this rank's turn of the calibration batches up to the chain's first block and keeps that
         block's inputs (every batch without a process group)."""
-        storage = device if storage is None else storage
+        storage = HOME if offload is not None else device
         inputs: list[tuple[tuple, dict[str, Any]]] = []
 
         def keep(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            inputs.append((_moved(args, storage), _moved(kwargs, storage)))
+            inputs.append((moved(args, storage), moved(kwargs, storage)))
             raise StopForward
 
-        handle = chain.modules[0].register_forward_pre_hook(keep, with_kwargs=True)
-        try:
-            calibration.feed(model, batch_size, device, batch_statistics=True, shard=True)
-        finally:
-            handle.remove()
-        return cls(chain, inputs, device, storage)
+        with whole_model(offload):
+            # first among the block's hooks: the batch stops before offload would move the block in
+            handle = chain.modules[0].register_forward_pre_hook(keep, with_kwargs=True, prepend=True)
+            try:
+                calibration.feed(model, batch_size, device, batch_statistics=True, shard=True)
+            finally:
+                handle.remove()
+        return cls(chain, inputs, device, offload)
 
     @property
     def module(self) -> nn.Module:
@@ -201,10 +207,12 @@ class BlockInputs:
         return self.chain.modules[self.position]
 
     def _batches(self) -> Iterator[tuple[tuple, dict[str, Any]]]:
+        if self.offload is not None:
+            self.offload.hold(self.module)
         args_rest, kwargs = self.chain.others[self.position]
         for main, (start_args, start_kwargs) in zip(self._current, self._start):
             args, kwargs_now = _mapped((args_rest, kwargs), Slot, lambda slot: slot.of(start_args, start_kwargs))
-            yield _moved((main, *args), self.device), _moved(kwargs_now, self.device)
+            yield moved((main, *args), self.device), moved(kwargs_now, self.device)
 
     @torch.no_grad()
     def feed(self) -> None:
@@ -226,3 +234,19 @@ class BlockInputs:
                     outputs.append(_first_output(self.module(*args, **kwargs)).to(self.storage))
             self._current = outputs
             self.position += 1
+
+
+def inputs_for(target: Target, chains: list[Chain], held: BlockInputs | None, model: nn.Module,
+               calibration: Calibration, batch_size: int = 64, device: str | torch.device = "cpu",
+               offload: Offload | None = None) -> BlockInputs | None:
+    """The cached inputs of the block holding ``target`` (``held`` advanced, or captured anew), or ``None`` when no
+    chain holds it."""
+    for chain in chains:
+        position = chain.index_of(target.name)
+        if position is None:
+            continue
+        if held is None or held.chain is not chain or held.position > position:
+            held = BlockInputs.capture(model, chain, calibration, batch_size, device, offload)
+        held.advance(position)
+        return held
+    return None

@@ -18,26 +18,29 @@ a classifier) get full passes.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 from .._progress import progress
 from ..data import Calibration
-from ..masking import attach_channel_masks, attach_masks
+from ..masking import attach_channel_masks, attach_masks, mask_of
 from ..norms import following_norms
+from ..offload import Offload, whole_model
 from ..patterns import Channel, Pattern
 from ..targets import Target
 from .base import Criterion
-from .block_inputs import BlockInputs, Chain, find_chains
+from .block_inputs import BlockInputs, find_chains, inputs_for
 from .statistics import gather_statistics
 
 
 def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int], pattern: Pattern,
                 criterion: Criterion, calibration: Calibration | None, batch_size: int = 64,
                 device: str | torch.device = "cpu", show_progress: bool = False,
-                scores: dict[str, torch.Tensor] | None = None, offload: bool = False,
+                scores: dict[str, torch.Tensor] | None = None, offload: Offload | None = None,
                 cache_block_inputs: bool = True) -> dict[str, torch.Tensor]:
-    """Chooses and attaches a mask for every target; returns the masks by layer name.
+    """Chooses and attaches a mask for every target; returns the masks by layer name (the attached ones).
 
     Under the channel pattern a layer's pruned channels are masked in its bias and in the BatchNorm that
     follows it too (:func:`~ptsparse.masking.attach_channel_masks`), as soon as the layer is pruned, so the
@@ -48,45 +51,43 @@ def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int],
         counts: weights to prune per layer.
         scores: ``criterion.scores`` of the unpruned model when the caller has them already (an allocation
             that ranks scores), so a whole-model criterion (Taylor) does not score twice.
-        offload: keep cached block inputs on the CPU rather than on ``device``.
+        offload: the model is in CPU memory and runs on ``device`` one block at a time (:mod:`ptsparse.offload`):
+            a layer inside a chain of blocks is pruned with its block alone on the device, the block's cached
+            inputs in CPU memory; a layer outside every chain is pruned with the modules outside the blocks on
+            the device after a whole-model pass; a data-free criterion prunes in CPU memory. The masks are those
+            of the same run without offload.
         cache_block_inputs: run a layer's statistics pass on its block's cached inputs where the model has
             chains of blocks (``False`` runs every pass through the whole model; same statistics).
     """
-    masks: dict[str, torch.Tensor] = {}
-    norms = following_norms(model, targets, calibration.inputs[:2].to(device)) if isinstance(pattern, Channel) else {}
+    if isinstance(pattern, Channel):
+        with whole_model(offload):
+            norms = following_norms(model, targets, calibration.inputs[:2].to(device))
+    else:
+        norms = {}
     whole_model_scores = None
     if criterion.requires_data and not criterion.statistics:
         whole_model_scores = dict(scores) if scores is not None else criterion.scores(model, targets, calibration)
-    chains = find_chains(model, targets, calibration, batch_size, device) \
+    chains = find_chains(model, targets, calibration, batch_size, device, offload) \
         if criterion.statistics and cache_block_inputs else []
     block_inputs: BlockInputs | None = None
     for target in progress(targets, show_progress and bool(criterion.statistics), "prune layers"):
-        stats = {}
+        stats, whole = {}, False
         if whole_model_scores is not None:
             stats = {"scores": whole_model_scores.pop(target.name)}
         elif criterion.statistics:
-            block_inputs = _inputs_for(target, chains, block_inputs, model, calibration, batch_size, device, offload)
-            stats = gather_statistics(model, target, calibration, criterion.statistics, batch_size, device,
-                                      block_inputs)
-        with torch.no_grad():
-            masks[target.name] = criterion.prune_layer(target, stats, counts[target.name], pattern)
-        attach_masks([target], {target.name: masks[target.name]})
-        if isinstance(pattern, Channel):
-            attach_channel_masks(target, norms.get(target.name))
-        del stats
-    return masks
-
-
-def _inputs_for(target: Target, chains: list[Chain], held: BlockInputs | None, model: nn.Module,
-                calibration: Calibration, batch_size: int, device: str | torch.device,
-                offload: bool) -> BlockInputs | None:
-    """The cached inputs of the block holding ``target`` (advancing or capturing them), or ``None``."""
-    for chain in chains:
-        position = chain.index_of(target.name)
-        if position is None:
-            continue
-        if held is None or held.chain is not chain or held.position > position:
-            held = BlockInputs.capture(model, chain, calibration, batch_size, device, "cpu" if offload else device)
-        held.advance(position)
-        return held
-    return None
+            block_inputs = inputs_for(target, chains, block_inputs, model, calibration, batch_size, device, offload)
+            whole = block_inputs is None
+        # a layer outside the chains stays on the device from its statistics pass until its mask is attached
+        with whole_model(offload) if whole else nullcontext():
+            if criterion.statistics:
+                stats = gather_statistics(model, target, calibration, criterion.statistics, batch_size, device,
+                                          block_inputs)
+            with torch.no_grad():
+                mask = criterion.prune_layer(target, stats, counts[target.name], pattern)
+            attach_masks([target], {target.name: mask})
+            if isinstance(pattern, Channel):
+                attach_channel_masks(target, norms.get(target.name))
+        del stats, mask  # with offload, nothing of this layer's may stay on the device
+    if offload is not None:
+        offload.hold(None)
+    return {target.name: mask_of(target.module) for target in targets}

@@ -38,7 +38,8 @@ from ..data import Calibration
 from ..data.calibration import StopForward
 from ..errors import ConfigError
 from ..targets import Target
-from .block_inputs import BlockInputs
+from ..offload import Offload, whole_model
+from .block_inputs import BlockInputs, find_chains, inputs_for
 
 Make = Callable[[nn.Module], dict[str, torch.Tensor]]
 Accumulate = Callable[[dict[str, torch.Tensor], nn.Module, torch.Tensor], dict[str, torch.Tensor]]
@@ -219,8 +220,12 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
         calls.clear()
 
     def hook(layer: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0].detach()
         for name in names:
-            states[layer][name] = STATISTICS[name][1](states[layer][name], module, inputs[0].detach())
+            state = states[layer][name]
+            if any(tensor.device != x.device for tensor in state.values()):  # made in CPU memory under offload
+                state = {key: tensor.to(x.device) for key, tensor in state.items()}
+            states[layer][name] = STATISTICS[name][1](state, module, x)
         calls[layer] = calls.get(layer, 0) + 1
         if progress["stop_early"] and len(calls) == len(states):
             raise StopForward
@@ -260,3 +265,39 @@ def gather_statistics(model: nn.Module, target: Target, calibration: Calibration
         ConfigError: a statistic name is unknown, or the layer's type has no statistics.
     """
     return gather_statistics_all(model, [target], calibration, names, batch_size, device, block_inputs)[target.name]
+
+
+def gather_statistics_by_block(model: nn.Module, targets: Sequence[Target], calibration: Calibration,
+                               names: Sequence[str], batch_size: int = 64, device: str | torch.device = "cpu",
+                               offload: Offload | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """What :func:`gather_statistics_all` gathers over the model, with the targets inside chains of blocks gathered
+    one block at a time on the block's cached inputs (:mod:`ptsparse.criteria.block_inputs`), as a layer-by-layer
+    criterion does, and the others in one pass through the model. With ``offload`` only the block at work is on
+    the device, which is what this is for: one whole-model pass costs less compute and no cache otherwise.
+
+    Args:
+        targets: the layers, in execution order; the model is not modified.
+    """
+    chains = find_chains(model, targets, calibration, batch_size, device, offload)
+    blocks: list[tuple[int, int, list[Target]]] = []  # (chain, position, its targets) in execution order
+    rest: list[Target] = []
+    for target in targets:
+        where = next(((c, chain.index_of(target.name)) for c, chain in enumerate(chains)
+                      if chain.index_of(target.name) is not None), None)
+        if where is None:
+            rest.append(target)
+        elif blocks and blocks[-1][:2] == where:
+            blocks[-1][2].append(target)
+        else:
+            blocks.append((*where, [target]))
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    held: BlockInputs | None = None
+    for _, _, members in blocks:
+        held = inputs_for(members[0], chains, held, model, calibration, batch_size, device, offload)
+        merged.update(gather_statistics_all(model, members, calibration, names, batch_size, device, held))
+    if offload is not None:
+        offload.hold(None)
+    if rest:
+        with whole_model(offload):
+            merged.update(gather_statistics_all(model, rest, calibration, names, batch_size, device))
+    return merged

@@ -8,7 +8,8 @@ Per calibration batch b and output channel c of a layer:
 
 Importance ``I_c = mean_b t_c^2`` (``aggregation="squared"``, the paper) or ``mean_b |t_c|`` (``"abs"``,
 HALP's code). The loss is cross-entropy against the labels when every sample has one, else against the
-dense model's arg-max predictions (a KL to the dense model has zero gradient at the dense model).
+dense model's arg-max predictions (a KL to the dense model has zero gradient at the dense model); for a causal
+language model (:func:`taylor_loss`), next-token cross-entropy on the calibration tokens themselves.
 Scores are measured once on the dense model; a channel's score is repeated over its weights. Under a process
 group each rank scores its turn of the batches (:func:`ptsparse.distributed.my_turns`; the model is in eval mode,
 so a batch's gradients are one process's) and the float64 sums and batch counts are added over the ranks: the
@@ -60,6 +61,16 @@ if TYPE_CHECKING:
     from ..graph.coupling import ChannelGroup
 
 
+def taylor_loss(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The loss whose gradients score channels: cross-entropy against ``labels``, else against the model's own
+    arg-max predictions; for a causal language model (integer ``x`` of shape ``(batch, seq)``, logits
+    ``(batch, seq, vocab)``), next-token cross-entropy on ``x`` itself, the loss it was trained on (unlabelled
+    text carries its own targets, where the arg-max of a token would only echo the model)."""
+    if logits.dim() == 3 and not x.is_floating_point() and x.shape == logits.shape[:2]:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    return F.cross_entropy(logits, labels if labels is not None else logits.detach().argmax(1))
+
+
 @CRITERIA.register("taylor")
 class Taylor(Criterion):
     """First-order Taylor importance per output channel; for the ``channel`` pattern only.
@@ -80,6 +91,7 @@ class Taylor(Criterion):
     requires_data = True
     patterns = ("channel",)
     prunes_units = True
+    offloadable = False  # gradients through the whole model
 
     def __init__(self, aggregation: str = "squared", batch_size: int = 64) -> None:
         self.aggregation, self.batch_size = self.Settings(aggregation=aggregation).aggregation, batch_size
@@ -107,9 +119,7 @@ class Taylor(Criterion):
             for x, y in distributed.my_turns(calibration.batches(self.batch_size)):
                 x = x.to(device)
                 model.zero_grad(set_to_none=True)
-                logits = model(x)
-                labels = y.to(device) if y is not None else logits.detach().argmax(1)
-                F.cross_entropy(logits, labels).backward()
+                taylor_loss(model(x), x, y.to(device) if y is not None else None).backward()
                 for target in targets:
                     gate = self._gate(target, norms.get(target.name))
                     gate = gate.pow(2) if self.aggregation == "squared" else gate.abs()

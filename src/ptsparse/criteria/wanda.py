@@ -32,7 +32,7 @@ def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Te
         input_sq_norms: ``(groups, c)`` sums of squared inputs per column of each group's 2-D view.
     """
     groups = input_sq_norms.shape[0]
-    norms = input_sq_norms.float().sqrt().repeat_interleave(weight.shape[0] // groups, dim=0)
+    norms = input_sq_norms.to(weight.device).float().sqrt().repeat_interleave(weight.shape[0] // groups, dim=0)
     return weight.detach().float().abs() * norms.view(weight.shape)
 
 

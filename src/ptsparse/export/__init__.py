@@ -31,7 +31,7 @@ from torch import nn
 from .._extras import MissingExtraError, require
 from ..checkpoint import check_new_directory, save_model
 from ..errors import CheckpointError, ConfigError
-from ..models import REFERENCE_MODELS, load_checkpoint, load_reference, zoo
+from ..models import REFERENCE_LM, REFERENCE_MODELS, load_checkpoint, load_reference, resolve_model, zoo
 from .base import FORMATS, ExportFormat
 
 # Each format module registers its format on import, in the order of the table above.
@@ -60,8 +60,13 @@ def input_shape_for(architecture: str | None, given: tuple[int, ...] | None = No
     preprocessing makes of an image, e.g. ``(3, 224, 224)``).
 
     Raises:
-        ConfigError: neither is known.
+        ConfigError: neither is known, or the architecture reads token ids (a language model or text classifier),
+            which the float inputs built from a shape cannot feed.
     """
+    if zoo.is_spec(architecture) and zoo.reads_token_ids(architecture):
+        raise ConfigError(f"architecture {architecture!r} reads token ids: tracing exports (channels, onnx) and "
+                          "bench-latency feed float inputs of a shape, so they do not apply to it; export it with "
+                          "--format hf or compressed")
     if given:
         return tuple(given)
     if architecture in INPUT_SHAPES:
@@ -134,10 +139,13 @@ def load_model(spec: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """
     if str(spec) in REFERENCE_MODELS:
         return load_reference(str(spec)), {"architecture": REFERENCE_MODELS[str(spec)]}
+    if str(spec) == REFERENCE_LM:
+        model, architecture = resolve_model(REFERENCE_LM)
+        return model, {"architecture": architecture}
     path = Path(spec)
     if not path.exists():
-        raise CheckpointError(f"model {str(spec)!r} is neither a reference model ({', '.join(REFERENCE_MODELS)}) "
-                              "nor an existing checkpoint path")
+        raise CheckpointError(f"model {str(spec)!r} is neither a reference model "
+                              f"({', '.join([*REFERENCE_MODELS, REFERENCE_LM])}) nor an existing checkpoint path")
     return load_checkpoint(path)
 
 

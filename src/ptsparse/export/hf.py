@@ -144,7 +144,8 @@ def export_hf(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any
             hf.save_pretrained(staging)
         for name in copied:
             shutil.copyfile(source / name, staging / name)
-        reloaded = type(hf).from_pretrained(staging, local_files_only=True, dtype=hf.dtype)
+        # as ptsparse builds the model (GPT-2's Conv1D layers as Linear ones), so layers compare one to one
+        reloaded = zoo.replace_conv1d(type(hf).from_pretrained(staging, local_files_only=True, dtype=hf.dtype))
         # The same wrapper around the reloaded model: a copy of `model` whose `hf` is `reloaded` itself.
         wrapper = copy.deepcopy(model, memo={id(hf): reloaded}).cpu().eval()
         with torch.no_grad():

@@ -215,7 +215,7 @@ class Conv1DLinear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _replace_conv1d(model: nn.Module) -> nn.Module:
+def replace_conv1d(model: nn.Module) -> nn.Module:
     """``model`` with each transformers ``Conv1D`` replaced by a :class:`Conv1DLinear` of the same values."""
     from transformers.pytorch_utils import Conv1D
 
@@ -284,7 +284,7 @@ def _hf(spec: Spec, load_weights: bool) -> nn.Module:
             model = (cls.from_config(config) if hasattr(cls, "from_config") else cls(config)).float()
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"hf:{directory}: cannot load the model: {str(error).splitlines()[0]}") from None
-    return wrapper(_replace_conv1d(model))
+    return wrapper(replace_conv1d(model))
 
 
 def build_model(spec: str, load_weights: bool = True) -> nn.Module:
@@ -511,11 +511,28 @@ def image_transform(spec: str, model: nn.Module | None = None, image_size: int |
     return _hf_transform(parsed, model, image_size, resize)
 
 
+def reads_token_ids(spec: str) -> bool:
+    """Whether the ``hf:`` model ``spec`` names reads token ids (a causal language model or a text classifier: its
+    class's ``main_input_name`` is ``input_ids``); ``False`` for other specs and for a directory that cannot be read."""
+    parsed = parse_spec(spec)
+    if parsed.kind != "hf":
+        return False
+    try:
+        transformers = require("transformers", f"model hf:{parsed.name}", extra="hf")
+        config = transformers.AutoConfig.from_pretrained(parsed.name, local_files_only=True)
+        cls, _ = _hf_model_class(transformers, config, parsed.name)
+    except (MissingExtraError, ModelError, OSError, ValueError, KeyError):
+        return False
+    return getattr(cls, "main_input_name", "input_ids") == "input_ids"
+
+
 def image_input_shape(spec: str) -> tuple[int, ...] | None:
     """One sample's input shape for the image model ``spec`` names (its transform applied to a blank image),
-    or ``None`` for a model without an image transform (a text model)."""
+    or ``None`` for a model without an image transform or one that reads token ids (a text model)."""
     from PIL import Image
 
+    if reads_token_ids(spec):
+        return None
     try:
         transform = image_transform(spec)
     except ModelError:
@@ -540,5 +557,5 @@ def load_tokenizer(spec: str) -> Any:
 
 
 __all__ = ["Conv1DLinear", "HFCausalLM", "HFImageTransform", "HFLogits", "HF_PREFIX", "MissingExtraError", "PREFIXES",
-           "SPEC_FORMS", "Spec", "build_model", "canonical_spec", "image_transform", "is_causal_lm", "is_spec", "load_tokenizer",
-           "load_weights", "parse_spec", "read_weights"]
+           "SPEC_FORMS", "Spec", "build_model", "canonical_spec", "image_transform", "is_causal_lm", "is_spec",
+           "load_tokenizer", "load_weights", "parse_spec", "read_weights", "reads_token_ids", "replace_conv1d"]

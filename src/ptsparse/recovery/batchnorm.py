@@ -40,12 +40,16 @@ def average_norm_statistics(model: nn.Module) -> None:
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, calibration: Calibration, batch_size: int = 64,
-                          device: str | torch.device = "cpu") -> int:
+                          device: str | torch.device = "cpu", shard: bool = True) -> int:
     """Re-estimates every BatchNorm's running mean and variance on the calibration inputs.
 
     Statistics are reset and averaged cumulatively over all batches (``momentum=None``) with only the
     norms in train mode; momentum and every module's mode are restored afterwards. Under many ranks each takes
     the batches in turn and their averages are combined by batch count, which gives a single process's values.
+
+    Args:
+        shard: under many ranks, share the batches as above; ``False``: this rank runs every batch alone and
+            enters no collective (for a model that differs between ranks, as each rank's search candidates).
 
     Returns:
         The number of BatchNorm layers re-calibrated (0 if the model has none with running statistics).
@@ -62,7 +66,8 @@ def recalibrate_batchnorm(model: nn.Module, calibration: Calibration, batch_size
         norm.train()
     seen = 0
     try:
-        for x, _ in distributed.my_turns(calibration.batches(batch_size)):
+        batches = calibration.batches(batch_size)
+        for x, _ in distributed.my_turns(batches) if shard else batches:
             model(x.to(device))
             seen += 1
     finally:
@@ -70,7 +75,7 @@ def recalibrate_batchnorm(model: nn.Module, calibration: Calibration, batch_size
             norm.momentum = momentum
         for module, mode in modes.items():
             module.training = mode
-    total = _mean_over_ranks(norms, seen)
+    total = _mean_over_ranks(norms, seen) if shard else seen
     for norm in norms:
         norm.num_batches_tracked.fill_(int(total))
     return len(norms)

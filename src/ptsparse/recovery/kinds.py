@@ -9,7 +9,8 @@
 Contract: ``run(student, teacher, targets, calibration, ...)`` trains ``student`` in place and returns what
 the report records of it; a resumable kind checkpoints into ``checkpoint_dir``, continues from it with
 ``resume`` and carries the run's ``stopwatch`` across the interruption. ``needs_teacher`` says whether a frozen copy of the dense model is kept for it, and
-``runs_dynamics`` whether mask dynamics can act during it.
+``runs_dynamics`` whether mask dynamics can act during it, and ``offloadable`` whether it works with ``offload`` (the
+model in CPU memory, run one block at a time, forward passes only: :mod:`ptsparse.offload`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .._registry import Registry
 from ..allocation import LayerBudget
 from ..blocks import find_blocks
 from ..data import Calibration
+from ..errors import ConfigError
 from ..options import Options, Part, option
 from ..targets import Target
 from .dynamics import DYNAMICS, Dynamics
@@ -40,6 +42,7 @@ class Recovery(Part, abc.ABC):
 
     needs_teacher: ClassVar[bool] = True
     runs_dynamics: ClassVar[bool] = False
+    offloadable: ClassVar[bool] = False  # recovery trains the whole model on the device
 
     @abc.abstractmethod
     def run(self, student: nn.Module, teacher: nn.Module | None, targets: list[Target], calibration: Calibration,
@@ -56,6 +59,7 @@ class NoRecovery(Recovery):
     """The masked model as it is."""
 
     needs_teacher = False
+    offloadable = True
 
     def run(self, student, teacher, targets, calibration, budgets, sparsity, device, checkpoint_dir=None,
             resume=False, stopwatch=None) -> dict[str, Any]:
@@ -98,10 +102,22 @@ class Distill(Recovery):
             teacher_bn=self.settings.teacher_bn, device=device, checkpoint_dir=checkpoint_dir, resume=resume,
             run_id={**(self.run_id or {}), "calib": calibration.hash}, stopwatch=stopwatch,
             recompute_blocks=find_blocks(student, targets, self.blocks) if self.settings.grad_checkpointing else (),
+            shard_blocks=_shard_units(student, targets, self.blocks) if self.settings.shard == "fsdp" else None,
             show_progress=self.progress)
         return {"kind": "distill", "iterations": schedule.iterations, "warmup_iterations": schedule.warmup_iterations,
                 "objective": objective_name, "dynamics": dynamics_name, "teacher_bn": self.settings.teacher_bn,
                 **dynamics.summary(), "history": history}
+
+
+def _shard_units(student: nn.Module, targets: list[Target], names: Sequence[str]) -> list[str]:
+    """The blocks FSDP shards one by one: the named ones, else those found; none (the whole student one unit) when
+    the student has no blocks."""
+    if names:
+        return find_blocks(student, targets, names)
+    try:
+        return find_blocks(student, targets)
+    except ConfigError:  # no blocks: the root unit holds every parameter
+        return []
 
 
 @RECOVERIES.register("layerwise")

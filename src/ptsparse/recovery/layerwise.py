@@ -10,6 +10,13 @@ the loss is below ``stop_loss``.
 Our reading (``baselines.md`` §11.6, ``fold_bn=False``): BatchNorm is not folded; the convolution's own
 output is reconstructed and BatchNorm is re-calibrated at the end, so the exported model keeps the
 original architecture.
+
+Layers are independent: each learns from the dense model's inputs and outputs, never from another sparse layer,
+and draws its batches from a generator seeded by the run's seed and its position. Data-parallel
+(:mod:`ptsparse.distributed`), the ranks therefore share the layers, not the samples: layer ``i`` (in execution
+order) is cached, corrected and reconstructed on rank ``i % world`` alone, on the whole calibration set, and its
+weight and bias are then broadcast from that rank. Each layer gets exactly the single process's computation; the
+masks are the same, and the weights equal one process's up to the float rounding of a different thread count.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from .._progress import progress
 from ..data import Calibration
 from ..masking import mask_of, trainable
@@ -76,6 +84,12 @@ def correct_bias(module: nn.Module, inputs: torch.Tensor, dense_outputs: torch.T
     trainable(module, "bias").add_(total / count)  # behind its mask under the channel pattern
 
 
+def _trained(module: nn.Module) -> list[torch.Tensor]:
+    """What reconstruction changes: the stored weight, then the bias if there is one (behind their masks)."""
+    bias = [trainable(module, "bias")] if getattr(module, "bias", None) is not None else []
+    return [trainable(module), *bias]
+
+
 def reconstruct_layers(student: nn.Module, teacher: nn.Module, targets: list[Target], calibration: Calibration, *,
                        iterations: int = 2000, lr_weight: float = 1e-5, lr_bias: float = 1e-4,
                        batch_size: int = 64, weight_correction: bool = True, bias_correction: bool = True,
@@ -86,27 +100,32 @@ def reconstruct_layers(student: nn.Module, teacher: nn.Module, targets: list[Tar
     Returns:
         The final reconstruction loss per layer.
     """
-    generator = torch.Generator().manual_seed(seed)
-    losses: dict[str, float] = {}
-    for target in progress(targets, show_progress, "reconstruct layers"):
+
+    def reconstruct(item: tuple[int, Target]) -> tuple[float]:
+        index, target = item
         module = target.module
         inputs, dense_outputs = cache_layer_io(teacher, target.name, calibration, batch_size, device)
         if weight_correction:
             correct_weights(module)
         if bias_correction:
             correct_bias(module, inputs, dense_outputs, batch_size)
-        groups = [{"params": [trainable(module)], "lr": lr_weight}]
-        if getattr(module, "bias", None) is not None:
-            groups.append({"params": [trainable(module, "bias")], "lr": lr_bias})
-        optimizer = torch.optim.Adam(groups)
+        optimizer = torch.optim.Adam([{"params": [tensor], "lr": lr}
+                                      for tensor, lr in zip(_trained(module), (lr_weight, lr_bias))])
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
         loss = torch.tensor(float("inf"))
         for _ in range(iterations):
-            index = torch.randint(len(inputs), (batch_size,), generator=generator)
-            loss = output_mse(module(inputs[index]), dense_outputs[index])
+            batch = torch.randint(len(inputs), (batch_size,), generator=generator)
+            loss = output_mse(module(inputs[batch]), dense_outputs[batch])
             if float(loss.detach()) < stop_loss:
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        losses[target.name] = float(loss.detach())
-    return losses
+        return (float(loss.detach()),)
+
+    losses = distributed.computed_in_turns(list(enumerate(targets)), reconstruct, 1,
+                                           lambda mine: progress(mine, show_progress, "reconstruct layers"))
+    ranks = distributed.world()[1]
+    for index, target in enumerate(targets):
+        distributed.broadcast_(_trained(target.module), index % ranks)
+    return {target.name: loss for target, (loss,) in zip(targets, losses)}

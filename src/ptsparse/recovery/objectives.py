@@ -55,9 +55,17 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
+def channel_sum_mean(squares: torch.Tensor) -> torch.Tensor:
+    """``squares`` summed over channels and averaged over the batch and positions. Channels are dim 1 (``(batch,
+    channels, *spatial)``), except for a 3-D output, read as a transformer's ``(batch, tokens, hidden)``: summed over
+    the hidden size, so the term does not grow with the sequence length (a Conv1d's ``(batch, channels, length)``
+    output is then summed over its positions instead: the same up to a constant factor)."""
+    return squares.sum(-1 if squares.dim() == 3 else 1).mean()
+
+
 def output_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels (dim 1) and averaged over the batch and positions."""
-    return (student - teacher).pow(2).sum(1).mean()
+    """Squared error summed over channels and averaged over the batch and positions (:func:`channel_sum_mean`)."""
+    return channel_sum_mean((student - teacher).pow(2))
 
 
 @OBJECTIVES.register("kd_logits")
@@ -146,7 +154,7 @@ class KDBlocks(Objective):
             student_out, teacher_out = _tensor(student_features[name]), _tensor(teacher_features[name])
             error = output_mse(student_out, teacher_out)
             if self.normalize == "teacher":
-                error = error / teacher_out.pow(2).sum(1).mean().clamp_min(1e-12)  # the teacher's output_mse from 0
+                error = error / channel_sum_mean(teacher_out.pow(2)).clamp_min(1e-12)  # the teacher's output_mse from 0
             errors.append(error)
         blocks = torch.stack(errors).sum()
         return {"kd": kd, "block_mse": blocks, "loss": kd + blocks}

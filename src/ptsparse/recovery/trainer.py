@@ -12,6 +12,9 @@ the gradients, so every rank takes the single process's step on the global batch
 train mode, which normalises by the statistics of each rank's slice; its running statistics are averaged over the
 ranks at checkpoints (a resumed run starts every rank from rank 0's copy; averaging is linear, so the end is the
 same) and at the end. Rank 0 alone writes the checkpoints, which record the number of ranks: a run resumes on as many.
+With ``shard_blocks`` (``distill_shard: fsdp``) a copy of the student sharded with FSDP2 trains in DDP's place,
+taking the same steps (:mod:`ptsparse.recovery.memory`); its checkpoints hold full state dicts gathered from the
+shards.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from ..options import Options, option
 from ..targets import Target, count_zeros
 from .batchnorm import average_norm_statistics
 from .dynamics import Dynamics, TrainState
-from .memory import PRECISIONS, autocast, checkpointed
+from .memory import (PRECISIONS, SHARDS, autocast, checkpointed, full_states, gather_into, load_full_states,
+                     sharded_copy)
 from .objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -101,6 +105,9 @@ class DistillSettings(Options, part="distill"):
                             "recent GPUs)", choices=PRECISIONS)
     grad_checkpointing: bool = option(False, "recompute each block's activations during backward instead of "
                                       "storing them (less memory; the blocks of --blocks)")
+    shard: str = option("none", "under torchrun: none (each rank trains a whole student, DistributedDataParallel), "
+                        "or fsdp (the student's parameters, gradients and optimizer state sharded over the ranks "
+                        "with FSDP2, each block one unit; static masks only)", choices=SHARDS)
     checkpoint_every: int = option(100, "steps between resumable checkpoints (0: none)", minimum=0)
 
 
@@ -221,7 +228,7 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
             teacher_bn: str = "eval", device: str | torch.device = "cpu",
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, run_id: dict | None = None,
             stopwatch: Stopwatch | None = None, recompute_blocks: Sequence[str] = (),
-            show_progress: bool = False) -> list[dict[str, float]]:
+            shard_blocks: Sequence[str] | None = None, show_progress: bool = False) -> list[dict[str, float]]:
     """Trains ``student`` (masks attached) to match ``teacher`` on the calibration inputs.
 
     Args:
@@ -238,6 +245,9 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
         stopwatch: the run's wall time; checkpoints store it and a resumed run continues it.
         recompute_blocks: blocks of the student whose activations are recomputed during backward
             (gradient checkpointing, :func:`~ptsparse.recovery.memory.checkpointed`).
+        shard_blocks: under many ranks, train a copy of the student sharded with FSDP2, these blocks its units
+            (:func:`~ptsparse.recovery.memory.sharded_copy`; masks must not move), whose full values are gathered
+            into ``student`` at the end; ``None``: each rank trains the whole student under DistributedDataParallel.
 
     Returns:
         The loss terms (the objective's and the dynamics'), logged every 50 steps and at the last step.
@@ -255,18 +265,21 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
         zeros, total = count_zeros(targets)
         sparsity = zeros / total
     dynamics.prepare(student, targets, teacher=teacher, example=calibration.inputs[:2].to(device))
-    groups = parameter_groups(student, schedule.weight_decay, schedule.weight_decay_scope)
+    device = torch.device(device)
+    sharded = shard_blocks is not None and ranks > 1
+    trained = sharded_copy(student, shard_blocks, device) if sharded else student  # the module the steps change
+    groups = parameter_groups(trained, schedule.weight_decay, schedule.weight_decay_scope)
     optimizer = make_optimizer(groups, schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, schedule.warmup_iterations, schedule.iterations))
     fingerprint = _fingerprint(schedule, run_id or {})
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    state = TrainState(student, targets, optimizer, 0, schedule.iterations, list(budgets or []), sparsity)
+    state = TrainState(trained, targets, optimizer, 0, schedule.iterations, list(budgets or []), sparsity)
     history: list[dict[str, float]] = []
     stopwatch = stopwatch or Stopwatch()
     if resume and checkpoint is not None and checkpoint.is_file():
-        state.step, history, earlier = _load_checkpoint(checkpoint, fingerprint, student, optimizer, scheduler,
-                                                        dynamics)
+        state.step, history, earlier = _load_checkpoint(checkpoint, fingerprint, trained, optimizer, scheduler,
+                                                        dynamics, sharded)
         stopwatch.earlier = earlier
         log.info("resumed recovery at step %d of %d from %s", state.step, schedule.iterations, checkpoint)
     else:
@@ -276,15 +289,14 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     names = objective.features(student, targets)
-    student_tap, teacher_tap = _FeatureTap(student, names), _FeatureTap(teacher, names)
-    student.train()
-    device = torch.device(device)
+    student_tap, teacher_tap = _FeatureTap(trained, names), _FeatureTap(teacher, names)
+    trained.train()
     # No buffers are sent each step: every rank's dynamics decide the same masks (and check it), and BatchNorm
     # statistics are averaged at checkpoints and at the end. The parameters stay those DDP was built with.
-    model = student if ranks == 1 else DistributedDataParallel(
-        student, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    model = trained if ranks == 1 or sharded else DistributedDataParallel(
+        trained, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     try:
-        with checkpointed(student, recompute_blocks):
+        with checkpointed(trained, recompute_blocks):
             steps = range(state.step, schedule.iterations)
             for step in progress(steps, show_progress, "recovery", total=len(steps)):
                 state.step = step
@@ -309,14 +321,20 @@ def distill(student: nn.Module, teacher: nn.Module, targets: list[Target], calib
                 if step % 50 == 0 or step + 1 == schedule.iterations:
                     history.append({"step": step + 1, **_global_means(terms, share / ranks)})
                 if checkpoint is not None and schedule.checkpoint_every and state.step % schedule.checkpoint_every == 0:
-                    average_norm_statistics(student)  # every rank resumes from rank 0's copy: the same on each
+                    average_norm_statistics(trained)  # every rank resumes from rank 0's copy: the same on each
+                    model_state, optimizer_state = full_states(trained, optimizer) if sharded else (
+                        trained.state_dict(), optimizer.state_dict())
                     if distributed.is_main():
-                        _save_checkpoint(checkpoint, fingerprint, state.step, student, optimizer, scheduler,
-                                         dynamics, history, stopwatch.elapsed())
+                        _save_checkpoint(checkpoint, fingerprint, state.step, model_state, optimizer_state,
+                                         scheduler, dynamics, history, stopwatch.elapsed())
     finally:
         student_tap.remove()
         teacher_tap.remove()
         del model
+    if sharded:
+        gather_into(student, trained)
+        del trained
+        state.model = student
     dynamics.on_end(state)
     average_norm_statistics(student)
     student.eval()
@@ -329,11 +347,11 @@ def _global_means(terms: dict[str, torch.Tensor], weight: float) -> dict[str, fl
     return dict(zip(terms, distributed.all_reduce_(values).tolist()))
 
 
-def _save_checkpoint(path: Path, fingerprint: str, step: int, student: nn.Module,
-                     optimizer: torch.optim.Optimizer, scheduler, dynamics: Dynamics,
+def _save_checkpoint(path: Path, fingerprint: str, step: int, model_state: dict[str, Any],
+                     optimizer_state: dict[str, Any], scheduler, dynamics: Dynamics,
                      history: list[dict[str, float]], elapsed_s: float) -> None:
-    payload = {"fingerprint": fingerprint, "ranks": distributed.world()[1], "step": step, "model": student.state_dict(),
-               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    payload = {"fingerprint": fingerprint, "ranks": distributed.world()[1], "step": step, "model": model_state,
+               "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                "dynamics": dynamics.state_dict(), "history": history, "elapsed_s": elapsed_s}
     with atomic_path(path) as temporary:
         torch.save(payload, temporary)
@@ -354,14 +372,18 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _load_checkpoint(path: Path, fingerprint: str, student: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler, dynamics: Dynamics) -> tuple[int, list[dict[str, float]], float]:
-    """Restores a checkpoint; returns its step, its loss history and the run's wall time up to it."""
+                     scheduler, dynamics: Dynamics, sharded: bool = False) -> tuple[int, list[dict[str, float]], float]:
+    """Restores a checkpoint (full state dicts, each rank keeping its shards of a ``sharded`` student); returns its
+    step, its loss history and the run's wall time up to it."""
     payload = _read_checkpoint(path)
     if payload.get("fingerprint") != fingerprint:
         raise CheckpointError(f"recovery checkpoint {path} belongs to a run with other settings; "
                               "delete it or run without --resume")
-    student.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    if sharded:
+        load_full_states(student, optimizer, payload["model"], payload["optimizer"])
+    else:
+        student.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     dynamics.load_state_dict(payload["dynamics"])
     return int(payload["step"]), list(payload["history"]), float(payload.get("elapsed_s", 0.0))
