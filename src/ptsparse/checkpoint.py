@@ -196,7 +196,7 @@ def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata
 
 def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Saves ``model.state_dict()`` as safetensors (shared tensors are stored once per name)."""
-    save_state({name: tensor.clone() for name, tensor in model.state_dict().items()}, path, metadata)
+    save_state(model.state_dict(), path, metadata)  # save_state copies only the tensors that share memory
 
 
 @dataclass(frozen=True)
