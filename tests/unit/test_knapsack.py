@@ -250,6 +250,41 @@ def test_latency_table_interpolates_exactly(reference, monkeypatch):
         assert costs.cost(kept) == pytest.approx(macs.cost(kept) / 1e6, rel=1e-9)
 
 
+def test_latency_table_is_timed_at_the_latency_batch_else_the_run_batch(reference, monkeypatch):
+    model, _ = reference
+    batches = []
+
+    def fake_time(module, shape, batch_size, *args) -> dict[str, float]:
+        batches.append(batch_size)
+        return {"median_ms": count_macs(module, torch.zeros(1, *shape))["macs"] / 1e6}
+
+    monkeypatch.setattr(knapsack, "measure_latency", fake_time)
+    targets = find_targets(model)
+    budgets = [LayerBudget(t.name, tuple(t.shape), 0.0 if t.name == "fc" else 1.0, t.shape.numel() // t.shape[0])
+               for t in targets]
+    scores = {t.name: torch.rand(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(targets)}
+    context = AllocationContext(model, targets, as_calibration(reference_inputs(8)), batch_size=16)
+    for latency_batch, expected in ((None, 16), (4, 4)):
+        batches.clear()
+        allocation = Knapsack("latency", latency_batch)
+        allocation.allocate(budgets, 0.5, scores, context)
+        assert batches and set(batches) == {expected}
+        assert allocation.summary()["latency_batch"] == expected
+
+
+def test_latency_batch_is_a_positive_integer_option_that_iee_follows_too():
+    from ptsparse.recovery.iee import ExploitExplore
+
+    config = ptsparse.SparsityConfig(method="iee", pattern="channel", batch_size=64, knapsack_cost="latency",
+                                     knapsack_latency_batch=8)
+    assert config.settings_of(Knapsack).latency_batch == 8
+    assert ExploitExplore.from_config(config).batch_size == 8
+    assert ExploitExplore.from_config(ptsparse.SparsityConfig(method="iee", pattern="channel")).batch_size == 64
+    for bad in (0, 2.5, "32"):
+        with pytest.raises(ConfigError, match=f"knapsack_latency_batch must be a positive integer, got {bad!r}"):
+            ptsparse.SparsityConfig(knapsack_latency_batch=bad)
+
+
 def test_measured_latency_falls_with_fewer_channels():
     torch.manual_seed(0)
     model = reference_resnet().eval()

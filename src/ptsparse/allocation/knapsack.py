@@ -11,7 +11,8 @@ input channels of the units that feed it (all of them for the model input and ot
 ``c_out * (c_in / groups) * kernel volume * output positions``, what :func:`~ptsparse.graph.cost.count_macs`
 counts on the channel-removed model; a depthwise convolution reads one input per output channel, whatever it
 keeps. Its latency is interpolated bilinearly in a table of ``(c_out, c_in)`` timings of a standalone layer of
-that shape, measured on the target device. The model's cost is the sum over its layers. Costs couple
+that shape, measured on the target device at the serving batch (``knapsack_latency_batch``, by default the run's
+batch size) and the calibration inputs' size. The model's cost is the sum over its layers. Costs couple
 neighbouring units (``c_out * c_in``), so a unit's cost depends on the others' counts.
 
 Solver (:func:`solve_knapsack`). A grouped 0/1 knapsack: each unit keeps a top-``k`` prefix of its channels by
@@ -460,7 +461,11 @@ class Knapsack(Allocation):
     how many channels a unit may lose; every unit keeps at least one channel.
 
     Args:
-        cost: ``"macs"`` or ``"latency"`` (measured on the context's device and batch size).
+        cost: ``"macs"`` or ``"latency"`` (measured on the context's device, at ``latency_batch``).
+        latency_batch: the batch of the latency table's timings (``cost="latency"``): the batch the pruned model
+            will serve, which need not be the calibration batch; ``None``: the run's batch size
+            (``context.batch_size``). Layer times do not grow in proportion to the batch (a batch of 1 leaves
+            cores idle that a batch of 64 keeps busy), so the table, and the channels it keeps, depend on it.
 
     Attributes:
         costs: the :class:`ChannelCosts` of the last :meth:`allocate`.
@@ -471,6 +476,9 @@ class Knapsack(Allocation):
         cost: str = option("macs", "what the channel budget counts: macs (of every Conv/Linear layer) or latency "
                            "(a per-layer table measured on --device); sparsity is then the fraction of it removed",
                            choices=COSTS)
+        latency_batch: int | None = option(None, "batch of the latency table's timings (knapsack_cost latency): "
+                                           "the batch the pruned model will run at; default: the run's --batch-size",
+                                           kind=int, minimum=1)
 
     patterns = ("channel",)
     needs_scores = True
@@ -479,8 +487,9 @@ class Knapsack(Allocation):
     exact = True  # ratios are whole channel counts that meet the cost budget; no weight-count rounding
     chooses_units = True
 
-    def __init__(self, cost: str = "macs") -> None:
-        self.cost = self.Settings(cost=cost).cost
+    def __init__(self, cost: str = "macs", latency_batch: int | None = None) -> None:
+        settings = self.Settings(cost=cost, latency_batch=latency_batch)
+        self.cost, self.latency_batch = settings.cost, settings.latency_batch
         self.costs: ChannelCosts | None = None
         self.report: dict[str, Any] = {}
 
@@ -493,8 +502,8 @@ class Knapsack(Allocation):
         example = context.calibration.inputs[:2].to(next(model.parameters()).device)
         budgets = {layer.name: layer for layer in layers}
         heads = heads_by_layer(find_attention(model, list(budgets)))
-        costs = ChannelCosts.trace(model, list(budgets), example, self.cost, context.device, context.batch_size,
-                                   heads=heads)
+        batch = self.latency_batch or context.batch_size
+        costs = ChannelCosts.trace(model, list(budgets), example, self.cost, context.device, batch, heads=heads)
         self.costs = costs
         values = []
         for unit in costs.units:
@@ -518,6 +527,8 @@ class Knapsack(Allocation):
         self.report = {"cost": self.cost, "dense_cost": costs.dense_cost, "cost_after": cost_after,
                        "reduction": 1 - cost_after / costs.dense_cost,
                        "kept": {next(iter(unit.members)): k for unit, k in zip(costs.units, kept)}}
+        if self.cost == "latency":
+            self.report["latency_batch"] = batch  # dense_cost and cost_after are milliseconds per batch of it
         return ratios
 
     def summary(self) -> dict[str, Any]:

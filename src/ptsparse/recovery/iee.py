@@ -214,6 +214,7 @@ class ExploitExplore(Dynamics):
         explore_lr_scale: the exploration's learning rate as a multiple of the main one (1: the paper's).
         channels: units are whole output channels (pattern ``channel``), under a FLOPs budget.
         knapsack_cost: what the channel budget counts (``"macs"`` or ``"latency"``).
+        batch_size: the batch of the latency table's timings (``knapsack_latency_batch``, else the run's).
     """
 
     @dataclass(frozen=True)
@@ -258,8 +259,9 @@ class ExploitExplore(Dynamics):
 
     @classmethod
     def from_config(cls, config) -> ExploitExplore:
+        knapsack = config.settings_of(Knapsack)
         return cls(**config.settings_of(cls).to_dict(), channels=pattern_kind(config.pattern) == "channel",
-                   knapsack_cost=config.settings_of(Knapsack).cost, batch_size=config.batch_size)
+                   knapsack_cost=knapsack.cost, batch_size=knapsack.latency_batch or config.batch_size)
 
     def prepare(self, model: nn.Module, targets: list[Target], *, teacher: nn.Module | None = None,
                 example: torch.Tensor | None = None) -> None:
