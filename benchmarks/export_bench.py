@@ -10,12 +10,21 @@ accuracy of channel-removed models at a given MAC (FLOPs) reduction.
   Conv and Linear layers. Then the channels are removed and the
   dense and the smaller model are timed on this CPU (median of repeated runs after warm-up, batch 1 and
   64) and evaluated on the test split.
+* ``zoo``: the same channel pruning and removal on torchvision ImageNet models (``--zoo-models``, default
+  ResNet-50 and MobileNetV2, random weights seeded by ``--seed``) at ``--image-size`` (224), calibrated on
+  random images (no data set: with random weights accuracy means nothing and is not evaluated); uniform,
+  knapsack on MACs and knapsack on latency (a table measured on ``--device`` at the largest ``--zoo-batches``
+  and the image size: ``knapsack_latency_batch``) at 50% by default. Dense and removed models are timed on
+  ``--device`` in PyTorch and, exported to ONNX, by onnxruntime on CPU, at batch 1 and 32. The latency
+  allocation's measured latency reduction is checked against its budget (within 5%). Not in the default parts
+  (about 25 minutes on 2 cores): ``--parts zoo``.
 
 Each measurement is one JSON file in ``benchmarks/results/export/`` (``--out`` to write elsewhere);
 :func:`export_section` builds the markdown tables for ``RESULTS.md`` from them::
 
     python benchmarks/export_bench.py                      # both parts, full settings (run on a quiet CPU)
     python benchmarks/export_bench.py --parts size
+    python benchmarks/export_bench.py --parts zoo          # torchvision ResNet-50 / MobileNetV2 at 224 x 224
     python benchmarks/export_bench.py --table              # print the markdown section
 """
 
@@ -26,9 +35,12 @@ import json
 import platform
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import ptsparse
 from ptsparse.checkpoint import write_json
@@ -39,7 +51,7 @@ from ptsparse.export.channels import remove_channels
 from ptsparse.export.latency import measure_onnx_latency
 from ptsparse.export.onnx import export_onnx
 from ptsparse.graph.cost import count_params, measure_latency
-from ptsparse.models import load_reference
+from ptsparse.models import load_reference, resolve_model
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "export"
@@ -48,6 +60,19 @@ INPUT_SHAPE = (1, 28, 28)
 SIZE_SPARSITIES = (0.5, 0.9, 0.95)
 MAC_REDUCTIONS = (0.3, 0.5)
 BATCH_SIZES = (1, 64)
+WARMUP, REPEATS = 20, 100
+# The zoo part: torchvision models at ImageNet resolution. One ResNet-50 forward pass at batch 32 takes seconds
+# on 2 cores, so it times fewer runs; its Taylor scores come from one batch of random images (one backward pass),
+# as the uniform allocation's bisection runs sparsify about 8 times.
+ZOO_MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2")
+ZOO_IMAGE_SIZE = 224
+ZOO_BATCH_SIZES = (1, 32)
+ZOO_ALLOCATIONS = ("uniform", "knapsack", "knapsack-latency")
+ZOO_REDUCTIONS = (0.5,)
+ZOO_WARMUP, ZOO_REPEATS = 3, 15
+ZOO_CALIB_SIZE = 16
+# The latency allocation meets its budget when the measured latency is at most this much above it.
+BUDGET_TOLERANCE = 0.05
 
 
 def _cpu_name() -> str:
@@ -90,20 +115,23 @@ def size_run(sparsity: float, calib, out: Path) -> dict:
     return row
 
 
-def _mac_reduction(sparsity: float, calib, example, picks: dict) -> tuple[float, ptsparse.SparsifyResult]:
-    result = ptsparse.sparsify(load_reference(), calib, method="taylor", sparsity=sparsity, progress=False,
-                               architecture="reference_resnet20", calib_size=len(calib), **picks)
+def _mac_reduction(sparsity: float, calib, example, picks: dict,
+                   build: Callable[[], nn.Module] | None = None) -> tuple[float, ptsparse.SparsifyResult]:
+    model, named = (load_reference(), {"architecture": "reference_resnet20"}) if build is None else (build(), {})
+    result = ptsparse.sparsify(model, calib, method="taylor", sparsity=sparsity, progress=False,
+                               calib_size=len(calib), **named, **picks)
     _, report = remove_channels(result.model, example)
     return report["mac_reduction"], result
 
 
-def channel_sparsity_for(target: float, calib, example, picks: dict, tolerance: float = 0.0025) -> float:
+def channel_sparsity_for(target: float, calib, example, picks: dict, tolerance: float = 0.0025,
+                         build: Callable[[], nn.Module] | None = None) -> float:
     """The smallest channel sparsity (to ``tolerance``) whose channel-removed model saves ``target`` of the MACs
-    (``picks``: further sparsify options)."""
+    (``picks``: further sparsify options; ``build``: the dense model, the reference model by default)."""
     low, high = 0.0, 0.6  # 60% of the channels removes well over half the MACs
     while high - low > tolerance:
         middle = (low + high) / 2
-        reduction, _ = _mac_reduction(middle, calib, example, picks)
+        reduction, _ = _mac_reduction(middle, calib, example, picks, build)
         low, high = (middle, high) if reduction < target else (low, middle)
         print(f"  channel sparsity {middle:.4f}: MAC reduction {reduction:.4f}", file=sys.stderr)
     return round(high, 4)
@@ -161,6 +189,111 @@ def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int
     return row
 
 
+def _zoo_model(spec: str, seed: int) -> nn.Module:
+    """The model ``spec`` names with random weights drawn from ``seed`` (the same on every call)."""
+    torch.manual_seed(seed)
+    model, _ = resolve_model(spec)
+    return model
+
+
+def _zoo_name(spec: str) -> str:
+    return spec.split(":", 1)[-1].replace(",", "-").replace("=", "")
+
+
+def zoo_run(spec: str, target: float, allocation: str, out: Path, *, image_size: int = ZOO_IMAGE_SIZE,
+            batch_sizes: tuple[int, ...] = ZOO_BATCH_SIZES, calib_size: int = ZOO_CALIB_SIZE,
+            warmup: int = ZOO_WARMUP, repeats: int = ZOO_REPEATS, threads: int = 1, device: str = "cpu",
+            seed: int = 0) -> dict:
+    """Latency of a torchvision model (random weights) before and after Taylor channel pruning and removal.
+
+    Calibration is ``calib_size`` random images (one batch: one backward pass for the Taylor scores); no BatchNorm
+    re-calibration while the uniform allocation bisects (MACs do not depend on it), the ``taylor`` preset's
+    re-calibration for the timed model. ``allocation``: as :func:`channel_run`; ``knapsack-latency`` times its
+    table on ``device`` at the largest of ``batch_sizes`` and ``image_size`` (``knapsack_latency_batch``), and
+    ``target`` is then the fraction of that latency removed: the row records the measured reduction at that
+    batch against the budget.
+    """
+    input_shape = (3, image_size, image_size)
+    generator = torch.Generator().manual_seed(seed)
+    calib = torch.randn(calib_size, *input_shape, generator=generator)
+    example = torch.randn(2, *input_shape, generator=generator)
+    table_batch = max(batch_sizes)
+    built = []
+
+    def build() -> nn.Module:
+        built.append(spec)
+        return _zoo_model(spec, seed)
+
+    common = {"batch_size": calib_size, "device": device}
+    bisection_s = 0.0
+    if allocation.startswith("uniform"):
+        picks = {"channel_multiple": 8} if allocation == "uniform-x8" else {}
+        start = time.perf_counter()
+        sparsity = channel_sparsity_for(target, calib, example, {**common, **picks, "bn_recalibration": False},
+                                        build=build)
+        bisection_s = time.perf_counter() - start
+    else:
+        cost = "latency" if allocation == "knapsack-latency" else "macs"
+        sparsity, picks = target, {"allocation": "knapsack", "knapsack_cost": cost}
+        if cost == "latency":
+            picks["knapsack_latency_batch"] = table_batch
+    start = time.perf_counter()
+    result = ptsparse.sparsify(build(), calib, method="taylor", sparsity=sparsity, progress=False,
+                               calib_size=calib_size, **common, **picks)
+    sparsify_s = time.perf_counter() - start
+    calls = len(built)
+    smaller, report = remove_channels(result.model, example)
+    dense = build()
+    latency = {"dense": {}, "pruned": {}}
+    for batch in batch_sizes:  # interleaved, so a burst of load on the machine hits both models alike
+        latency["dense"][str(batch)] = measure_latency(dense, input_shape, batch, device, warmup, repeats)
+        latency["pruned"][str(batch)] = measure_latency(smaller, input_shape, batch, device, warmup, repeats)
+    dense, smaller = dense.cpu(), smaller.cpu()
+    onnx_latency = {"dense": {}, "pruned": {}}
+    with tempfile.TemporaryDirectory() as directory:
+        paths = {"dense": Path(directory) / "dense.onnx", "pruned": Path(directory) / "pruned.onnx"}
+        export_onnx(dense, example, paths["dense"])
+        export_onnx(smaller, example, paths["pruned"])
+        for batch in batch_sizes:
+            for name, path in paths.items():
+                onnx_latency[name][str(batch)] = measure_onnx_latency(path, input_shape, batch, warmup, repeats,
+                                                                      threads)
+    speedup = {b: latency["dense"][b]["median_ms"] / latency["pruned"][b]["median_ms"] for b in latency["dense"]}
+    row = {
+        "part": "zoo", "model": spec, "weights": f"random (seed {seed})", "image_size": image_size,
+        "allocation": allocation, "target_reduction": target, "criterion": "taylor",
+        "calibration": f"{calib_size} random N(0, 1) images, one batch", "sparsify_calls": calls,
+        "bisection_s": bisection_s, "sparsify_s": sparsify_s,
+        "channel_sparsity": result.report["achieved_sparsity"],
+        "mac_reduction": report["mac_reduction"], "macs": report["macs"], "macs_after": report["macs_after"],
+        "params": count_params(dense), "params_after": count_params(smaller),
+        "channels_removed": report["channels_removed"], "zeroed_channels_kept": report["zeroed_channels_kept"],
+        "device": device, "batch_sizes": list(batch_sizes), "latency": latency, "speedup": speedup,
+        "onnxruntime_latency": onnx_latency,
+        "onnxruntime_speedup": {b: onnx_latency["dense"][b]["median_ms"] / onnx_latency["pruned"][b]["median_ms"]
+                                for b in onnx_latency["dense"]},
+        "onnxruntime_provider": "CPUExecutionProvider",
+        "warmup": warmup, "repeats": repeats, **_machine(threads),
+    }
+    if torch.device(device).type == "cuda":
+        row["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    if allocation == "knapsack-latency":
+        search = result.report["allocation_search"]
+        dense_ms = latency["dense"][str(table_batch)]["median_ms"]
+        pruned_ms = latency["pruned"][str(table_batch)]["median_ms"]
+        budget_ms = (1 - target) * dense_ms
+        row["latency_budget"] = {
+            "batch": search["latency_batch"], "table_dense_ms": search["dense_cost"],
+            "table_after_ms": search["cost_after"], "table_reduction": search["reduction"],
+            "budget_ms": budget_ms, "measured_reduction": 1 - pruned_ms / dense_ms,
+            "over_budget": pruned_ms / budget_ms - 1, "tolerance": BUDGET_TOLERANCE,
+            "within_tolerance": pruned_ms <= (1 + BUDGET_TOLERANCE) * budget_ms}
+    suffix = f"-{image_size}px" if image_size != ZOO_IMAGE_SIZE else ""
+    suffix += f"-{torch.device(device).type}" if torch.device(device).type != "cpu" else ""
+    write_json(out / f"zoo-{_zoo_name(spec)}{suffix}-{allocation}-{target:g}.json", row)
+    return row
+
+
 def _load(directory: Path, part: str) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(directory.glob(f"{part}-*.json"))]
     return sorted(rows, key=lambda r: (r.get("allocation", "uniform") != "uniform", r.get("allocation", ""),
@@ -170,7 +303,7 @@ def _load(directory: Path, part: str) -> list[dict]:
 def export_section(directory: str | Path = RESULTS) -> str:
     """Markdown for ``RESULTS.md``: compressed file sizes and channel-pruned latency, from the JSON results."""
     directory = Path(directory)
-    sizes, channels = _load(directory, "size"), _load(directory, "channels")
+    sizes, channels, zoo = _load(directory, "size"), _load(directory, "channels"), _load_zoo(directory)
     lines = ["## Exports: file size and CPU latency", "",
              "Produced by `python benchmarks/export_bench.py` (JSON in `benchmarks/results/export/`)."]
     if sizes:
@@ -218,22 +351,95 @@ def export_section(directory: str | Path = RESULTS) -> str:
                 f"{100 * r['pruned_accuracy']:.2f}% | {d['1']['median_ms']:.2f} / {p['1']['median_ms']:.2f} | "
                 f"{d['64']['median_ms']:.1f} / {p['64']['median_ms']:.1f} | {r['speedup']['1']:.2f}x | "
                 f"{r['speedup']['64']:.2f}x | {ort_cells} |")
+    if zoo:
+        lines += _zoo_table(zoo)
     return "\n".join(lines) + "\n"
+
+
+def _load_zoo(directory: Path) -> list[dict]:
+    rows = [json.loads(p.read_text()) for p in sorted(directory.glob("zoo-*.json"))]
+    order = {name: i for i, name in enumerate(("uniform", "uniform-x8", "knapsack", "knapsack-latency"))}
+    return sorted(rows, key=lambda r: (-r["macs"], r["image_size"], r["device"], order.get(r["allocation"], 9),
+                                       r["target_reduction"]))
+
+
+def _ms(stats: dict) -> str:
+    """A median in milliseconds to about three significant digits."""
+    ms = stats["median_ms"]
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def _zoo_table(rows: list[dict]) -> list[str]:
+    """The zoo part's paragraph and table (batch columns from the first row's batch sizes)."""
+    first = rows[0]
+    small, big = (str(b) for b in (min(first["batch_sizes"]), max(first["batch_sizes"])))
+    devices = sorted({r.get("gpu", r["device"]) for r in rows if r["device"] != "cpu"})
+    where = f"{first['cpu']}, {first['threads']} threads" + (f"; PyTorch rows marked cuda on {', '.join(devices)}"
+                                                             if devices else "")
+    models = ", ".join(dict.fromkeys(f"`{r['model']}`" for r in rows))
+    sizes = " / ".join(dict.fromkeys(f"{r['image_size']} x {r['image_size']}" for r in rows))
+    lines = ["", f"Channel pruning of torchvision ImageNet models (`--parts zoo`): {models} with random weights "
+             f"(seeded; no data set), {sizes} inputs. With random weights accuracy means nothing and is not "
+             "evaluated: the speed depends only on the widths kept. Taylor channel pruning (`--method taylor`: "
+             "coupled channels, BatchNorm re-calibration), then removal, the allocations and MAC count as for the "
+             f"reference model; the Taylor scores come from {first['calibration']} (one backward pass: the uniform "
+             "allocation's bisection runs sparsify about 8 times); the knapsack-latency table is measured on the "
+             f"timing device at batch {big} and this input size (`--knapsack-latency-batch {big}`), the target then "
+             f"being the fraction of the latency removed; its last column is the latency removed as measured at "
+             f"batch {big} in PyTorch (the table's own estimate in brackets) and whether the removed model meets "
+             f"the budget within {BUDGET_TOLERANCE:.0%} (latency at most {1 + BUDGET_TOLERANCE:g} x the budget). "
+             f"Latency: median of {first['repeats']} runs after {first['warmup']} warm-up runs, {where}, torch "
+             f"{first['torch']}; onnxruntime: the same models exported to ONNX, CPU provider, the same threads.",
+             "", f"| model | allocation | target | MAC reduction | params | b{small} ms (dense / pruned) | "
+             f"b{big} ms (dense / pruned) | speedup b{small} | speedup b{big} | onnxruntime b{big} ms "
+             f"(dense / pruned) | onnxruntime speedup b{small} | onnxruntime speedup b{big} | latency removed "
+             f"b{big} (table), budget met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d, p = r["latency"]["dense"], r["latency"]["pruned"]
+        od, op = r["onnxruntime_latency"]["dense"], r["onnxruntime_latency"]["pruned"]
+        model = _zoo_name(r["model"]) + (f" ({r['device']})" if r["device"] != "cpu" else "")
+        budget = r.get("latency_budget")
+        budget_cell = (f"{budget['measured_reduction']:.1%} ({budget['table_reduction']:.1%}), "
+                       f"{'yes' if budget['within_tolerance'] else 'NO'} ({budget['over_budget']:+.1%})"
+                       if budget else "-")
+        lines.append(
+            f"| {model} | {r['allocation']} | {r['target_reduction']:.0%} | {r['mac_reduction']:.1%} | "
+            f"{r['params'] / 1e6:.2f}M -> {r['params_after'] / 1e6:.2f}M | "
+            f"{_ms(d[small])} / {_ms(p[small])} | {_ms(d[big])} / {_ms(p[big])} | {r['speedup'][small]:.2f}x | "
+            f"{r['speedup'][big]:.2f}x | {_ms(od[big])} / {_ms(op[big])} | "
+            f"{r['onnxruntime_speedup'][small]:.2f}x | {r['onnxruntime_speedup'][big]:.2f}x | {budget_cell} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["size", "channels"], choices=["size", "channels"])
+    allocations = ["uniform", "uniform-x8", "knapsack", "knapsack-latency"]
+    parser.add_argument("--parts", nargs="+", default=["size", "channels"], choices=["size", "channels", "zoo"],
+                        help="parts to run (default: size channels; zoo takes about 25 minutes on 2 cores)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SIZE_SPARSITIES))
-    parser.add_argument("--mac-reductions", nargs="+", type=float, default=list(MAC_REDUCTIONS))
-    parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"],
-                        choices=["uniform", "uniform-x8", "knapsack", "knapsack-latency"],
-                        help="channel allocations to measure")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed runs before timing")
-    parser.add_argument("--repeats", type=int, default=100, help="timed runs; the median is reported")
+    parser.add_argument("--mac-reductions", nargs="+", type=float, default=None,
+                        help=f"reduction targets (default: {' '.join(map(str, MAC_REDUCTIONS))} for channels, "
+                             f"{' '.join(map(str, ZOO_REDUCTIONS))} for zoo)")
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"], choices=allocations,
+                        help="channel allocations to measure (channels part)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed runs before timing (default: {WARMUP}; zoo: {ZOO_WARMUP})")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed runs; the median is reported (default: {REPEATS}; zoo: {ZOO_REPEATS})")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    zoo = parser.add_argument_group("zoo part")
+    zoo.add_argument("--zoo-models", nargs="+", default=list(ZOO_MODELS), help="model specs (random weights)")
+    zoo.add_argument("--image-size", type=int, default=ZOO_IMAGE_SIZE, help="square input size")
+    zoo.add_argument("--zoo-batches", nargs="+", type=int, default=list(ZOO_BATCH_SIZES),
+                     help="batch sizes timed; the largest is the latency table's")
+    zoo.add_argument("--zoo-allocations", nargs="+", default=list(ZOO_ALLOCATIONS), choices=allocations)
+    zoo.add_argument("--zoo-calib-size", type=int, default=ZOO_CALIB_SIZE,
+                     help="random calibration images (one batch)")
+    zoo.add_argument("--device", default="cpu", help="where PyTorch runs and the latency table is measured "
+                                                     "(onnxruntime: always CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON results")
     parser.add_argument("--table", action="store_true", help="only print the markdown section from --out")
     args = parser.parse_args(argv)
@@ -242,7 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    calib = sample_calibration(FashionMNIST("train"), args.calib_size, seed=args.seed)
+    if min(args.zoo_batches) < 1 or args.image_size < 1 or args.zoo_calib_size < 1:
+        parser.error("--zoo-batches, --image-size and --zoo-calib-size must be positive")
+    if {"size", "channels"} & set(args.parts):
+        calib = sample_calibration(FashionMNIST("train"), args.calib_size, seed=args.seed)
     if "size" in args.parts:
         for sparsity in args.sparsities:
             row = size_run(sparsity, calib, args.out)
@@ -250,13 +459,38 @@ def main(argv: list[str] | None = None) -> int:
     if "channels" in args.parts:
         test = FashionMNIST("test")
         for allocation in args.allocations:
-            for target in args.mac_reductions:
-                row = channel_run(target, calib, test, args.out, args.warmup, args.repeats, torch.get_num_threads(),
-                                  allocation)
+            for target in args.mac_reductions or MAC_REDUCTIONS:
+                row = channel_run(target, calib, test, args.out, _given(args.warmup, WARMUP),
+                                  _given(args.repeats, REPEATS), torch.get_num_threads(), allocation)
                 print(f"channels ({allocation}) @ {target:.0%}: MAC reduction {row['mac_reduction']:.3f}, accuracy "
                       f"{100 * row['pruned_accuracy']:.2f}%, speedup b64 {row['speedup']['64']:.2f}x", file=sys.stderr)
+    if "zoo" in args.parts:
+        _zoo_part(args)
     print(export_section(args.out))
     return 0
+
+
+def _zoo_part(args: argparse.Namespace) -> None:
+    batches = tuple(sorted(set(args.zoo_batches)))
+    big = str(batches[-1])
+    for spec in args.zoo_models:
+        for allocation in args.zoo_allocations:
+            for target in args.mac_reductions or ZOO_REDUCTIONS:
+                start = time.perf_counter()
+                row = zoo_run(spec, target, allocation, args.out, image_size=args.image_size, batch_sizes=batches,
+                              calib_size=args.zoo_calib_size, warmup=_given(args.warmup, ZOO_WARMUP),
+                              repeats=_given(args.repeats, ZOO_REPEATS), threads=torch.get_num_threads(),
+                              device=args.device, seed=args.seed)
+                budget = row.get("latency_budget")
+                measured = (f", latency removed {budget['measured_reduction']:.3f} (table "
+                            f"{budget['table_reduction']:.3f})" if budget else "")
+                print(f"zoo {spec} ({allocation}) @ {target:.0%}: MAC reduction {row['mac_reduction']:.3f}, speedup "
+                      f"b{big} {row['speedup'][big]:.2f}x, onnxruntime {row['onnxruntime_speedup'][big]:.2f}x"
+                      f"{measured} [{time.perf_counter() - start:.0f} s]", file=sys.stderr)
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 if __name__ == "__main__":
