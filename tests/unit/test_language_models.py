@@ -486,6 +486,42 @@ def test_cli_sparsify_reports_dense_and_sparse_perplexity_and_eval_agrees(capsys
     assert evaluated["stride"] == 16 and evaluated["sparsity"] == 0.5 and "perplexity" in stderr
 
 
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eval_offload_gives_the_same_perplexity_one_decoder_layer_on_the_device_at_a_time(capsys, monkeypatch,
+                                                                                         lm_dirs, texts, family):
+    made = []
+
+    class Recorded(RecordingOffload):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr("ptsparse.offload.Offload", Recorded)
+    argv = ("eval", "--model", f"hf:{lm_dirs[family]}", "--data", f"text:{texts[1]}", "--seq-len", "16", "-q")
+    (code, plain, _), (offloaded_code, offloaded, _) = run_cli(capsys, *argv), run_cli(capsys, *argv, "--offload")
+    assert code == offloaded_code == 0 and len(made) == 1
+    assert json.loads(offloaded)["perplexity"] == json.loads(plain)["perplexity"] > 1  # the same number
+    moves, = made
+    assert moves.block_names == (f"{BLOCKS[family]}.0", f"{BLOCKS[family]}.1")
+    assert {name for name, _, _ in moves.runs} == set(moves.block_names)
+    assert all(on_device == [name] and embedding for name, on_device, embedding in moves.runs)
+    assert not moves.on_device  # all back in CPU memory
+
+
+def test_eval_offload_of_a_classifier_is_refused_in_one_line(capsys):
+    code, _, stderr = run_cli(capsys, "eval", "--model", "reference", "--offload", "-q")
+    lines = [line for line in stderr.splitlines() if line.startswith("ptsparse: error")]
+    assert code == 2 and lines == ["ptsparse: error: --offload scores a causal language model's perplexity one "
+                                   "decoder layer at a time; model 'reference' is a classifier: drop --offload"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_eval_on_a_device_that_is_not_there_is_one_line(capsys, lm_dirs, texts):
+    code, _, stderr = run_cli(capsys, "eval", "--model", f"hf:{lm_dirs['llama']}", "--data", f"text:{texts[1]}",
+                              "--device", "cuda", "--offload", "-q")
+    assert code == 2 and "device 'cuda' is not available: no CUDA device is visible; use --device cpu" in stderr
+
 def test_cli_without_held_out_text_says_so(capsys, lm_dirs, texts):
     code, stdout, stderr = run_cli(capsys, "sparsify", "--model", f"hf:{lm_dirs['llama']}", "--data",
                                    f"text:{texts[0]}", "--method", "magnitude", "--seq-len", "16", "--calib-size",
