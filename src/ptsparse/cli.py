@@ -19,7 +19,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import distributed
 from ._registry import did_you_mean
@@ -29,6 +29,9 @@ from .config import (
 from .errors import ConfigError, PeerFailedError, PtsparseError
 from .export import FORMATS
 from .options import default_of
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("ptsparse")
 
@@ -245,20 +248,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import accuracy
     from .export import load_model
     from .models import resolve_model, zoo
-    from .sparsify import sparsity_of
+    from .sparsify import resolve_device, sparsity_of
 
+    device = resolve_device(args.device)
     if zoo.is_spec(str(args.model)) or args.weights:
         model, architecture = resolve_model(args.model, args.weights)
     else:
         model, metadata = load_model(args.model)
         architecture = metadata.get("architecture")
     if zoo.is_causal_lm(model):
-        return _eval_perplexity(args, model, architecture)
+        return _eval_perplexity(args, model, architecture, device)
+    if args.offload:
+        raise ConfigError(f"--offload scores a causal language model's perplexity one decoder layer at a time; model "
+                          f"{str(args.model)!r} is a classifier: drop --offload")
     data, = _sources(args, model, architecture, (args.split,))
     if not has_labels(data):
         raise DataError(f"data {str(args.data)!r} carries no labels (no class folders); accuracy needs them")
     result = {"model": str(args.model), "data": str(args.data), "split": args.split,
-              "accuracy": accuracy(model, data, device=args.device, show_progress=not args.quiet),
+              "accuracy": accuracy(model.to(device), data, device=str(device), show_progress=not args.quiet),
               "sparsity": sparsity_of(model)}
     print(json.dumps(result, indent=2))
     print(f"ptsparse: accuracy {100 * result['accuracy']:.2f}% on the {args.split} split of {args.data}; "
@@ -266,20 +273,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_perplexity(args: argparse.Namespace, model, architecture: str | None) -> int:
-    """``ptsparse eval`` of a causal language model: its perplexity on the text of ``--data``."""
+def _eval_perplexity(args: argparse.Namespace, model, architecture: str | None, device: torch.device) -> int:
+    """``ptsparse eval`` of a causal language model: its perplexity on the text of ``--data``; with ``--offload``
+    the model stays in CPU memory and one decoder layer at a time runs on ``device`` (:mod:`ptsparse.offload`)."""
     from .errors import DataError
     from .evaluate import default_stride, perplexity
+    from .offload import Offload, whole_model
     from .sparsify import sparsity_of
+    from .targets import find_targets
 
     if not str(args.data).startswith("text:"):
         raise DataError(f"data {str(args.data)!r}: a causal language model is evaluated by perplexity on text; give "
                         "--data text:FILE (held-out text)")
     data, = _sources(args, model, architecture, (args.split,))
     stride = default_stride(args.seq_len) if args.stride is None else args.stride
-    result = {"model": str(args.model), "data": str(args.data),
-              "perplexity": perplexity(model, data.tokens, args.seq_len, stride, device=args.device,
-                                       show_progress=not args.quiet),
+    offload = Offload.of(model, find_targets(model), device) if args.offload else None
+    if offload is None:
+        model.to(device)
+    with whole_model(offload):
+        score = perplexity(model, data.tokens, args.seq_len, stride, device=device, show_progress=not args.quiet)
+    result = {"model": str(args.model), "data": str(args.data), "perplexity": score,
               "max_length": args.seq_len, "stride": stride, "scored_tokens": len(data.tokens) - 1,
               "sparsity": sparsity_of(model)}
     print(json.dumps(result, indent=2))
@@ -515,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal LMs: tokens between the starts of perplexity windows of --seq-len tokens, in "
                         "[1, seq-len - 1] (default: half a window)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--offload", action="store_true",
+                   help="causal LMs: keep the model in CPU memory and move one decoder layer at a time to --device "
+                        "(the embeddings, final norm and output layer for the pass); the same perplexity")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_eval)
 

@@ -3,11 +3,13 @@ distillation that keeps the masks, the command line, and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import random
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from ptsparse.criteria import CRITERIA, prune_model
 from ptsparse.criteria.block_inputs import find_chains
 from ptsparse.data import PackedText, load_source, sample_calibration
 from ptsparse.criteria.taylor import taylor_loss
-from ptsparse.errors import ConfigError, DataError, ModelError
+from ptsparse.errors import ConfigError, DataError, IncompatibleOptionsError, ModelError
 from ptsparse.evaluate import perplexity, sliding_windows
 from ptsparse.export import input_shape_for
 from ptsparse.models import resolve_model, zoo
@@ -52,6 +54,8 @@ CONFIGS = {
     "opt": lambda: transformers.OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, pad_token_id=1, **TINY,
                                           architectures=["OPTForCausalLM"]),
 }
+STREAM = {"gpt2": ("attn.c_proj", "mlp.c_proj"), "llama": ("o_proj", "down_proj"), "qwen2": ("o_proj", "down_proj"),
+          "opt": ("out_proj", "fc2")}  # the layers that write into the residual stream
 BLOCKS = {"gpt2": "hf.transformer.h", "llama": "hf.model.layers", "qwen2": "hf.model.layers",
           "opt": "hf.model.decoder.layers"}
 
@@ -313,6 +317,67 @@ def test_taylor_scores_a_causal_lm_by_next_token_cross_entropy(lms):
                        torch.nn.functional.cross_entropy(classes, classes.argmax(1)))
 
 
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fails the test, instead of hanging it, when the block runs longer than ``seconds`` (pure-Python loops such
+    as torch-pruning's grouping are interrupted by the alarm)."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    except TimeoutError as error:  # its traceback, deep in a library, is not shown
+        pytest.fail(str(error), pytrace=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_taylor_prunes_whole_channels_of_every_causal_lm_family(lms, family):
+    pytest.importorskip("torch_pruning")
+    model, _, calibration = lms[family]
+    with time_limit(60):  # llama and qwen2 (grouped-query attention) made torch-pruning's grouping run for ever
+        result = ptsparse.sparsify(model, calibration, method="taylor", sparsity=0.5, batch_size=4, progress=False)
+    assert ptsparse.sparsity_of(result.model) == pytest.approx(0.5, abs=0.02)
+    rows = {name: mask.flatten(1).all(1) for name, mask in result.masks.items()}
+    assert all(bool((mask.flatten(1).all(1) | ~mask.flatten(1).any(1)).all()) for mask in result.masks.values())
+    assert all(0 < int((~kept).sum()) < len(kept) for kept in rows.values())  # every layer loses rows, keeps some
+    stream = [kept for name, kept in rows.items() if name.endswith(STREAM[family])]
+    assert len(stream) == 4 and all(torch.equal(kept, stream[0]) for kept in stream)  # the residual stream: one unit
+    for name in rows:
+        if name.endswith("gate_proj"):  # SwiGLU: gate and up multiplied, one unit
+            assert torch.equal(rows[name], rows[name.replace("gate_proj", "up_proj")])
+    assert not any("forward" in vars(module) for module in result.model.modules())  # no stand-in left behind
+
+
+def test_grouped_query_attention_is_traced_through_a_stand_in_and_its_projections_prune_rows_alone(lms):
+    pytest.importorskip("torch_pruning")
+    from ptsparse.graph.coupling import channel_groups, opaque_readers
+
+    model, _, calibration = lms["llama"]  # 2 query heads share 1 key/value head
+    attention = model.get_submodule("hf.model.layers.0.self_attn")
+    assert (attention.q_proj.out_features, attention.k_proj.out_features) == (32, 16)
+    assert opaque_readers(model)[attention].reads == (attention.q_proj, attention.k_proj, attention.v_proj)
+    with time_limit(60):
+        groups = channel_groups(model, calibration.inputs[:2], [t.name for t in find_targets(model)])
+    members = sorted(sorted(group.members) for group in groups)
+    assert members == sorted([[f"hf.model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")] for i in (0, 1)] + [
+        [f"hf.model.layers.{i}.{part}" for i in (0, 1) for part in ("mlp.down_proj", "self_attn.o_proj")]])
+    gpt2 = lms["gpt2"][0]  # no grouped queries: traced as it is, q, k and v rows coupled
+    assert not opaque_readers(gpt2)
+
+
+def test_unstructured_taylor_is_refused_before_any_work_in_one_line(lms):
+    model, _, calibration = lms["llama"]
+    with pytest.raises(IncompatibleOptionsError) as caught:
+        ptsparse.sparsify(model, calibration, method="magnitude", criterion="taylor", pattern="unstructured",
+                          sparsity=0.5, progress=False)
+    assert str(caught.value) == "criterion 'taylor' does not support pattern 'unstructured'; use pattern channel"
+
 def test_unipts_kd_fitness_averages_the_kl_over_token_positions(lms):
     model, _, calibration = lms["opt"]
     model = copy.deepcopy(model)
@@ -420,6 +485,42 @@ def test_cli_sparsify_reports_dense_and_sparse_perplexity_and_eval_agrees(capsys
     assert code == 0 and evaluated["perplexity"] == pytest.approx(report["sparse_perplexity"], rel=1e-9)
     assert evaluated["stride"] == 16 and evaluated["sparsity"] == 0.5 and "perplexity" in stderr
 
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eval_offload_gives_the_same_perplexity_one_decoder_layer_on_the_device_at_a_time(capsys, monkeypatch,
+                                                                                         lm_dirs, texts, family):
+    made = []
+
+    class Recorded(RecordingOffload):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr("ptsparse.offload.Offload", Recorded)
+    argv = ("eval", "--model", f"hf:{lm_dirs[family]}", "--data", f"text:{texts[1]}", "--seq-len", "16", "-q")
+    (code, plain, _), (offloaded_code, offloaded, _) = run_cli(capsys, *argv), run_cli(capsys, *argv, "--offload")
+    assert code == offloaded_code == 0 and len(made) == 1
+    assert json.loads(offloaded)["perplexity"] == json.loads(plain)["perplexity"] > 1  # the same number
+    moves, = made
+    assert moves.block_names == (f"{BLOCKS[family]}.0", f"{BLOCKS[family]}.1")
+    assert {name for name, _, _ in moves.runs} == set(moves.block_names)
+    assert all(on_device == [name] and embedding for name, on_device, embedding in moves.runs)
+    assert not moves.on_device  # all back in CPU memory
+
+
+def test_eval_offload_of_a_classifier_is_refused_in_one_line(capsys):
+    code, _, stderr = run_cli(capsys, "eval", "--model", "reference", "--offload", "-q")
+    lines = [line for line in stderr.splitlines() if line.startswith("ptsparse: error")]
+    assert code == 2 and lines == ["ptsparse: error: --offload scores a causal language model's perplexity one "
+                                   "decoder layer at a time; model 'reference' is a classifier: drop --offload"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_eval_on_a_device_that_is_not_there_is_one_line(capsys, lm_dirs, texts):
+    code, _, stderr = run_cli(capsys, "eval", "--model", f"hf:{lm_dirs['llama']}", "--data", f"text:{texts[1]}",
+                              "--device", "cuda", "--offload", "-q")
+    assert code == 2 and "device 'cuda' is not available: no CUDA device is visible; use --device cpu" in stderr
 
 def test_cli_without_held_out_text_says_so(capsys, lm_dirs, texts):
     code, stdout, stderr = run_cli(capsys, "sparsify", "--model", f"hf:{lm_dirs['llama']}", "--data",

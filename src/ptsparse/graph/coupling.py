@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -234,34 +235,75 @@ def score_terms(model: nn.Module, example: torch.Tensor) -> list[nn.Parameter]:
 
 # Attention modules whose q/k/v reshapes torch-pruning cannot follow (it maps their rows onto channels the layers
 # do not have), by the names of the Linears that read their input and write their output: torchvision MaxVit's
-# relative-position attention. :func:`stand_ins` traces each as ``writes(zeros)`` beside ``reads(x)``.
+# relative-position attention. :func:`stand_ins` traces each as ``writes(zeros)``.
 OPAQUE_ATTENTION = (("to_qkv", "merge"),)
 
+# Hugging Face grouped-query attention (Llama, Qwen2, Mistral, ... with fewer key/value heads than query heads), by
+# the names of its projections: q, k, v read the input, o writes the output. Its rows cannot be coupled one to one
+# (several query heads share each key/value head), and torch-pruning does not end trying: round the rotary
+# embedding's cycle on the keys (halves sliced, concatenated again, multiplied and added back) it shifts the
+# keys' indices further at each pass, so they never repeat and ``get_all_groups`` runs for ever.
+GROUPED_QUERY = (("q_proj", "k_proj", "v_proj"), "o_proj")
 
-def opaque_readers(model: nn.Module) -> dict[nn.Module, tuple[nn.Linear, nn.Linear]]:
-    """The :data:`OPAQUE_ATTENTION` modules of ``model`` -> the Linears that read their input and write their output."""
+
+class Opaque(NamedTuple):
+    """An attention module traced through its :func:`stand_ins`.
+
+    Attributes:
+        reads: the Linears that read its input.
+        writes: the Linear that writes its output.
+        pair: it returns ``(output, attention weights)`` (Hugging Face attention), not the output alone.
+    """
+
+    reads: tuple[nn.Linear, ...]
+    writes: nn.Linear
+    pair: bool = False
+
+
+def _grouped_query(module: nn.Module) -> Opaque | None:
+    """``module`` as :data:`GROUPED_QUERY` attention (k and v narrower than q), or ``None``."""
+    reads, writes = GROUPED_QUERY
+    layers = tuple(getattr(module, name, None) for name in reads)
+    output = getattr(module, writes, None)
+    if not all(isinstance(layer, nn.Linear) for layer in (*layers, output)):
+        return None
+    query, key, value = layers
+    return Opaque(layers, output, pair=True) if key.out_features == value.out_features < query.out_features else None
+
+
+def opaque_readers(model: nn.Module) -> dict[nn.Module, Opaque]:
+    """The :data:`OPAQUE_ATTENTION` and :data:`GROUPED_QUERY` modules of ``model``, with their reading and writing
+    Linears."""
     found = {}
     for module in model.modules():
         for reads, writes in OPAQUE_ATTENTION:
             layers = getattr(module, reads, None), getattr(module, writes, None)
             if all(isinstance(layer, nn.Linear) for layer in layers):
-                found[module] = layers
+                found[module] = Opaque((layers[0],), layers[1])
+        grouped = _grouped_query(module)
+        if grouped is not None:
+            found[module] = grouped
     return found
 
 
 @contextmanager
 def stand_ins(model: nn.Module) -> Iterator[None]:
-    """Gives each :data:`OPAQUE_ATTENTION` module of ``model`` a forward that torch-pruning can trace, for the trace.
+    """Gives each :func:`opaque_readers` module of ``model`` a forward that torch-pruning can trace, for the trace.
 
-    The stand-in runs ``reads(x)`` (so the channels the module reads are coupled as usual) and returns
-    ``writes(zeros)`` (so the channels it writes are too), with nothing between: the rows of ``reads`` (the
-    heads) join no group, and stay (:func:`iter_groups`). MaxVit's forward reshapes its heads back to its input
-    width, so it could not run with fewer heads anyway.
+    The stand-in returns ``writes(zeros)``, so the channels the module writes are coupled as usual. The layers
+    that read its input are left out of the trace (torch-pruning does not see them): their rows (the heads) join
+    no group, and stay (:func:`iter_groups`; a criterion prunes them row by row), and their input columns are not
+    coupled to the channels they read. MaxVit's forward reshapes its heads back to its input width, so it could
+    not run with fewer heads anyway; grouped-query attention shares each key/value head among several query
+    heads, which a one-to-one coupling of rows cannot express. A Hugging Face attention module
+    (:data:`GROUPED_QUERY`) takes its input as ``hidden_states`` and returns ``(output, attention weights)``; its
+    stand-in does too (with no weights).
     """
-    def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        reads, writes = found[module]
-        reads(x)
-        return writes(x.new_zeros(*x.shape[:-1], writes.in_features))
+    def forward(module: nn.Module, *args, **kwargs):
+        opaque = found[module]
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        written = opaque.writes(x.new_zeros(*x.shape[:-1], opaque.writes.in_features))
+        return (written, None) if opaque.pair else written
 
     found = opaque_readers(model)
     for module in found:
@@ -370,7 +412,7 @@ def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
             :func:`stand_ins`), so no group of that model can be trusted.
     """
     names = {module: name for name, module in model.named_modules()}
-    ignored = list(ignored) + [reads for reads, _ in opaque_readers(model).values()]
+    ignored = list(ignored) + [layer for opaque in opaque_readers(model).values() for layer in opaque.reads]
     for group in graph.get_all_groups(root_module_types=PRODUCER_TYPES, ignored_layers=ignored):
         size = len(group.items[0][1])
         members: dict[str, tuple[int, ...]] = {}
