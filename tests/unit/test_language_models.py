@@ -352,6 +352,8 @@ def test_taylor_prunes_whole_channels_of_every_causal_lm_family(lms, family):
         if name.endswith("gate_proj"):  # SwiGLU: gate and up multiplied, one unit
             assert torch.equal(rows[name], rows[name.replace("gate_proj", "up_proj")])
     assert not any("forward" in vars(module) for module in result.model.modules())  # no stand-in left behind
+    assert any("does not take language models" in warning for warning in result.report["warnings"])
+    assert not any("--format channels" in warning for warning in result.report["warnings"])  # it refuses LMs
 
 
 def test_grouped_query_attention_is_traced_through_a_stand_in_and_its_projections_prune_rows_alone(lms):

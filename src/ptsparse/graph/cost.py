@@ -198,6 +198,10 @@ def speedup_warnings(model: nn.Module, device: str | torch.device, pattern: str 
                             f"fewer than {SMALL_FEATURES} inputs or outputs, too small for them to beat dense "
                             f"kernels; convolutions keep dense kernels: expect no speedup")
     if rows_zero and total and rows_zero / total > 0.05:
-        warnings.append("whole channels are zero but still computed: `ptsparse export --format channels` "
+        from ..models.zoo import is_causal_lm  # deferred: the zoo builds on this module
+
+        warnings.append("whole rows are zero but still computed; the channel export, which removes them, does not "
+                        "take language models" if is_causal_lm(model) else
+                        "whole channels are zero but still computed: `ptsparse export --format channels` "
                         "removes them and makes the model faster")
     return warnings
