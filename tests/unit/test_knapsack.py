@@ -235,6 +235,16 @@ def test_sparsify_with_knapsack_removes_at_least_the_asked_macs():
     assert removal["macs_after"] == report["allocation_search"]["cost_after"]
 
 
+def test_channels_tied_by_a_grouped_convolution_are_pruned_as_many_as_the_knapsack_keeps_out(tiny_cnn, calib_images):
+    """A unit channel of tied rows (the same offset in each of a grouped convolution's 2 groups) is 2 rows of each
+    member: the allocation counted 1, so half the planned channels were pruned (0.28 of the MACs for 0.5)."""
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="taylor", allocation="knapsack", sparsity=0.5,
+                               batch_size=16, progress=False)
+    _, removal = remove_channels(result.model, calib_images[:4])
+    assert removal["mac_reduction"] >= 0.5
+    assert removal["macs_after"] == result.report["allocation_search"]["cost_after"]
+
+
 def test_latency_table_interpolates_exactly(reference, monkeypatch):
     """With layer times bilinear in (kept out, kept in), as MACs are, the interpolated cost is exact."""
     model, macs = reference
