@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from ptsparse.coupled import coupled_units
 from ptsparse.offload import Offload
+from ptsparse.targets import find_targets
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path(os.environ.get("PTSPARSE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -37,6 +39,18 @@ class TinyCNN(nn.Module):
         x = torch.relu(self.grouped(x))
         x = x + torch.relu(self.bn2(self.pointwise(self.depthwise(x))))
         return self.fc(x.mean((2, 3)))
+
+
+def largest_unit_step(model: nn.Module, example: torch.Tensor) -> int:
+    """Weights in one channel of the model's largest coupled unit, over all its layers: the coarsest step of the
+    channel pattern's counts (:mod:`ptsparse.coupled`); where coupling cannot be traced, the largest channel of one
+    layer."""
+    targets = find_targets(model)
+    units = coupled_units(model, targets, example[:2], {}, required=False)
+    if units is None:
+        return max(t.weight[0].numel() for t in targets)
+    shapes = {t.name: t.shape for t in targets}
+    return max(sum(group.width * shapes[name][1:].numel() for name in group.members) for group in units.groups)
 
 
 class RecordingOffload(Offload):

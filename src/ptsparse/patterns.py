@@ -8,6 +8,8 @@
   criterion repeats its channel score over the weights, so the mean is that score). The q/k/v projections
   of attention modules (:mod:`ptsparse.attention`) prune whole heads instead: a head's unit is its rows in
   that layer, its score the mean of their scores, and separate q, k and v layers prune the same heads.
+  Channels coupled across layers (a residual stream, a depthwise convolution and its input) are pruned
+  together, as one unit, whatever the criterion (:mod:`ptsparse.coupled`).
 
 Each is registered in :data:`PATTERNS` under its kind (``unstructured``, ``channel``, ``n:m``); the options
 of the channel and N:M patterns are their ``Settings`` (``channel_multiple``, ``nm_fallback``).
@@ -23,6 +25,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,9 +34,18 @@ from .attention import AttentionHeads
 from .errors import ConfigError
 from .options import Options, option
 
+if TYPE_CHECKING:
+    from .coupled import CoupledUnits
+
 log = logging.getLogger(__name__)
 
 PATTERNS: Registry[type] = Registry("pattern")
+
+
+def channel_scores(scores: torch.Tensor) -> torch.Tensor:
+    """A score per output channel: the mean of its row's scores (in float64, so that a channel criterion's score,
+    repeated over the row, comes back exactly)."""
+    return scores.flatten(1).double().mean(1).float()
 
 
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -70,11 +82,14 @@ class Channel:
             ranked by the mean of their rows' scores. The projections of one attention module get equal head
             counts (:meth:`attention_of` keys them; see :func:`~ptsparse.allocation.exact_counts`) and prune
             the same heads: the first of them masked ranks its heads, and each prunes the lowest-ranked of that
-            order (our reading, as for the Taylor criterion's coupled channels: a per-layer criterion sees one
-            layer's scores at a time).
+            order (our reading: a per-layer criterion sees one layer's scores at a time). Where ``units`` holds
+            them, they are a coupled unit instead.
         multiple: channels are pruned ``multiple`` at a time in every other layer whose width is a multiple of
             it, so the kept widths stay multiples of it too (8 or 16 suit the blocked CPU kernels of
             onnxruntime and oneDNN); a layer of another width prunes single channels.
+        units: the coupled channel units of the run's layers (:class:`~ptsparse.coupled.CoupledUnits`): their
+            members are planned and masked by unit (:func:`~ptsparse.criteria.prune_model`), not by
+            :meth:`mask`; ``None`` where coupling could not be traced: every layer prunes on its own.
     """
 
     @dataclass(frozen=True)
@@ -85,6 +100,7 @@ class Channel:
     name: str = "channel"
     heads: Mapping[str, AttentionHeads] = field(default_factory=dict, compare=False, repr=False)
     multiple: int = 1
+    units: CoupledUnits | None = field(default=None, compare=False, repr=False)
     _head_order: dict[str, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
     kind = "channel"
 
@@ -107,11 +123,8 @@ class Channel:
         attention = self.heads.get(layer)
         return attention.name if attention is not None else None
 
-    def channel_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.flatten(1).float().mean(1)
-
     def mask(self, scores: torch.Tensor, prune: int, layer: str | None = None) -> torch.Tensor:
-        per_channel = self.channel_scores(scores)
+        per_channel = channel_scores(scores)
         units = self.pruned_channels(prune, scores.shape, layer)
         keep = torch.ones(len(per_channel), dtype=torch.bool, device=scores.device)
         if layer in self.heads:

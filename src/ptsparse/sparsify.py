@@ -25,6 +25,7 @@ from .allocation import ALLOCATIONS, Allocation, AllocationContext, LayerBudget,
 from .attention import find_attention, heads_by_layer
 from .checkpoint import result_directory, save_state, write_json
 from .config import SparsityConfig, resolve_config, stage_config
+from .coupled import coupled_units
 from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError, IncompatibleOptionsError
@@ -184,7 +185,7 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
     ``exact`` allocation's ratios are whole counts already, and the target is the weight sparsity they give.
 
     Args:
-        units: the layers as the criterion prunes them (:meth:`~ptsparse.criteria.Criterion.unit_budgets`):
+        units: the layers as the channel pattern prunes them (:meth:`~ptsparse.coupled.CoupledUnits.budgets`):
             the ratios are rounded by those units, so the layers of a coupled unit get one count of its steps,
             planned from their ratios together, and the total stays within a step of the target (default:
             ``budgets``).
@@ -261,12 +262,19 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     offload = Offload.of(student, targets, device) if config.offload else None
     with whole_model(offload):
         targets, output_layers = probe(student, targets, calibration, device)
+    criterion = CRITERIA.get(config.criterion).from_config(config)
     pattern = parse_pattern(config.pattern, config.settings_of(NM).fallback)
-    protected = set()
+    protected, units = set(), None
     if isinstance(pattern, Channel):
         protected = output_layers  # pruning output units drops classes
-        pattern = Channel(heads=heads_by_layer(find_attention(student, [t.name for t in targets])),
-                          multiple=config.settings_of(Channel).multiple)
+        heads = heads_by_layer(find_attention(student, [t.name for t in targets]))
+        if offload is None:  # traced before any work: a criterion that requires the coupling may be refused
+            units = coupled_units(student, targets, calibration.inputs[:2].to(device), heads,
+                                  criterion.requires_coupling)
+        else:
+            log.warning("offload: channels are pruned layer by layer, without the channels coupled to them in other "
+                        "layers (tracing the coupling needs the whole model on the device)")
+        pattern = Channel(heads=heads, multiple=config.settings_of(Channel).multiple, units=units)
 
     # accuracy for classifiers, perplexity for causal language models
     metric = metric_of(eval_data) if eval_data is not None else "perplexity" if is_causal_lm(model) else "accuracy"
@@ -280,24 +288,24 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     dense_metric = evaluate(student)
     recovery = RECOVERIES.get(config.recovery).from_config(config)
     teacher = copy.deepcopy(student).eval() if recovery.needs_teacher else None
-    criterion = CRITERIA.get(config.criterion).from_config(config)
     allocation = ALLOCATIONS.get(config.allocation).from_config(config)
     # A stage is a whole run of another method whose result the allocation needs (fcpts: learned sparsities).
     stage_report = sparsify(student, calibration, stage_config(config, allocation.stage)).report \
         if allocation.stage else None
-    prunes_units = criterion.prunes_units and isinstance(pattern, Channel)  # its units are known once it scored
     scores = None
-    if allocation.needs_scores or prunes_units:
+    if allocation.needs_scores or units is not None:
         with whole_model(offload):
             scores = criterion.scores(student, targets, calibration)
         if offload is not None:  # each where its layer was during the pass
             scores = {name: score.to(HOME) for name, score in scores.items()}
+        if units is not None:
+            scores = units.score(scores, criterion.comparable_scores)
     budgets = layer_budgets(targets, config, pattern, protected)
     context = AllocationContext(student, targets, calibration, config.batch_size, device, stage_report, offload) \
         if allocation.needs_context else None
-    units = criterion.unit_budgets(budgets, pattern) if prunes_units else None
+    unit_budgets = units.budgets(budgets, pattern.multiple) if units is not None else None
     counts, ratios, target_sparsity = plan_counts(targets, config, pattern, allocation, scores, budgets, context,
-                                                  units)
+                                                  unit_budgets)
     prune_model(student, targets, counts, pattern, criterion, calibration, config.batch_size, device,
                 config.progress, scores=scores, offload=offload)
 

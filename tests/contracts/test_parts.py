@@ -17,6 +17,8 @@ from ptsparse.errors import ConfigError, IncompatibleOptionsError
 from ptsparse.patterns import NM, pattern_kind
 from ptsparse.targets import find_targets
 
+from ..conftest import largest_unit_step
+
 PATTERNS = ("unstructured", "2:4", "channel")
 # Short runs: distillation, the UniPTS search and IEE cycles cut to a few steps.
 QUICK = {"distill": {"iterations": 6}, "batch_size": 16, "progress": False,
@@ -131,9 +133,8 @@ def test_every_allocation_meets_the_target_exactly(name, allocation, keys, patte
         assert zeros == round(report["target_sparsity"] * total)
     elif pattern == "unstructured":
         assert zeros == round(0.5 * total)
-    else:  # within one channel per layer, short of the target by less than the largest channel
-        channel = max(t.weight[0].numel() for t in targets)
-        assert 0 <= round(0.5 * total) - zeros < channel
+    else:  # coupled channels planned by unit: short of the target by less than the largest step of a unit
+        assert 0 <= round(0.5 * total) - zeros < largest_unit_step(tiny_cnn, calib_images)
     for layer in report["layers"]:
         assert layer["achieved"] <= 1.0
 

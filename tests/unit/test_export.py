@@ -226,10 +226,17 @@ def test_channel_multiple_combinations_are_checked(options, message):
         ptsparse.SparsityConfig(method="magnitude", channel_multiple=0)
 
 
-def test_uncoupled_channel_masks_keep_the_channels_still_in_use():
+def test_uncoupled_channel_masks_keep_the_channels_still_in_use(monkeypatch):
+    from ptsparse.coupled import CoupledUnits
+    from ptsparse.errors import ExportError
     from ptsparse.export.channels import remove_channels
 
-    # magnitude prunes each layer's channels on its own: residual-stream channels are zero in one layer only
+    def untraceable(*args, **kwargs):
+        raise ExportError("torch-pruning cannot trace the model")
+
+    # without the coupling, magnitude prunes each layer's channels on its own: residual-stream channels are zero
+    # in one layer only
+    monkeypatch.setattr(CoupledUnits, "trace", untraceable)
     result = ptsparse.sparsify(load_reference(), reference_inputs(64), method="magnitude", pattern="channel",
                                allocation="uniform", sparsity=0.3, progress=False)
     smaller, report = remove_channels(result.model, reference_inputs(8))

@@ -50,13 +50,29 @@ def test_scores_equal_the_gate_formula_by_hand(tiny_cnn, calib_images):
     F.cross_entropy(logits, logits.detach().argmax(1)).backward()
     bn = tiny_cnn.bn
     gate = bn.weight * bn.weight.grad + bn.bias * bn.bias.grad
-    # the grouped conv (2 groups) ties stem channel c to c + 4: their unit scores the mean of the two
-    tied = gate.detach().pow(2).view(2, 4).mean(0).repeat(2)
-    assert torch.allclose(scores["stem"][:, 0, 0, 0], tied, rtol=1e-4, atol=1e-12)
+    assert torch.allclose(scores["stem"][:, 0, 0, 0], gate.detach().pow(2), rtol=1e-4, atol=1e-12)
     fc = tiny_cnn.fc  # no BatchNorm after it: sum of w * dL/dw over the row, plus b * dL/db
     plain = (fc.weight * fc.weight.grad).sum(1) + fc.bias * fc.bias.grad
     assert torch.allclose(scores["fc"][:, 0], plain.detach().pow(2), rtol=1e-4, atol=1e-12)
     assert all(scores[t.name].shape == t.shape for t in targets)
+
+
+def test_a_unit_sums_taylor_scores_as_they_are(tiny_cnn, calib_images):
+    pytest.importorskip("torch_pruning")
+    from ptsparse.coupled import CoupledUnits
+
+    targets = find_targets(tiny_cnn)
+    scores = Taylor(batch_size=len(calib_images)).scores(tiny_cnn, targets, as_calibration(calib_images))
+    units = CoupledUnits.trace(tiny_cnn, targets, calib_images[:2], {})
+    planned = units.score(scores, Taylor.comparable_scores)
+    # the grouped conv (2 groups) ties stem channel c to c + 4: their unit scores the mean of the two
+    tied = scores["stem"][:, 0, 0, 0].view(2, 4).mean(0).repeat(2)
+    assert torch.equal(planned["stem"][:, 0, 0, 0], tied)
+    # pointwise adds into grouped's output, which depthwise reads: one unit, its channels tied in pairs (c, c + 8)
+    # by the grouped conv; a pair scores the sum over the three of the mean of its two rows
+    stream = ["grouped", "depthwise", "pointwise"]
+    pairs = sum(scores[name][:, 0, 0, 0].view(2, 8).mean(0) for name in stream).repeat(2)
+    assert all(torch.allclose(planned[name][:, 0, 0, 0], pairs) for name in stream)
 
 
 def test_scores_leave_the_model_as_it_was(tiny_cnn, calib_images):

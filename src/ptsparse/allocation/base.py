@@ -39,8 +39,8 @@ class LayerBudget:
         attention: the attention module whose whole heads this layer prunes (a q/k/v projection under the
             channel pattern, :mod:`ptsparse.attention`); the layers of one module get the same head count.
             ``None`` for other layers.
-        coupled: the coupled channels this layer prunes together with other layers (a criterion's units,
-            :meth:`~ptsparse.criteria.Criterion.unit_budgets`); the layers with one key prune the same number of
+        coupled: the coupled channels this layer prunes together with other layers (the channel pattern's units,
+            :meth:`~ptsparse.coupled.CoupledUnits.budgets`); the layers with one key prune the same number of
             ``unit`` steps. ``None`` for a layer pruned on its own.
     """
 

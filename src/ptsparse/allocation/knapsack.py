@@ -23,8 +23,9 @@ the least value per true cost saved until the true cost fits, and adds back chan
 result always meets the budget.
 
 Allocation (``knapsack``). ``sparsity`` is the fraction of the dense cost removed. Each unit's channel
-importance is the mean over its members of their channel scores: the ``taylor`` criterion gives every member
-the unit's summed score, so this is that sum. A head's score in a member is the sum of its rows' scores (it
+importance is the mean over its members of their channel scores: the channel pattern gives every member the
+unit's score, on the member's scale (:meth:`~ptsparse.coupled.CoupledUnits.score`; Taylor's: the sum), so this
+ranks a unit's channels as its masks will. A head's score in a member is the sum of its rows' scores (it
 keeps all of them). Its ratios are exact channel counts (``exact = True``); the
 weight sparsity they give follows from the cost budget.
 """

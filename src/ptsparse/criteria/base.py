@@ -3,9 +3,11 @@
 Contract, in two calls:
 
 Options are declared as ``Settings`` (:mod:`ptsparse.options`); ``patterns`` names the pattern kinds a
-criterion supports (``None``: all) and :meth:`layer_errors` what the report records per layer. A criterion
-that prunes channels of several layers as one unit (``prunes_units``) describes its units, once :meth:`scores`
-has run, in :meth:`unit_budgets`; the prune counts are planned per unit from them (:func:`ptsparse.sparsify`).
+criterion supports (``None``: all) and :meth:`layer_errors` what the report records per layer. Under the channel
+pattern, coupled channels of several layers are planned and pruned as one unit from the criterion's scores,
+whatever the criterion (:mod:`ptsparse.coupled`); ``comparable_scores`` says its scores share one scale across
+layers (summed as they are within a unit, not normalised per member), ``requires_coupling`` that a run is
+refused where the coupling cannot be traced (otherwise each layer then prunes on its own).
 
 * ``scores(model, targets, calibration)`` returns ``{layer name: tensor of the weight's shape}`` (higher =
   keep), measured on the dense model; score-driven allocations (``global``) rank these.
@@ -25,8 +27,7 @@ layer's statistics in memory at a time (:func:`ptsparse.criteria.sequential.prun
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,9 +38,6 @@ from ..options import Part
 from ..patterns import Pattern
 from ..targets import Target
 
-if TYPE_CHECKING:
-    from ..allocation import LayerBudget
-
 
 class Criterion(Part, abc.ABC):
     """Scores weights and chooses a layer's mask; see the module docstring for the contract."""
@@ -47,7 +45,8 @@ class Criterion(Part, abc.ABC):
     patterns: ClassVar[tuple[str, ...] | None] = None
     requires_data: ClassVar[bool] = False
     statistics: ClassVar[tuple[str, ...]] = ()
-    prunes_units: ClassVar[bool] = False
+    comparable_scores: ClassVar[bool] = False
+    requires_coupling: ClassVar[bool] = False
     offloadable: ClassVar[bool] = True
 
     @abc.abstractmethod
@@ -57,12 +56,6 @@ class Criterion(Part, abc.ABC):
     @abc.abstractmethod
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor: ...
-
-    def unit_budgets(self, budgets: Sequence[LayerBudget], pattern: Pattern) -> list[LayerBudget]:
-        """The layers as this criterion prunes them, after :meth:`scores`: layers whose channels it prunes
-        together share a ``coupled`` key, with their weights of one step of the unit as ``unit`` (by default the
-        budgets as given: every layer pruned on its own)."""
-        return list(budgets)
 
     def layer_errors(self) -> dict[str, float]:
         """A measured error per pruned layer, for the report (none by default)."""

@@ -44,7 +44,9 @@ def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int],
 
     Under the channel pattern a layer's pruned channels are masked in its bias and in the BatchNorm that
     follows it too (:func:`~ptsparse.masking.attach_channel_masks`), as soon as the layer is pruned, so the
-    statistics of later layers see those channels as the pruned model will: exactly zero.
+    statistics of later layers see those channels as the pruned model will: exactly zero. A member of a coupled
+    unit (the pattern's ``units``, scored already: :mod:`ptsparse.coupled`) prunes its unit's channels, with no
+    statistics pass of its own.
 
     Args:
         targets: the layers, in execution order (data-driven criteria rely on it).
@@ -70,20 +72,23 @@ def prune_model(model: nn.Module, targets: list[Target], counts: dict[str, int],
     chains = find_chains(model, targets, calibration, batch_size, device, offload) \
         if criterion.statistics and cache_block_inputs else []
     block_inputs: BlockInputs | None = None
+    units = pattern.units if isinstance(pattern, Channel) else None
     for target in progress(targets, show_progress and bool(criterion.statistics), "prune layers"):
+        in_unit = units is not None and units.together(target.name)  # masked by its unit's plan
         stats, whole = {}, False
         if whole_model_scores is not None:
             stats = {"scores": whole_model_scores.pop(target.name)}
-        elif criterion.statistics:
+        elif criterion.statistics and not in_unit:
             block_inputs = inputs_for(target, chains, block_inputs, model, calibration, batch_size, device, offload)
             whole = block_inputs is None
         # a layer outside the chains stays on the device from its statistics pass until its mask is attached
         with whole_model(offload) if whole else nullcontext():
-            if criterion.statistics:
+            if criterion.statistics and not in_unit:
                 stats = gather_statistics(model, target, calibration, criterion.statistics, batch_size, device,
                                           block_inputs)
             with torch.no_grad():
-                mask = criterion.prune_layer(target, stats, counts[target.name], pattern)
+                mask = units.mask(target.name, target.shape, counts[target.name]) if in_unit else \
+                    criterion.prune_layer(target, stats, counts[target.name], pattern)
             attach_masks([target], {target.name: mask})
             if isinstance(pattern, Channel):
                 attach_channel_masks(target, norms.get(target.name))

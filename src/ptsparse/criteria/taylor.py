@@ -17,48 +17,27 @@ scores equal one process's up to float64 rounding of the sum's order (about 1e-1
 
 Coupled channels (our reading, so that pruned channels can be physically removed): channels that only
 exist together (the outputs of layers added into one residual stream, a depthwise convolution and its
-input; torch-pruning's dependency groups, :mod:`ptsparse.graph.coupling`) are scored and pruned as one
-unit. The unit's score is the sum of its members' scores (every gate writing into the stream), each
-member receives it, and every member prunes the unit's lowest-scoring channels. The q/k/v projections of an
-attention module (:mod:`ptsparse.attention`) are pruned by whole heads: a unit's channels are then heads, a
-head's score in a member the mean of its rows' scores (summed over the members, as for any unit), and every
-row of a head receives it. Channels that a grouped convolution ties (the same offset in each of its groups,
-:mod:`ptsparse.graph.coupling`) are one unit likewise, scored by the mean of their rows.
-
-How many channels a unit prunes is planned with every other count (:meth:`Taylor.unit_budgets`, used by
-:func:`~ptsparse.sparsify.plan_counts`): the weights allocated to its members together, divided by
-the weights one step of the unit removes from all of them, rounded to the nearest step (a step: one unit channel,
-or ``channel_multiple`` rows when every member's width is a multiple of it), the other layers making up the
-difference (:func:`~ptsparse.allocation.exact_counts`). So the achieved sparsity is within a step of the
-target, whatever the allocation gave each member, and no member loses all its channels or goes past its cap (a
-member capped at 0 keeps the whole unit). As
-under every criterion, a pruned channel's bias and following BatchNorm are masked with its filter
-(:func:`~ptsparse.masking.attach_channel_masks`), so the channel outputs exactly 0 and can be removed.
+input) are scored and pruned as one unit, as under every criterion (:mod:`ptsparse.coupled`). Taylor's scores
+estimate the change of the loss, one scale in every layer (``comparable_scores``), so a unit's score is the sum
+of its members' scores as they are (every gate writing into the stream). Taylor requires the coupling: where
+torch-pruning is missing or cannot trace the model, the run is refused before any gradient is computed.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..attention import find_attention, heads_by_layer
 from ..data import Calibration
 from ..norms import following_norms
 from ..options import Options, option
-from ..patterns import Channel, Pattern
+from ..patterns import Pattern
 from ..targets import Target
 from .base import CRITERIA, Criterion
-
-if TYPE_CHECKING:
-    from ..allocation import LayerBudget
-    from ..graph.coupling import ChannelGroup
 
 
 def taylor_loss(logits: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -76,7 +55,7 @@ class Taylor(Criterion):
     """First-order Taylor importance per output channel; for the ``channel`` pattern only.
 
     Coupled channels are found with torch-pruning (``pip install 'ptsparse[export]'``); without it,
-    :meth:`scores` raises :class:`~ptsparse.export.MissingExtraError` naming that command.
+    :func:`~ptsparse.sparsify` raises :class:`~ptsparse.export.MissingExtraError` naming that command.
 
     Args:
         aggregation: ``"squared"`` (mean of squared per-batch scores) or ``"abs"``.
@@ -90,12 +69,12 @@ class Taylor(Criterion):
 
     requires_data = True
     patterns = ("channel",)
-    prunes_units = True
+    comparable_scores = True
+    requires_coupling = True
     offloadable = False  # gradients through the whole model
 
     def __init__(self, aggregation: str = "squared", batch_size: int = 64) -> None:
         self.aggregation, self.batch_size = self.Settings(aggregation=aggregation).aggregation, batch_size
-        self._units: dict[str, ChannelUnit] = {}
 
     @classmethod
     def from_config(cls, config) -> Taylor:
@@ -103,14 +82,8 @@ class Taylor(Criterion):
 
     def scores(self, model: nn.Module, targets: list[Target],
                calibration: Calibration | None) -> dict[str, torch.Tensor]:
-        from ..graph.coupling import channel_groups, head_groups
-
         device = next(model.parameters()).device
-        example = calibration.inputs[:2].to(device)
-        names = [t.name for t in targets]
-        heads = heads_by_layer(find_attention(model, names))
-        groups = head_groups(channel_groups(model, example, names), heads)  # before the gradients: it may refuse
-        norms = following_norms(model, targets, example)
+        norms = following_norms(model, targets, calibration.inputs[:2].to(device))
         totals = {t.name: torch.zeros(t.shape[0], dtype=torch.float64, device=device) for t in targets}
         modes = {module: module.training for module in model.modules()}
         model.eval()  # running statistics stay untouched; gradients only
@@ -132,13 +105,6 @@ class Taylor(Criterion):
         for total in (*totals.values(), batches):
             distributed.all_reduce_(total)
         channel = {name: (total / batches).float() for name, total in totals.items()}
-        self._units = {}
-        for group in groups:
-            unit = ChannelUnit(group, sum(channel[n][group.rows(n).to(device)].mean(1) for n in group.members))
-            for name in group.members:
-                channel[name] = channel[name].clone()
-                channel[name][group.rows(name).to(device)] = unit.scores[:, None]
-                self._units[name] = unit
         return {t.name: channel[t.name].view(-1, *([1] * (len(t.shape) - 1))).expand(t.shape).clone()
                 for t in targets}
 
@@ -155,59 +121,6 @@ class Taylor(Criterion):
             gate = gate + module.bias * module.bias.grad
         return gate.detach()
 
-    def unit_budgets(self, budgets: Sequence[LayerBudget], pattern: Pattern) -> list[LayerBudget]:
-        """The members of each coupled unit keyed together, with their weights of one step of the unit as ``unit``.
-
-        A step is ``channel_multiple`` rows of every member (fewer unit channels when a unit channel is several
-        rows, e.g. a tie of a grouped convolution) when every member's width is a multiple of it, else one unit
-        channel (a head, a tie, a row). Every layer keeps at least one step: its cap is lowered to leave it.
-        """
-        if not isinstance(pattern, Channel):
-            return list(budgets)
-        shapes = {b.name: b.shape for b in budgets}
-        planned = []
-        for budget in budgets:
-            unit = self._units.get(budget.name)
-            if unit is not None and unit.together(pattern):
-                group = unit.group
-                multiple = pattern.multiple if budget.name not in pattern.heads and \
-                    all(shapes[n][0] % pattern.multiple == 0 for n in group.members) else 1
-                channels = multiple // math.gcd(multiple, group.width)  # unit channels per step
-                row = math.prod(budget.shape[1:])
-                budget = replace(budget, unit=channels * group.width * row, coupled=next(iter(group.members)))
-            planned.append(replace(budget, cap=min(budget.cap, 1 - budget.unit / budget.numel)))
-        return planned
-
     def prune_layer(self, target: Target, stats: dict[str, torch.Tensor], count: int,
                     pattern: Pattern) -> torch.Tensor:
-        unit = self._units.get(target.name)
-        if not isinstance(pattern, Channel) or unit is None or not unit.together(pattern):
-            return pattern.mask(stats["scores"], count, target.name)
-        row = target.shape.numel() // target.shape[0]
-        return unit.mask(target.name, target.shape, count // (unit.group.width * row))
-
-
-class ChannelUnit:
-    """Coupled output channels (or attention heads) of several layers, pruned together (see the module docstring).
-
-    Args:
-        group: the coupled channels: each member's rows per unit channel.
-        scores: the unit's score per unit channel (the sum of its members' scores).
-    """
-
-    def __init__(self, group: ChannelGroup, scores: torch.Tensor) -> None:
-        self.group, self.scores = group, scores
-        self.order = torch.sort(scores.float(), stable=True).indices  # lowest score first
-
-    def together(self, pattern: Channel) -> bool:
-        """Whether its channels are pruned as a unit: several members, or one whose unit channels are ties of a
-        grouped convolution (a lone attention projection prunes its heads through the pattern)."""
-        name = next(iter(self.group.members))
-        return len(self.group.members) > 1 or (self.group.width > 1 and name not in pattern.heads)
-
-    def mask(self, name: str, shape: torch.Size, channels: int) -> torch.Tensor:
-        """Keep-mask of member ``name`` with the unit's ``channels`` lowest-scoring unit channels pruned."""
-        keep = torch.ones(shape[0], dtype=torch.bool, device=self.scores.device)
-        rows = self.group.rows(name).to(self.scores.device)
-        keep[rows[self.order[:channels]].flatten()] = False
-        return keep.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
+        return pattern.mask(stats["scores"], count, target.name)
