@@ -597,10 +597,12 @@ def time_to_accuracy_section(reports: list[dict]) -> str:
         text += f"\n**{title}** (dense {dense:.2f}):\n\n{table}\n![time to accuracy, {title}]({name})\n"
     return ("\n## Time to accuracy\n\nAccuracy at 0.9 with 1024 calibration images against the wall time of the "
             "whole run, over distillation budgets (`--steps`; the presets' own is 1600), mean over the seeds that "
-            "ran. Read the steps more than the times: the 1600-step rows of fcpts, unipts and iee ran alone on 2 "
-            "threads (an earlier commit), the rows of 2026-12-04 beside other work (mostly on one thread; the "
-            "100-step rows and the 400-step `recommended` on two), so their times are up to about 2-3x high and the "
-            "ResNet-20 curves are one seed.\n" + text) if text else ""
+            "ran. Read the steps more than the times: the ResNet-20's 1600-step rows of fcpts, unipts and iee ran alone "
+            "on 2 threads (an earlier commit); every other row ran on 2026-12-04 beside other work (mostly one "
+            "thread each, two runs at a time; the ResNet-20's 100-step rows and 400-step `recommended` on two "
+            "threads), so their times are up to about 2-3x high. Each point is seed 0 alone, except the 1600-step "
+            "points of `magnitude_kd`, `recommended` and `recommended-static` (3 seeds): one curve against another "
+            "at one budget is not evidence; the regime tables above are.\n" + text) if text else ""
 
 
 def write_results() -> None:
