@@ -292,3 +292,24 @@ def test_a_stronger_preview_moves_the_explored_weights_further(tiny_cnn, calib_i
         return sum(float((r["after"][n] - r["before"][n]).abs().sum()) for r in explore for n in r["active"])
 
     assert explored_change(5.0) > 2 * explored_change(1.0)
+
+
+def test_channel_iee_on_tied_channels_starts_from_the_knapsack_plan_and_keeps_its_macs_budget(tiny_cnn, calib_images):
+    """Channel IEE's budget is the MACs of the knapsack's plan, not a weight count: its masks start as the plan
+    (every tied row of a planned unit channel pruned: the grouped conv's 2 groups tie stem rows c and c + 4), its
+    prune and grow knapsacks may move channels between units but never exceed that cost, and the channel export
+    removes exactly the MACs its cost model reports. Before the knapsack counted a tie's 2 rows, half the planned
+    stem channels were pruned and the budget was 127744 MACs for the plan's 104416."""
+    pytest.importorskip("torch_pruning")
+    from ptsparse.export.channels import remove_channels
+
+    result = ptsparse.sparsify(tiny_cnn, calib_images, method="iee", pattern="channel", sparsity=0.3,
+                               distill_iterations=20, batch_size=16, iee_exploit_steps=2, iee_improve_steps=2,
+                               iee_explore_steps=2, iee_alpha=0.3, progress=False)
+    plan, recovery = result.report["allocation_search"], result.report["recovery"]
+    assert plan["reduction"] >= 0.3 and recovery["iee_budget"] == plan["cost_after"]
+    assert recovery["iee_cost_after"] <= recovery["iee_budget"]
+    assert sum(cycle["swapped"] for cycle in recovery["iee_cycles"]) > 0
+    _, removal = remove_channels(result.model, calib_images[:4])
+    assert removal["zeroed_channels_kept"] == 0
+    assert removal["mac_reduction"] == pytest.approx(recovery["iee_reduction"], abs=1e-9)
