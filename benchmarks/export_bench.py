@@ -137,6 +137,27 @@ def channel_sparsity_for(target: float, calib, example, picks: dict, tolerance: 
     return round(high, 4)
 
 
+def time_both(dense: nn.Module, smaller: nn.Module, example: torch.Tensor, input_shape: tuple[int, ...],
+              batch_sizes, device: str, warmup: int, repeats: int, threads: int) -> tuple[dict, dict]:
+    """Latency of the dense and the channel-removed model at each batch: in PyTorch on ``device``, then exported
+    to ONNX and run by onnxruntime on the CPU with ``threads``; ``{"dense"|"pruned": {batch: stats}}`` each."""
+    latency = {"dense": {}, "pruned": {}}
+    for batch in batch_sizes:  # interleaved, so a burst of load on the machine hits both models alike
+        latency["dense"][str(batch)] = measure_latency(dense, input_shape, batch, device, warmup, repeats)
+        latency["pruned"][str(batch)] = measure_latency(smaller, input_shape, batch, device, warmup, repeats)
+    dense, smaller = dense.cpu(), smaller.cpu()
+    onnx_latency = {"dense": {}, "pruned": {}}
+    with tempfile.TemporaryDirectory() as directory:
+        paths = {"dense": Path(directory) / "dense.onnx", "pruned": Path(directory) / "pruned.onnx"}
+        export_onnx(dense, example.cpu(), paths["dense"])
+        export_onnx(smaller, example.cpu(), paths["pruned"])
+        for batch in batch_sizes:
+            for name, path in paths.items():
+                onnx_latency[name][str(batch)] = measure_onnx_latency(path, input_shape, batch, warmup, repeats,
+                                                                      threads)
+    return latency, onnx_latency
+
+
 def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int, threads: int,
                 allocation: str = "uniform") -> dict:
     """Latency and accuracy of the reference model after Taylor channel pruning to ``target`` MAC reduction.
@@ -157,19 +178,8 @@ def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int
                                progress=False, architecture="reference_resnet20", calib_size=len(calib), **picks)
     smaller, report = remove_channels(result.model, example)
     dense = load_reference()
-    latency = {"dense": {}, "pruned": {}}
-    for batch in BATCH_SIZES:  # interleaved, so a burst of load on the machine hits both models alike
-        latency["dense"][str(batch)] = measure_latency(dense, INPUT_SHAPE, batch, "cpu", warmup, repeats)
-        latency["pruned"][str(batch)] = measure_latency(smaller, INPUT_SHAPE, batch, "cpu", warmup, repeats)
-    onnx_latency = {"dense": {}, "pruned": {}}
-    with tempfile.TemporaryDirectory() as directory:
-        paths = {"dense": Path(directory) / "dense.onnx", "pruned": Path(directory) / "pruned.onnx"}
-        export_onnx(dense, example, paths["dense"])
-        export_onnx(smaller, example, paths["pruned"])
-        for batch in BATCH_SIZES:
-            for name, path in paths.items():
-                onnx_latency[name][str(batch)] = measure_onnx_latency(path, INPUT_SHAPE, batch, warmup, repeats,
-                                                                      threads)
+    latency, onnx_latency = time_both(dense, smaller, example, INPUT_SHAPE, BATCH_SIZES, "cpu", warmup, repeats,
+                                      threads)
     row = {
         "part": "channels", "allocation": allocation, "target_mac_reduction": target,
         "channel_sparsity": result.report["achieved_sparsity"],
@@ -244,20 +254,8 @@ def zoo_run(spec: str, target: float, allocation: str, out: Path, *, image_size:
     calls = len(built)
     smaller, report = remove_channels(result.model, example)
     dense = build()
-    latency = {"dense": {}, "pruned": {}}
-    for batch in batch_sizes:  # interleaved, so a burst of load on the machine hits both models alike
-        latency["dense"][str(batch)] = measure_latency(dense, input_shape, batch, device, warmup, repeats)
-        latency["pruned"][str(batch)] = measure_latency(smaller, input_shape, batch, device, warmup, repeats)
-    dense, smaller = dense.cpu(), smaller.cpu()
-    onnx_latency = {"dense": {}, "pruned": {}}
-    with tempfile.TemporaryDirectory() as directory:
-        paths = {"dense": Path(directory) / "dense.onnx", "pruned": Path(directory) / "pruned.onnx"}
-        export_onnx(dense, example, paths["dense"])
-        export_onnx(smaller, example, paths["pruned"])
-        for batch in batch_sizes:
-            for name, path in paths.items():
-                onnx_latency[name][str(batch)] = measure_onnx_latency(path, input_shape, batch, warmup, repeats,
-                                                                      threads)
+    latency, onnx_latency = time_both(dense, smaller, example, input_shape, batch_sizes, device, warmup, repeats,
+                                      threads)
     speedup = {b: latency["dense"][b]["median_ms"] / latency["pruned"][b]["median_ms"] for b in latency["dense"]}
     row = {
         "part": "zoo", "model": spec, "weights": f"random (seed {seed})", "image_size": image_size,
