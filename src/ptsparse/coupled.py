@@ -134,8 +134,8 @@ class CoupledUnits:
                 step = multiple if budget.name not in self.heads and \
                     all(shapes[n][0] % multiple == 0 for n in group.members) else 1
                 channels = step // math.gcd(step, group.width)  # unit channels per step
-                row = math.prod(budget.shape[1:])
-                budget = replace(budget, unit=channels * group.width * row, coupled=next(iter(group.members)))
+                budget = replace(budget, unit=channels * group.channel_weights(budget.shape),
+                                 coupled=next(iter(group.members)))
             planned.append(replace(budget, cap=min(budget.cap, 1 - budget.unit / budget.numel)))
         return planned
 
@@ -149,7 +149,7 @@ class CoupledUnits:
         group, order = self.groups[index], self._orders[index]
         if order is None:
             raise RuntimeError(f"the unit of layer {name} has no scores; call CoupledUnits.score first")
-        channels = count // (group.width * (shape.numel() // shape[0]))
+        channels = count // group.channel_weights(shape)
         rows = group.rows(name).to(order.device)
         keep = torch.ones(shape[0], dtype=torch.bool, device=order.device)
         keep[rows[order[:channels]].flatten()] = False

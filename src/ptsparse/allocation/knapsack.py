@@ -442,19 +442,13 @@ def _fill(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float,
         kept[min(options)[2]] += 1
 
 
-def channel_weights(unit: ChannelGroup, budget: LayerBudget) -> int:
-    """Weights of member ``budget`` in one channel of ``unit``: its ``width`` rows (a head's, or the channels a
-    grouped convolution ties)."""
-    return unit.width * math.prod(budget.shape[1:])
-
-
 def unit_minimums(costs: ChannelCosts, budgets: Mapping[str, LayerBudget]) -> list[int]:
     """Fewest channels each unit may keep: all of a ``fixed`` unit or of one holding a layer capped at 0 (the
     output layer, for the channel pattern), else what its members' caps allow; at least one."""
     low = []
     for unit, size, fixed in zip(costs.units, costs.sizes, costs.fixed):
         members = [budgets[name] for name in unit.members if name in budgets]
-        removable = 0 if fixed else min((b.max_prune // channel_weights(unit, b) for b in members), default=size)
+        removable = 0 if fixed else min((b.max_prune // unit.channel_weights(b.shape) for b in members), default=size)
         low.append(max(size - removable, 1))
     return low
 
@@ -529,7 +523,7 @@ class Knapsack(Allocation):
         ratios = {name: 0.0 for name in budgets}
         for unit, size, k in zip(costs.units, costs.sizes, kept):
             for name in unit.members:
-                ratios[name] = (size - k) * channel_weights(unit, budgets[name]) / budgets[name].numel
+                ratios[name] = (size - k) * unit.channel_weights(budgets[name].shape) / budgets[name].numel
         cost_after = costs.cost(kept)
         self.report = {"cost": self.cost, "dense_cost": costs.dense_cost, "cost_after": cost_after,
                        "reduction": 1 - cost_after / costs.dense_cost,

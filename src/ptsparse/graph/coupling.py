@@ -13,6 +13,8 @@ groups (:attr:`ChannelGroup.ties`): torch-pruning prunes it by offsets common to
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -54,6 +56,10 @@ class ChannelGroup:
     def rows(self, name: str) -> torch.Tensor:
         """Output rows of member ``name`` per group channel, a ``(size, width)`` index tensor."""
         return torch.tensor(self.members[name]).view(self.size, self.width)
+
+    def channel_weights(self, shape: Sequence[int]) -> int:
+        """Weights in one group channel of a member whose weight has ``shape``: its ``width`` rows."""
+        return self.width * math.prod(shape[1:])
 
     def tie(self, chosen: torch.Tensor) -> torch.Tensor:
         """``chosen`` (per group channel) narrowed to whole :attr:`ties`: a channel stays chosen only with its set."""
