@@ -54,16 +54,14 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def removed_fractions(modules: list[nn.Module], weights: float, macs: dict[str, int]) -> dict[str, float]:
+def removed_fractions(modules: list[nn.Module], weights: float, macs: float | None) -> dict[str, float | None]:
     """What a channel run removed: fractions of the layers' output channels (all-zero rows), of their weights
-    (``weights``, the achieved sparsity), and of the model's MACs (:func:`~ptsparse.graph.cost.count_macs`:
-    ``macs`` and ``nonzero_macs``) that the zeroed weights compute. Removing the channels (the ``channels``
-    export) also drops the next layers' inputs they fed, so it saves at least that fraction of the MACs (its
-    report's ``mac_reduction``)."""
+    (``weights``, the achieved sparsity), and of the model's MACs once the zeroed channels are removed (``macs``:
+    :func:`~ptsparse.allocation.knapsack.mac_reduction`, ``None`` where the coupling cannot be traced)."""
     with torch.no_grad():
         empty = [m.weight.flatten(1).eq(0).all(1) for m in modules]
     return {"channels": sum(int(e.sum()) for e in empty) / sum(len(e) for e in empty), "weights": weights,
-            "macs": 1 - macs["nonzero_macs"] / macs["macs"]}
+            "macs": macs}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -93,8 +91,9 @@ def format_table(report: dict[str, Any]) -> str:
 def _removed_lines(removed: dict[str, float] | None) -> list[str]:
     if not removed:
         return []
+    macs = "" if removed["macs"] is None else f", {100 * removed['macs']:.2f}% of the MACs (once removed)"
     return [f"removed: {100 * removed['channels']:.2f}% of the channels, {100 * removed['weights']:.2f}% of the "
-            f"weights, {100 * removed['macs']:.2f}% of the MACs (those of the zeroed weights)"]
+            f"weights{macs}"]
 
 
 def _metric_line(report: dict[str, Any]) -> str:

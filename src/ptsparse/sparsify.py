@@ -21,7 +21,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import distributed
-from .allocation import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
+from .allocation import (
+    ALLOCATIONS,
+    Allocation,
+    AllocationContext,
+    LayerBudget,
+    exact_counts,
+    mac_reduction,
+    target_count,
+)
 from .attention import find_attention, heads_by_layer
 from .checkpoint import result_directory, save_state, write_json
 from .config import SparsityConfig, resolve_config, stage_config
@@ -30,7 +38,7 @@ from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError, IncompatibleOptionsError
 from .evaluate import measure, metric_of, protocol
-from .graph.cost import count_macs, speedup_warnings
+from .graph.cost import speedup_warnings
 from .graph.outputs import feeding_the_output, record_output_nodes, traceable_input
 from .masking import bake, masks_of
 from .models import architecture_of
@@ -337,7 +345,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     removed = None
     if isinstance(pattern, Channel):
         with whole_model(offload):
-            macs = count_macs(student, calibration.inputs[:1].to(device))
+            macs = mac_reduction(student, targets, calibration.inputs[:2].to(device), pattern.heads)
         removed = removed_fractions([t.module for t in targets], zeros / total, macs)
     report = {
         "method": config.method,

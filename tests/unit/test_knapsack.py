@@ -308,3 +308,41 @@ def test_measured_latency_falls_with_fewer_channels():
     fewest = [1] * (len(costs.sizes) - 1) + [costs.sizes[-1]]
     assert costs.kind == "latency" and costs.dense_cost == costs.cost(costs.sizes)
     assert costs.dense_cost > costs.cost(fewest) > 0
+
+
+@pytest.mark.parametrize("rounds", [0, 3])
+def test_latency_plan_is_timed_end_to_end_and_corrected_to_its_budget(reference, monkeypatch, rounds):
+    """A layer times as its MACs; a whole model also pays a fixed 30% of the dense MACs that no layer table
+    holds (normalisation, activations), so the table's plan removes too little of the measured latency."""
+    model, _ = reference
+    dense_macs = count_macs(model, reference_inputs(1))["macs"]
+    timed_models = []
+
+    def fake_time(module, shape, *args, **kwargs) -> dict[str, float]:
+        macs = count_macs(module, torch.zeros(1, *shape))["macs"]
+        whole = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules()) > 1
+        timed_models.append(whole)
+        return {"median_ms": (macs + 0.3 * dense_macs * whole) / 1e6}
+
+    monkeypatch.setattr(knapsack, "measure_latency", fake_time)
+    targets = find_targets(model)
+    budgets = [LayerBudget(t.name, tuple(t.shape), 0.0 if t.name == "fc" else 1.0, t.shape.numel() // t.shape[0])
+               for t in targets]
+    scores = {t.name: torch.rand(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(targets)}
+    context = AllocationContext(model, targets, as_calibration(reference_inputs(8)), batch_size=16)
+    allocation = Knapsack("latency", latency_rounds=rounds)
+    ratios = allocation.allocate(budgets, 0.5, scores, context)
+    report = allocation.summary()
+    if rounds == 0:  # the table alone: half its sum removed, 0.38 of the measured latency
+        assert not any(timed_models) and "measured" not in report
+        assert report["reduction"] == pytest.approx(0.5, abs=0.01)
+        return
+    measured = report["measured"]
+    assert measured["dense_ms"] == pytest.approx(1.3 * dense_macs / 1e6)
+    assert 1 < len(measured["rounds_ms"]) <= 3 and measured["rounds_ms"][0] > 0.55 * measured["dense_ms"]
+    assert measured["reduction"] == pytest.approx(0.5, abs=0.02)
+    # the ratios are those of the plan that was timed: its widths' MACs, plus the fixed part
+    kept = [k for k in report["kept"].values()]
+    assert measured["after_ms"] == pytest.approx(
+        (allocation.costs.cost(list(kept)) * 1e6 + 0.3 * dense_macs) / 1e6, rel=1e-6)
+    assert ratios

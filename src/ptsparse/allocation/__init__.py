@@ -4,7 +4,7 @@ sparsities that meet the global target exactly, and knapsack channel counts that
 from .base import ALLOCATIONS, Allocation, AllocationContext, LayerBudget, exact_counts, target_count
 from .erk import ERK, erk_scores
 from .global_ import Global
-from .knapsack import ChannelCosts, Knapsack, solve_knapsack
+from .knapsack import ChannelCosts, Knapsack, mac_reduction, solve_knapsack
 from .learned import LearnedThresholdAllocation
 from .owl import OWL, outlier_ratio, owl_sparsities
 from .uniform import Uniform
@@ -12,4 +12,4 @@ from .unipts_search import ReducingRegrowingSearch
 
 __all__ = ["ALLOCATIONS", "Allocation", "AllocationContext", "ChannelCosts", "ERK", "Global", "Knapsack",
            "LayerBudget", "LearnedThresholdAllocation", "OWL", "ReducingRegrowingSearch", "Uniform", "erk_scores",
-           "exact_counts", "outlier_ratio", "owl_sparsities", "solve_knapsack", "target_count"]
+           "exact_counts", "mac_reduction", "outlier_ratio", "owl_sparsities", "solve_knapsack", "target_count"]

@@ -13,7 +13,10 @@ counts on the channel-removed model; a depthwise convolution reads one input per
 keeps. Its latency is interpolated bilinearly in a table of ``(c_out, c_in)`` timings of a standalone layer of
 that shape, measured on the target device at the serving batch (``knapsack_latency_batch``, by default the run's
 batch size) and the calibration inputs' size. The model's cost is the sum over its layers. Costs couple
-neighbouring units (``c_out * c_in``), so a unit's cost depends on the others' counts.
+neighbouring units (``c_out * c_in``), so a unit's cost depends on the others' counts. A sum of standalone layers
+leaves out what runs between them (normalisation, activations, pooling, additions), so the latency allocation then
+times the planned model itself and corrects its budget (``knapsack_latency_rounds``,
+:meth:`Knapsack._meet_measured_latency`).
 
 Solver (:func:`solve_knapsack`). A grouped 0/1 knapsack: each unit keeps a top-``k`` prefix of its channels by
 importance, worth ``values[u][k]``. The cost is linearised around a starting point (each unit's cost curve with
@@ -32,6 +35,7 @@ weight sparsity they give follows from the cost budget.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,8 +45,9 @@ import torch
 from torch import nn
 
 from .. import distributed
+from .._extras import MissingExtraError
 from ..attention import AttentionHeads, find_attention, heads_by_layer
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportError
 from ..graph.cost import CONV_TYPES, measure_latency, output_positions
 from ..graph.coupling import (
     PRODUCER_TYPES,
@@ -53,7 +58,10 @@ from ..graph.coupling import (
     head_groups,
     iter_groups,
 )
+from ..masking import attach_channel_masks, attach_masks, bake
+from ..norms import following_norms
 from ..options import Options, option
+from ..targets import Target
 from .base import ALLOCATIONS, Allocation, AllocationContext, LayerBudget
 
 COSTS = ("macs", "latency")
@@ -187,6 +195,42 @@ class ChannelCosts:
             self._last = key, sum(float(self._layer_cost(layer, removed)) for layer in self._layers)
         return self._last[1]
 
+    @torch.no_grad()
+    def kept_in(self, model: nn.Module) -> list[int]:
+        """Channels each unit keeps in ``model`` (the traced model, pruned), as the channel export counts them: a
+        unit channel goes when its rows are zero in every member, except in a ``fixed`` unit (layers outside the
+        targets still produce it); every unit keeps at least one."""
+        kept = []
+        for unit, size, fixed in zip(self.units, self.sizes, self.fixed):
+            alive = torch.zeros(size, dtype=torch.bool)
+            for name in unit.members:
+                rows = model.get_submodule(name).weight.flatten(1).ne(0).any(1).cpu()
+                alive |= rows[unit.rows(name)].any(1)
+            kept.append(size if fixed else max(int(alive.sum()), 1))
+        return kept
+
+    def narrowed(self, model: nn.Module, kept: Sequence[int], example: torch.Tensor) -> nn.Module:
+        """A copy of ``model`` (the traced model) in which unit ``u`` keeps its first ``kept[u]`` channels and the
+        others are removed (zeroed with their biases and BatchNorms, then taken out by the channel export): a
+        model of the planned widths, to time."""
+        from ..export.channels import remove_channels  # deferred: the export package loads the model zoo
+
+        narrow = copy.deepcopy(model).eval()
+        targets = [Target(name, narrow.get_submodule(name)) for unit in self.units for name in unit.members]
+        masks = {}
+        for unit, k in zip(self.units, kept):
+            for name in unit.members:
+                weight = narrow.get_submodule(name).weight
+                keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+                keep[unit.rows(name)[k:].flatten().to(weight.device)] = False
+                masks[name] = keep.view(-1, *([1] * (weight.dim() - 1))).expand(weight.shape)
+        attach_masks(targets, masks)
+        norms = following_norms(narrow, targets, example)
+        for target in targets:
+            attach_channel_masks(target, norms.get(target.name))
+        bake(narrow)
+        return remove_channels(narrow, example)[0]
+
     def curve(self, unit: int, kept: Sequence[int]) -> torch.Tensor:
         """Total cost (float64, length ``sizes[unit] + 1``) when ``unit`` keeps 0..n channels, the others ``kept``."""
         removed: list[Any] = [size - int(k) for size, k in zip(self.sizes, kept)]
@@ -213,6 +257,18 @@ class ChannelCosts:
             full = _macs(layer, out_grid[-1], in_grid[-1])
             return layer.calls * times[-1, -1] * macs / full
         return layer.calls * _bilinear(out_grid, in_grid, times, out, inputs)
+
+
+def mac_reduction(model: nn.Module, targets: Sequence, example: torch.Tensor,
+                  heads: Mapping[str, AttentionHeads] | None = None) -> float | None:
+    """Fraction of the model's Conv/Linear MACs that removing its zeroed channels saves (the ``channels`` export's
+    ``mac_reduction``: a removed channel's row and the inputs of the next layers it fed), or ``None`` where
+    torch-pruning cannot trace the coupling (or is not installed)."""
+    try:
+        costs = ChannelCosts.trace(model, targets, example, heads=heads)
+    except (MissingExtraError, ExportError):
+        return None
+    return 1 - costs.cost(costs.kept_in(model)) / costs.dense_cost
 
 
 def _macs(layer: _Layer, out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -324,6 +380,17 @@ def _bilinear(xs: torch.Tensor, ys: torch.Tensor, table: torch.Tensor, x: torch.
     y0, y1, ty = locate(ys, y)
     return ((1 - tx) * (1 - ty) * table[x0, y0] + tx * (1 - ty) * table[x1, y0]
             + (1 - tx) * ty * table[x0, y1] + tx * ty * table[x1, y1])
+
+
+def _corrected_capacity(points: Sequence[tuple[float, float]], budget: float) -> float:
+    """The table cost whose measured latency should be ``budget``, from (table cost, measured) points of plans:
+    on the line through the last two (measured = a + b * table), or in proportion to the last one."""
+    table, measured = points[-1]
+    if len(points) > 1:
+        slope = (measured - points[-2][1]) / (table - points[-2][0]) if table != points[-2][0] else 0.0
+        if slope > 0:
+            return table + (budget - measured) / slope
+    return table * budget / measured
 
 
 def solve_knapsack(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, low: Sequence[int],
@@ -480,6 +547,10 @@ class Knapsack(Allocation):
         latency_batch: int | None = option(None, "batch of the latency table's timings (knapsack_cost latency): "
                                            "the batch the pruned model will run at; default: the run's --batch-size",
                                            kind=int, minimum=1)
+        latency_rounds: int = option(3, "knapsack_cost latency: times the planned model end to end (channels "
+                                     "removed) and re-solves with the budget corrected by the measured miss, at most "
+                                     "this many times, until the latency removed is within 2% of the target; 0: "
+                                     "trust the per-layer table", kind=int, minimum=0)
 
     patterns = ("channel",)
     needs_scores = True
@@ -488,9 +559,10 @@ class Knapsack(Allocation):
     exact = True  # ratios are whole channel counts that meet the cost budget; no weight-count rounding
     chooses_units = True
 
-    def __init__(self, cost: str = "macs", latency_batch: int | None = None) -> None:
-        settings = self.Settings(cost=cost, latency_batch=latency_batch)
-        self.cost, self.latency_batch = settings.cost, settings.latency_batch
+    def __init__(self, cost: str = "macs", latency_batch: int | None = None, latency_rounds: int = 3) -> None:
+        settings = self.Settings(cost=cost, latency_batch=latency_batch, latency_rounds=latency_rounds)
+        self.cost, self.latency_batch, self.latency_rounds = settings.cost, settings.latency_batch, \
+            settings.latency_rounds
         self.costs: ChannelCosts | None = None
         self.report: dict[str, Any] = {}
 
@@ -520,6 +592,10 @@ class Knapsack(Allocation):
             most = 1 - costs.cost(low) / costs.dense_cost
             raise ConfigError(f"knapsack sparsity {sparsity} ({self.cost}): {error}; at most {most:.4f} of the "
                               f"{self.cost} can be removed") from None
+        measured = None
+        if self.cost == "latency" and self.latency_rounds:
+            kept, measured = self._meet_measured_latency(model, costs, values, low, capacity, kept, example, batch,
+                                                         context.device)
         ratios = {name: 0.0 for name in budgets}
         for unit, size, k in zip(costs.units, costs.sizes, kept):
             for name in unit.members:
@@ -530,7 +606,49 @@ class Knapsack(Allocation):
                        "kept": {next(iter(unit.members)): k for unit, k in zip(costs.units, kept)}}
         if self.cost == "latency":
             self.report["latency_batch"] = batch  # dense_cost and cost_after are milliseconds per batch of it
+        if measured is not None:
+            self.report["measured"] = measured
         return ratios
+
+    def _meet_measured_latency(self, model: nn.Module, costs: ChannelCosts, values: list[torch.Tensor],
+                               low: list[int], capacity: float, kept: list[int], example: torch.Tensor, batch: int,
+                               device: torch.device | str) -> tuple[list[int], dict[str, Any]]:
+        """Corrects the table's budget by end-to-end timings of the planned model.
+
+        A sum of standalone layer times leaves out normalisation, activations, pooling and additions and the
+        layers' effects on each other's caches, so the latency a plan removes can differ from the table's estimate
+        by a tenth of the model's. Each round times the model with the planned widths (channels removed) against
+        the dense one, stops when the latency removed is within 2% of the target, else moves the table's
+        capacity to where the timings point (in proportion to the first; then on the line through the last two
+        plans' table costs and timings) and solves again. The plan kept is the round closest to the budget among
+        those within 5% of it (the fastest when none is). Rank 0 times; every rank gets its times.
+        """
+        shape = tuple(example.shape[1:])
+
+        def time_plan(plan: Sequence[int]) -> float:
+            def median_ms(widths: Sequence[int]) -> tuple[float]:
+                narrow = costs.narrowed(model, widths, example)
+                return (measure_latency(narrow, shape, batch, device, 3, 7)["median_ms"],)
+
+            return distributed.computed_in_turns([plan], median_ms, 1)[0][0]
+
+        scale = capacity / costs.dense_cost  # the fraction of the latency to keep
+        dense = time_plan(costs.sizes)
+        budget = scale * dense
+        rounds: list[tuple[list[int], float]] = []
+        for round_ in range(self.latency_rounds):
+            rounds.append((kept, time_plan(kept)))
+            if abs(rounds[-1][1] - budget) <= 0.02 * dense or round_ == self.latency_rounds - 1:
+                break
+            capacity = _corrected_capacity([(costs.cost(plan), ms) for plan, ms in rounds], budget)
+            try:
+                kept = solve_knapsack(values, costs, capacity, low, costs.sizes)
+            except ConfigError:
+                break  # the corrected budget is below what the table can reach: keep the rounds so far
+        meeting = [plan for plan in rounds if plan[1] <= 1.05 * budget]
+        kept, after = max(meeting, key=lambda plan: plan[1]) if meeting else min(rounds, key=lambda plan: plan[1])
+        return kept, {"dense_ms": dense, "after_ms": after, "reduction": 1 - after / dense,
+                      "rounds_ms": [ms for _, ms in rounds]}
 
     def summary(self) -> dict[str, Any]:
         return dict(self.report)
