@@ -68,6 +68,8 @@ ZOO_MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v2")
 ZOO_IMAGE_SIZE = 224
 ZOO_BATCH_SIZES = (1, 32)
 ZOO_ALLOCATIONS = ("uniform", "knapsack", "knapsack-latency")
+# Channel allocations by name; ``-x8``: channels pruned 8 at a time (``channel_multiple=8``), widths multiples of 8.
+ALLOCATIONS = ("uniform", "uniform-x8", "knapsack", "knapsack-x8", "knapsack-latency", "knapsack-latency-x8")
 ZOO_REDUCTIONS = (0.5,)
 ZOO_WARMUP, ZOO_REPEATS = 3, 15
 ZOO_CALIB_SIZE = 16
@@ -158,22 +160,28 @@ def time_both(dense: nn.Module, smaller: nn.Module, example: torch.Tensor, input
     return latency, onnx_latency
 
 
+def allocation_picks(allocation: str) -> tuple[str, dict]:
+    """An allocation name (:data:`ALLOCATIONS`): its kind (``uniform``, ``knapsack``, ``knapsack-latency``) and
+    its ``sparsify`` options but the latency batch."""
+    kind = allocation.removesuffix("-x8")
+    picks = {"channel_multiple": 8} if allocation.endswith("-x8") else {}
+    if kind != "uniform":
+        picks |= {"allocation": "knapsack", "knapsack_cost": "latency" if kind == "knapsack-latency" else "macs"}
+    return kind, picks
+
+
 def channel_run(target: float, calib, test, out: Path, warmup: int, repeats: int, threads: int,
                 allocation: str = "uniform") -> dict:
     """Latency and accuracy of the reference model after Taylor channel pruning to ``target`` MAC reduction.
 
     ``allocation``: ``uniform`` (the same fraction of channels in every layer, bisected to the target),
-    ``uniform-x8`` (the same, channels pruned 8 at a time: ``channel_multiple=8``), ``knapsack`` (channels
-    chosen under the MAC budget) or ``knapsack-latency`` (under a latency table measured on this CPU at
-    batch 64; ``target`` is then the latency fraction removed).
+    ``knapsack`` (channels chosen under the MAC budget) or ``knapsack-latency`` (under a latency table measured
+    on this CPU at batch 64; ``target`` is then the latency fraction removed); each with ``-x8``: channels
+    pruned 8 at a time (``channel_multiple=8``).
     """
     example = torch.randn(8, *INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
-    if allocation.startswith("uniform"):
-        picks = {"channel_multiple": 8} if allocation == "uniform-x8" else {}
-        sparsity = channel_sparsity_for(target, calib, example, picks)
-    else:
-        cost = "latency" if allocation == "knapsack-latency" else "macs"
-        sparsity, picks = target, {"allocation": "knapsack", "knapsack_cost": cost}
+    kind, picks = allocation_picks(allocation)
+    sparsity = channel_sparsity_for(target, calib, example, picks) if kind == "uniform" else target
     result = ptsparse.sparsify(load_reference(), calib, method="taylor", sparsity=sparsity, eval_data=test,
                                progress=False, architecture="reference_resnet20", calib_size=len(calib), **picks)
     smaller, report = remove_channels(result.model, example)
@@ -236,16 +244,15 @@ def zoo_run(spec: str, target: float, allocation: str, out: Path, *, image_size:
 
     common = {"batch_size": calib_size, "device": device}
     bisection_s = 0.0
-    if allocation.startswith("uniform"):
-        picks = {"channel_multiple": 8} if allocation == "uniform-x8" else {}
+    kind, picks = allocation_picks(allocation)
+    if kind == "uniform":
         start = time.perf_counter()
         sparsity = channel_sparsity_for(target, calib, example, {**common, **picks, "bn_recalibration": False},
                                         build=build)
         bisection_s = time.perf_counter() - start
     else:
-        cost = "latency" if allocation == "knapsack-latency" else "macs"
-        sparsity, picks = target, {"allocation": "knapsack", "knapsack_cost": cost}
-        if cost == "latency":
+        sparsity = target
+        if kind == "knapsack-latency":
             picks["knapsack_latency_batch"] = table_batch
     start = time.perf_counter()
     result = ptsparse.sparsify(build(), calib, method="taylor", sparsity=sparsity, progress=False,
@@ -275,7 +282,7 @@ def zoo_run(spec: str, target: float, allocation: str, out: Path, *, image_size:
     }
     if torch.device(device).type == "cuda":
         row["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    if allocation == "knapsack-latency":
+    if kind == "knapsack-latency":
         search = result.report["allocation_search"]
         dense_ms = latency["dense"][str(table_batch)]["median_ms"]
         pruned_ms = latency["pruned"][str(table_batch)]["median_ms"]
@@ -324,11 +331,10 @@ def export_section(directory: str | Path = RESULTS) -> str:
         lines += ["", "Channel pruning with removal (`--method taylor`, then `ptsparse export --format channels`): "
                   "coupled channels (residual streams pruned as one), BatchNorm re-calibration, no fine-tuning. "
                   "Allocation `uniform`: the same fraction of channels in every layer, the smallest that reaches the "
-                  "MAC reduction target; `uniform-x8`: the same with channels pruned 8 at a time, so every kept "
-                  "width is a multiple of 8 (`--channel-multiple 8`); `knapsack`: channels kept by the knapsack "
-                  "under the MAC budget "
+                  "MAC reduction target; `knapsack`: channels kept by the knapsack under the MAC budget "
                   "(`--allocation knapsack`); `knapsack-latency`: under a per-layer latency table measured on this CPU "
-                  "at batch 64 (`--knapsack-cost latency`), the target then being the latency removed. MACs of Conv "
+                  "at batch 64 (`--knapsack-cost latency`), the target then being the latency removed; `-x8`: channels "
+                  "pruned 8 at a time, so every kept width is a multiple of 8 (`--channel-multiple 8`). MACs of Conv "
                   "and Linear layers, counted after removal; the weight sparsity is over the counted layers. Accuracy "
                   "on the 10,000 test images; the removed model's accuracy equals the masked model's. Latency: median of "
                   f"{first['repeats']} runs after {first['warmup']} warm-up runs, {first['cpu']}, "
@@ -358,7 +364,7 @@ def export_section(directory: str | Path = RESULTS) -> str:
 
 def _load_zoo(directory: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted(directory.glob("zoo-*.json"))]
-    order = {name: i for i, name in enumerate(("uniform", "uniform-x8", "knapsack", "knapsack-latency"))}
+    order = {name: i for i, name in enumerate(ALLOCATIONS)}
     return sorted(rows, key=lambda r: (-r["macs"], r["image_size"], r["device"], order.get(r["allocation"], 9),
                                        r["target_reduction"]))
 
@@ -395,7 +401,7 @@ def _zoo_table(rows: list[dict]) -> list[str]:
              "", f"| model | allocation | target | MAC reduction | params | b{small} ms (dense / pruned) | "
              f"b{big} ms (dense / pruned) | speedup b{small} | speedup b{big} | onnxruntime b{big} ms "
              f"(dense / pruned) | onnxruntime speedup b{small} | onnxruntime speedup b{big} | latency removed "
-             f"b{big} (table), budget met |",
+             f"b{big} (estimates), budget met |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, p = r["latency"]["dense"], r["latency"]["pruned"]
@@ -420,14 +426,13 @@ def _zoo_table(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    allocations = ["uniform", "uniform-x8", "knapsack", "knapsack-latency"]
     parser.add_argument("--parts", nargs="+", default=["size", "channels"], choices=["size", "channels", "zoo"],
                         help="parts to run (default: size channels; zoo takes about 25 minutes on 2 cores)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SIZE_SPARSITIES))
     parser.add_argument("--mac-reductions", nargs="+", type=float, default=None,
                         help=f"reduction targets (default: {' '.join(map(str, MAC_REDUCTIONS))} for channels, "
                              f"{' '.join(map(str, ZOO_REDUCTIONS))} for zoo)")
-    parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"], choices=allocations,
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "knapsack"], choices=ALLOCATIONS,
                         help="channel allocations to measure (channels part)")
     parser.add_argument("--warmup", type=int, default=None,
                         help=f"untimed runs before timing (default: {WARMUP}; zoo: {ZOO_WARMUP})")
@@ -441,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("--image-size", type=int, default=ZOO_IMAGE_SIZE, help="square input size")
     zoo.add_argument("--zoo-batches", nargs="+", type=int, default=list(ZOO_BATCH_SIZES),
                      help="batch sizes timed; the largest is the latency table's")
-    zoo.add_argument("--zoo-allocations", nargs="+", default=list(ZOO_ALLOCATIONS), choices=allocations)
+    zoo.add_argument("--zoo-allocations", nargs="+", default=list(ZOO_ALLOCATIONS), choices=ALLOCATIONS)
     zoo.add_argument("--zoo-calib-size", type=int, default=ZOO_CALIB_SIZE,
                      help="random calibration images (one batch)")
     zoo.add_argument("--device", default="cpu", help="where PyTorch runs and the latency table is measured "

@@ -189,10 +189,10 @@ class SparsityConfig:
         if multiple > 1 and kind != "channel":
             raise IncompatibleOptionsError(f"channel_multiple {multiple} applies to pattern 'channel', "
                                            f"not {self.pattern!r}")
-        if multiple > 1 and (picked["allocation"].chooses_units or picked["dynamics"].chooses_units):
-            raise IncompatibleOptionsError(f"channel_multiple {multiple} needs a per-layer allocation and masks that "
-                                           f"do not swap channels; allocation {self.allocation!r} and dynamics "
-                                           f"{self.dynamics!r} choose single channels")
+        single = [f"{axis} {getattr(self, axis)!r}" for axis in ("allocation", "dynamics") if picked[axis].chooses_units]
+        if multiple > 1 and single:
+            raise IncompatibleOptionsError(f"channel_multiple {multiple} needs channels chosen N at a time; "
+                                           f"{' and '.join(single)} choose single channels")
         if self.parts["distill"].shard == "fsdp" and self.recovery == "distill" and picked["dynamics"].moves_masks:
             raise IncompatibleOptionsError(f"distill_shard 'fsdp' keeps only static masks (a sharded weight is whole "
                                            f"only inside a forward pass); dynamics {self.dynamics!r} moves them: use "

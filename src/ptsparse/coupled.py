@@ -78,6 +78,10 @@ class CoupledUnits:
         """
         return cls(head_groups(channel_groups(model, example, [t.name for t in targets]), heads), heads)
 
+    def covers(self, name: str) -> bool:
+        """Whether layer ``name`` is in a unit: torch-pruning traced how its output channels are used."""
+        return name in self._unit_of
+
     def together(self, name: str) -> bool:
         """Whether layer ``name`` prunes with its unit: the unit has several members, or its channels are ties of a
         grouped convolution (a lone layer, or a lone attention projection, prunes on its own)."""

@@ -215,7 +215,8 @@ def test_channel_multiple_exports_widths_that_are_multiples():
 
 @pytest.mark.parametrize("options, message", [
     ({"pattern": "unstructured"}, "channel_multiple 8 applies to pattern 'channel', not 'unstructured'"),
-    ({"pattern": "channel", "allocation": "knapsack"}, "channel_multiple 8 needs a per-layer allocation"),
+    ({"pattern": "channel", "method": "iee"}, "channel_multiple 8 needs channels chosen N at a time; dynamics 'iee' "
+                                              "choose single channels"),
 ])
 def test_channel_multiple_combinations_are_checked(options, message):
     from ptsparse.errors import IncompatibleOptionsError

@@ -346,3 +346,25 @@ def test_latency_plan_is_timed_end_to_end_and_corrected_to_its_budget(reference,
     assert measured["after_ms"] == pytest.approx(
         (allocation.costs.cost(list(kept)) * 1e6 + 0.3 * dense_macs) / 1e6, rel=1e-6)
     assert ratios
+
+
+def test_knapsack_with_channel_multiple_keeps_widths_in_steps_and_meets_the_budget():
+    model = reference_resnet()
+    result = ptsparse.sparsify(model, reference_inputs(32), method="taylor", allocation="knapsack", sparsity=0.5,
+                               channel_multiple=8, batch_size=16, progress=False)
+    smaller, removal = remove_channels(result.model, reference_inputs(4))
+    assert 0.5 <= removal["mac_reduction"] < 0.55
+    assert result.report["removed"]["macs"] == pytest.approx(removal["mac_reduction"])
+    widths = [m.out_channels for m in smaller.modules() if isinstance(m, nn.Conv2d)]
+    assert all(width % 8 == 0 for width in widths) and min(widths) >= 8
+
+
+def test_solver_steps_move_a_unit_by_whole_steps_from_its_full_width(reference):
+    model, costs = reference
+    values = [torch.cat([torch.zeros(1), torch.linspace(1, 0.1, size).cumsum(0)]).double() for size in costs.sizes]
+    low = [1] * len(costs.sizes)
+    steps = [8 if size % 8 == 0 else 1 for size in costs.sizes]
+    kept = solve_knapsack(values, costs, 0.4 * costs.dense_cost, low, costs.sizes, steps=steps)
+    assert costs.cost(kept) <= 0.4 * costs.dense_cost
+    assert all((size - k) % step == 0 and k >= step for size, k, step in zip(costs.sizes, kept, steps))
+    assert kept != costs.sizes

@@ -25,19 +25,20 @@ buckets, and the model is re-linearised around the solution. A greedy step then 
 the least value per true cost saved until the true cost fits, and adds back channels while they fit, so the
 result always meets the budget.
 
-Allocation (``knapsack``). ``sparsity`` is the fraction of the dense cost removed. Each unit's channel
-importance is the mean over its members of their channel scores: the channel pattern gives every member the
-unit's score, on the member's scale (:meth:`~ptsparse.coupled.CoupledUnits.score`; Taylor's: the sum), so this
-ranks a unit's channels as its masks will. A head's score in a member is the sum of its rows' scores (it
-keeps all of them). Its ratios are exact channel counts (``exact = True``); the
-weight sparsity they give follows from the cost budget.
+Allocation (``knapsack``). ``sparsity`` is the fraction of the dense cost removed. Each unit's channel importance is
+the mean over its members of their channel scores: the channel pattern gives every member the unit's score, on the
+member's scale (:meth:`~ptsparse.coupled.CoupledUnits.score`; Taylor's: the sum), so this ranks a unit's channels
+as its masks will. A head's score in a member is the sum of its rows' scores (it keeps all of them). Under
+``channel_multiple`` N a unit loses N channels at a time (where every member's width is a multiple of N), so kept
+widths stay multiples of N. Its ratios are exact channel counts (``exact = True``); the weight sparsity they give
+follows from the cost budget.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -394,7 +395,8 @@ def _corrected_capacity(points: Sequence[tuple[float, float]], budget: float) ->
 
 
 def solve_knapsack(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, low: Sequence[int],
-                   high: Sequence[int], start: Sequence[int] | None = None, buckets: int = 10_000) -> list[int]:
+                   high: Sequence[int], start: Sequence[int] | None = None, buckets: int = 10_000,
+                   steps: Sequence[int] | None = None) -> list[int]:
     """Channels to keep per unit: the most value whose true cost fits ``capacity`` (grouped 0/1 knapsack).
 
     Args:
@@ -405,6 +407,8 @@ def solve_knapsack(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacit
         low, high: per unit, the fewest and most channels it may keep.
         start: where the cost is first linearised (``high`` by default), e.g. the current counts.
         buckets: resolution of the dynamic programme's cost grid.
+        steps: per unit, the channels it loses at a time (``channel_multiple``): it keeps ``high[u]`` less a
+            whole number of steps, and ``low[u]`` rises to the first such count. ``None``: one channel.
 
     Returns:
         ``k`` per unit, ``low[u] <= k[u] <= high[u]``, with ``costs.cost(k) <= capacity``.
@@ -412,7 +416,9 @@ def solve_knapsack(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacit
     Raises:
         ConfigError: even ``low`` costs more than ``capacity``.
     """
-    low, high = [int(k) for k in low], [int(k) for k in high]
+    high = [int(k) for k in high]
+    steps = [1] * len(high) if steps is None else [int(step) for step in steps]
+    low = [hi - (hi - int(lo)) // step * step for lo, hi, step in zip(low, high, steps)]
     minimum = costs.cost(low)
     if minimum > capacity:
         raise ConfigError(f"cost budget {capacity:.6g} is infeasible: the minimum reachable cost is {minimum:.6g}")
@@ -421,29 +427,33 @@ def solve_knapsack(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacit
     def worth(kept: Sequence[int]) -> float:
         return sum(float(v[k]) for v, k in zip(values, kept))
 
-    kept = [min(max(int(k), lo), hi) for k, lo, hi in zip(start if start is not None else high, low, high)]
+    kept = [hi - (hi - min(max(int(k), lo), hi)) // step * step
+            for k, lo, hi, step in zip(start if start is not None else high, low, high, steps)]
     best: list[int] | None = None
     for _ in range(3):  # linearise at the start, then twice around the solution
-        solution = _solve_linearised(values, costs, capacity, low, high, kept, buckets)
+        solution = _solve_linearised(values, costs, capacity, low, high, steps, kept, buckets)
         if solution is None:
             break
-        feasible = _fill(values, costs, capacity, high, _drop_until_feasible(values, costs, capacity, low, solution))
+        feasible = _fill(values, costs, capacity, high, steps,
+                         _drop_until_feasible(values, costs, capacity, low, steps, solution))
         if best is None or worth(feasible) > worth(best):
             best = feasible
         if solution == kept:
             break
         kept = solution
     if best is None:  # the linear model is no use here: greedy from the largest counts
-        best = _fill(values, costs, capacity, high, _drop_until_feasible(values, costs, capacity, low, high))
+        best = _fill(values, costs, capacity, high, steps,
+                     _drop_until_feasible(values, costs, capacity, low, steps, high))
     return best
 
 
 def _solve_linearised(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, low: list[int],
-                      high: list[int], start: list[int], buckets: int) -> list[int] | None:
+                      high: list[int], steps: list[int], start: list[int], buckets: int) -> list[int] | None:
     """Exact solution of the knapsack with each unit's cost curve taken at ``start``; ``None`` if nothing fits."""
     base = costs.cost(start)
+    allowed = [torch.arange(lo, hi + 1, step) for lo, hi, step in zip(low, high, steps)]  # the counts a unit may keep
     curves = [costs.curve(u, start) for u in range(len(start))]
-    deltas = [curve[lo:hi + 1] - curve[s] for curve, lo, hi, s in zip(curves, low, high, start)]
+    deltas = [curve[counts] - curve[s] for curve, counts, s in zip(curves, allowed, start)]
     room = capacity - base - sum(float(d.min()) for d in deltas)
     if not math.isfinite(room) or room <= 0:
         return None
@@ -451,10 +461,10 @@ def _solve_linearised(values: Sequence[torch.Tensor], costs: KnapsackCosts, capa
     weights = [torch.ceil((d - d.min()) * (buckets / room) - 1e-9).clamp(min=0).long() for d in deltas]
     best = torch.zeros(buckets + 1, dtype=torch.float64)  # best value within each bucket count, units so far
     choices = []
-    for weight, value, lo, hi in zip(weights, values, low, high):
+    for weight, value, counts in zip(weights, values, allowed):
         new = torch.full_like(best, -math.inf)
         choice = torch.zeros(buckets + 1, dtype=torch.long)
-        for index, (w, gain) in enumerate(zip(weight.tolist(), value[lo:hi + 1].tolist())):
+        for index, (w, gain) in enumerate(zip(weight.tolist(), value[counts].tolist())):
             if w <= buckets:  # every bucket count at once: this choice on top of the best with w fewer buckets
                 candidate = best[:buckets + 1 - w] + gain
                 better = candidate > new[w:]
@@ -463,50 +473,51 @@ def _solve_linearised(values: Sequence[torch.Tensor], costs: KnapsackCosts, capa
         best = new
         choices.append(choice)
     kept, bucket = [], buckets
-    for choice, weight, lo in zip(reversed(choices), reversed(weights), reversed(low)):
+    for choice, weight, counts in zip(reversed(choices), reversed(weights), reversed(allowed)):
         index = int(choice[bucket])
-        kept.append(lo + index)
+        kept.append(int(counts[index]))
         bucket -= int(weight[index])
     return kept[::-1]
 
 
 def _drop_until_feasible(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, low: list[int],
-                         kept: list[int]) -> list[int]:
-    """Drops one channel at a time, the least value lost per true cost saved first, until the cost fits."""
+                         steps: list[int], kept: list[int]) -> list[int]:
+    """Drops one step at a time, the least value lost per true cost saved first, until the cost fits."""
     kept = list(kept)
     total = costs.cost(kept)
     while total > capacity:
         options = []
-        for u, (k, lo) in enumerate(zip(kept, low)):
-            if k > lo:
-                saved = total - float(costs.curve(u, kept)[k - 1])
-                loss = float(values[u][k] - values[u][k - 1])
+        for u, (k, lo, step) in enumerate(zip(kept, low, steps)):
+            if k - step >= lo:
+                saved = total - float(costs.curve(u, kept)[k - step])
+                loss = float(values[u][k] - values[u][k - step])
                 # A drop that saves nothing (a latency table's staircase) goes last, the cheapest loss first.
                 options.append((saved <= 0, loss / saved if saved > 0 else loss, u))
         if not options:
             raise ConfigError(f"cost budget {capacity:.6g} is infeasible: the minimum reachable cost is {total:.6g}")
         u = min(options)[2]
-        kept[u] -= 1
+        kept[u] -= steps[u]
         total = costs.cost(kept)
     return kept
 
 
-def _fill(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, high: list[int],
+def _fill(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, high: list[int], steps: list[int],
           kept: list[int]) -> list[int]:
-    """Adds one channel at a time while one fits, the most value per true cost added first."""
+    """Adds one step at a time while one fits, the most value per true cost added first."""
     kept = list(kept)
     while True:
         total = costs.cost(kept)
         options = []
-        for u, (k, hi) in enumerate(zip(kept, high)):
-            if k < hi:
-                added = float(costs.curve(u, kept)[k + 1]) - total
+        for u, (k, hi, step) in enumerate(zip(kept, high, steps)):
+            if k + step <= hi:
+                added = float(costs.curve(u, kept)[k + step]) - total
                 if total + added <= capacity:
-                    gain = float(values[u][k + 1] - values[u][k])
+                    gain = float(values[u][k + step] - values[u][k])
                     options.append((added > 0, -gain / added if added > 0 else -gain, u))
         if not options:
             return kept
-        kept[min(options)[2]] += 1
+        u = min(options)[2]
+        kept[u] += steps[u]
 
 
 def unit_minimums(costs: ChannelCosts, budgets: Mapping[str, LayerBudget]) -> list[int]:
@@ -518,6 +529,17 @@ def unit_minimums(costs: ChannelCosts, budgets: Mapping[str, LayerBudget]) -> li
         removable = 0 if fixed else min((b.max_prune // unit.channel_weights(b.shape) for b in members), default=size)
         low.append(max(size - removable, 1))
     return low
+
+
+def unit_steps(costs: ChannelCosts, budgets: Mapping[str, LayerBudget]) -> list[int]:
+    """Channels each unit loses at a time: its members' step (``channel_multiple`` rows where every member's width
+    is a multiple of it: :meth:`~ptsparse.patterns.Channel.unit_size`), in unit channels (a head, a tie)."""
+    steps = []
+    for unit in costs.units:
+        rows = min((budgets[name].unit // (budgets[name].numel // budgets[name].shape[0])
+                    for name in unit.members if name in budgets), default=1)
+        steps.append(max(rows // math.gcd(rows, unit.width), 1))
+    return steps
 
 
 @ALLOCATIONS.register("knapsack")
@@ -557,7 +579,6 @@ class Knapsack(Allocation):
     needs_context = True
     offloadable = False  # traces the whole model on the device
     exact = True  # ratios are whole channel counts that meet the cost budget; no weight-count rounding
-    chooses_units = True
 
     def __init__(self, cost: str = "macs", latency_batch: int | None = None, latency_rounds: int = 3) -> None:
         settings = self.Settings(cost=cost, latency_batch=latency_batch, latency_rounds=latency_rounds)
@@ -584,17 +605,22 @@ class Knapsack(Allocation):
                              for name in unit.members) / len(unit.members)
             ranked = importance.clamp(min=0).sort(descending=True).values
             values.append(torch.cat([torch.zeros(1, dtype=torch.float64), ranked.cumsum(0)]))
-        low = unit_minimums(costs, budgets)
+        low, steps = unit_minimums(costs, budgets), unit_steps(costs, budgets)
+
+        def solve(capacity: float) -> list[int]:
+            return solve_knapsack(values, costs, capacity, low, costs.sizes, steps=steps)
+
         capacity = (1.0 - sparsity) * costs.dense_cost
         try:
-            kept = solve_knapsack(values, costs, capacity, low, costs.sizes)
+            kept = solve(capacity)
         except ConfigError as error:
-            most = 1 - costs.cost(low) / costs.dense_cost
+            fewest = [size - (size - lo) // step * step for size, lo, step in zip(costs.sizes, low, steps)]
+            most = 1 - costs.cost(fewest) / costs.dense_cost
             raise ConfigError(f"knapsack sparsity {sparsity} ({self.cost}): {error}; at most {most:.4f} of the "
                               f"{self.cost} can be removed") from None
         measured = None
         if self.cost == "latency" and self.latency_rounds:
-            kept, measured = self._meet_measured_latency(model, costs, values, low, capacity, kept, example, batch,
+            kept, measured = self._meet_measured_latency(model, costs, solve, capacity, kept, example, batch,
                                                          context.device)
         ratios = {name: 0.0 for name in budgets}
         for unit, size, k in zip(costs.units, costs.sizes, kept):
@@ -610,8 +636,8 @@ class Knapsack(Allocation):
             self.report["measured"] = measured
         return ratios
 
-    def _meet_measured_latency(self, model: nn.Module, costs: ChannelCosts, values: list[torch.Tensor],
-                               low: list[int], capacity: float, kept: list[int], example: torch.Tensor, batch: int,
+    def _meet_measured_latency(self, model: nn.Module, costs: ChannelCosts, solve: Callable[[float], list[int]],
+                               capacity: float, kept: list[int], example: torch.Tensor, batch: int,
                                device: torch.device | str) -> tuple[list[int], dict[str, Any]]:
         """Corrects the table's budget by end-to-end timings of the planned model.
 
@@ -642,7 +668,7 @@ class Knapsack(Allocation):
                 break
             capacity = _corrected_capacity([(costs.cost(plan), ms) for plan, ms in rounds], budget)
             try:
-                kept = solve_knapsack(values, costs, capacity, low, costs.sizes)
+                kept = solve(capacity)
             except ConfigError:
                 break  # the corrected budget is below what the table can reach: keep the rounds so far
         meeting = [plan for plan in rounds if plan[1] <= 1.05 * budget]
