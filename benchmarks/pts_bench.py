@@ -405,31 +405,60 @@ def iee_section(reports: list[dict]) -> str:
             text += (f"| {c['cycle']} | {c['step']} | {c['swap_fraction']:.3f} | {c['swapped']} | {c['iou']:.3f} | "
                      f"{c['regrown_just_pruned']:.2f} | {c.get('survival_next', float('nan')):.2f} | "
                      f"{c['survival_end']:.2f} |\n")
-    channel = [r for (run, _), r in sorted(by_key.items()) if run in MAC_RUNS]
-    if channel:
-        text += ("\nChannels under a MAC budget: Taylor channel masks chosen by the knapsack allocation (coupled "
-                 "residual channels share a mask) at the given fraction of the dense MACs removed, then the same "
-                 "distillation budget with static masks (`taylor-knapsack_kd`) or IEE on channels (`iee-channel`: "
-                 "Taylor gate scores from the distillation loss, prune and grow as knapsacks under the starting MACs). "
-                 "MAC reduction counts every Conv and Linear layer after removal of the zeroed channels.\n\n"
-                 "| run | MAC reduction target | achieved | weight sparsity | sparse acc | wall time (s) |\n"
-                 "|---|---|---|---|---|---|\n")
-        for r in channel:
-            achieved = mac_reduction(r)
-            text += (f"| {r['run']} | {r['config']['sparsity']:g} | "
-                     f"{'-' if achieved is None else f'{achieved:.4f}'} | {r['achieved_sparsity']:.4f} | "
-                     f"{100 * r['sparse_accuracy']:.2f} | {r['wall_time_s']:.0f} |\n")
     return text
 
 
 MODEL_TITLES = {"reference": "ResNet-20", "reference_mobilenet": "compact MobileNet"}
 
 
+def channel_iee_section(reports: list[dict]) -> str:
+    """Channel IEE against Taylor knapsack masks with the same distillation, per reference model and MAC budget:
+    each one's mean ± standard deviation over seeds and their paired difference, and which wins."""
+    cells = accuracy_by_seed(reports)
+    wall = wall_times(reports)
+    budgets = sorted({key[:4] for key in cells if key[4] in MAC_RUNS},
+                     key=lambda r: (r[0] != DEFAULT_MODEL, r[0], r[1], r[2] or 0, r[3]))
+    if not budgets:
+        return ""
+    achieved = {cell_key(r): mac_reduction(r) for r in reports if r["run"] in MAC_RUNS}
+    text = ("\n## Channels under a MAC budget: channel IEE against Taylor knapsack masks\n\n"
+            "Taylor channel masks chosen by the knapsack allocation (coupled residual channels share a mask) at the "
+            "given fraction of the dense MACs removed, then the `magnitude_kd` distillation budget (1,600 steps) with "
+            "those masks static (`taylor-knapsack_kd`, HALP-style pruning then distillation) or IEE on channels "
+            "(`iee-channel`: Taylor gate scores from the distillation loss, prune and grow as knapsacks under the "
+            "starting MACs). MAC reduction counts every Conv and Linear layer after removal of the zeroed channels. "
+            "Cells: mean ± standard deviation over seeds (each seed its own calibration sample and training order); "
+            "`iee-channel - taylor-knapsack_kd`: the paired difference, `**` beyond two standard deviations. These "
+            "runs ran two at a time on one thread each, beside other work, so their wall times are high and only "
+            "comparable within a row.\n\n"
+            "| model | MACs removed (target) | taylor-knapsack_kd | iee-channel | iee-channel - taylor-knapsack_kd | "
+            "wall time (s, mean): taylor-knapsack_kd / iee-channel |\n|---|---|---|---|---|---|\n")
+    verdicts = []
+    for model, calib_size, steps, target in budgets:
+        regime = (model, calib_size, steps, target)
+        static, iee = cells.get((*regime, "taylor-knapsack_kd"), {}), cells.get((*regime, "iee-channel"), {})
+        difference = paired(iee, static)
+        reached = [achieved[(*regime, run)] for run in MAC_RUNS if (*regime, run) in achieved]
+        times = " / ".join(f"{mean_std(wall[(*regime, run)])[0]:.0f}" if (*regime, run) in wall else "-"
+                           for run in ("taylor-knapsack_kd", "iee-channel"))
+        title = MODEL_TITLES.get(model, model) + ("" if (calib_size, steps) == (DEFAULT_CALIB_SIZE, None)
+                                                   else f" ({calib_size} images, {steps or 'preset'} steps)")
+        text += (f"| {title} | {min(reached):.3f} ({target:g}) | {format_cell(static) if static else '-'} | "
+                 f"{format_cell(iee) if iee else '-'} | {difference if difference else '-'} | {times} |\n")
+        if difference is not None and difference.seeds > 1:
+            winner = ("`iee-channel`" if difference.mean > 0 else "`taylor-knapsack_kd`") if difference.significant \
+                else "neither (within noise)"
+            verdicts.append(f"{title} at {target:g} of the MACs: {winner}")
+    if verdicts:
+        text += "\nWhich wins, over the seeds: " + "; ".join(verdicts) + ".\n"
+    return text
+
+
 def regimes_section(reports: list[dict]) -> str:
     """One table per regime that ran with several seeds: each run's mean ± standard deviation and its paired
     difference from ``magnitude_kd`` (ERK masks + the same distillation), marked where it exceeds two standard
     deviations."""
-    cells = accuracy_by_seed(reports)
+    cells = {key: values for key, values in accuracy_by_seed(reports).items() if key[4] not in MAC_RUNS}
     regimes = sorted({key[:4] for key, values in cells.items() if len(values) > 1},
                      key=lambda r: (r[0] != DEFAULT_MODEL, r[0], r[1], r[2] or 0, r[3]))
     if not regimes:
@@ -634,6 +663,7 @@ def write_results() -> None:
         + fcpts_section(reports)
         + unipts_section(reports)
         + iee_section(reports)
+        + channel_iee_section(reports)
         + regimes_section(reports)
         + recommended_section(reports)
         + time_to_accuracy_section(reports)

@@ -78,9 +78,11 @@ class CoupledUnits:
         """
         return cls(head_groups(channel_groups(model, example, [t.name for t in targets]), heads), heads)
 
-    def covers(self, name: str) -> bool:
-        """Whether layer ``name`` is in a unit: torch-pruning traced how its output channels are used."""
-        return name in self._unit_of
+    def removable(self, name: str) -> bool:
+        """Whether the channel export could remove channels that layer ``name`` prunes: it is in a unit (torch-pruning
+        traced how its outputs are used) and its unit is :attr:`~ptsparse.graph.coupling.ChannelGroup.removable`."""
+        index = self._unit_of.get(name)
+        return index is not None and self.groups[index].removable
 
     def together(self, name: str) -> bool:
         """Whether layer ``name`` prunes with its unit: the unit has several members, or its channels are ties of a

@@ -279,13 +279,14 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         if offload is None:  # traced before any work: a criterion that requires the coupling may be refused
             units = coupled_units(student, targets, calibration.inputs[:2].to(device), heads,
                                   criterion.requires_coupling)
-        if units is not None:  # zeroed rows the export cannot remove would cost accuracy and save nothing
-            unseen = [t.name for t in targets if not units.covers(t.name) and t.name not in protected]
-            if unseen:
-                log.warning("%d layers stay dense: torch-pruning does not see how their outputs are used, so the "
-                            "channel export could not remove their channels (%s%s)", len(unseen),
-                            ", ".join(unseen[:4]), ", ..." if len(unseen) > 4 else "")
-                protected = protected | set(unseen)
+        if units is not None and not is_causal_lm(model):  # (the channel export refuses language models)
+            # zeroed rows that the channel export cannot remove would cost accuracy and save nothing
+            kept = [t.name for t in targets if not units.removable(t.name) and t.name not in protected]
+            if kept:
+                log.warning("%d layers stay dense: the channel export could not remove their channels (torch-pruning "
+                            "does not follow their outputs, or they feed a normalisation over channels such as "
+                            "LayerNorm): %s%s", len(kept), ", ".join(kept[:4]), ", ..." if len(kept) > 4 else "")
+                protected = protected | set(kept)
         else:
             log.warning("offload: channels are pruned layer by layer, without the channels coupled to them in other "
                         "layers (tracing the coupling needs the whole model on the device)")

@@ -106,9 +106,11 @@ class ChannelCosts:
     Attributes:
         units: the coupled channel units, in execution order of their first member; each member is a target.
         sizes: channels per unit.
-        fixed: per unit, whether Conv/Linear layers outside the targets also produce its channels (pruning
-            the targets alone then removes none of them, so an allocation should keep it whole; the cost
-            model assumes every producer shrinks).
+        fixed: per unit, whether its channels cannot go: Conv/Linear layers outside the targets also produce
+            them (pruning the targets alone then removes none of them; the cost model assumes every producer
+            shrinks), or the channel export could not remove them (not
+            :attr:`~ptsparse.graph.coupling.ChannelGroup.removable`, or a target torch-pruning does not see).
+            An allocation should keep such a unit whole.
         kind: ``"macs"`` (per sample) or ``"latency"`` (milliseconds per batch).
         dense_cost: the cost with every channel kept.
     """
@@ -163,7 +165,8 @@ class ChannelCosts:
                 covered.update(unit.members)
         for n in sorted(names - covered):  # a target torch-pruning does not see stays a unit of its own
             rows = _out_channels(model.get_submodule(n))
-            found.append((head_group(heads[n], [n]) if n in heads else ChannelGroup(rows, {n: tuple(range(rows))}),
+            found.append((head_group(heads[n], [n], removable=False) if n in heads
+                          else ChannelGroup(rows, {n: tuple(range(rows))}, removable=False),
                           None, []))
 
         def first_run(entry) -> int:
@@ -176,7 +179,7 @@ class ChannelCosts:
             units.append(ChannelGroup(unit.size, members, unit.width))
             producers = members if channels is None else {n: m for n, m in channels.members.items()
                                                            if n in members or n not in heads}
-            fixed.append(any(n not in members for n in producers))
+            fixed.append(not unit.removable or any(n not in members for n in producers))
             for name in producers:
                 if name in layers:
                     layers[name].out_unit, layers[name].out_per_channel = u, unit.width

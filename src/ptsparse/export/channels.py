@@ -36,29 +36,27 @@ from ..attention import find_attention, heads_by_layer, update_head_counts, whol
 from ..checkpoint import Reader, save_state
 from ..errors import CheckpointError, ExportError
 from ..graph.cost import count_macs, count_params
-from ..graph.coupling import PRODUCER_TYPES, build_dependency_graph, eval_mode, iter_groups
+from ..graph.coupling import PRODUCER_TYPES, build_dependency_graph, channelwise, eval_mode, iter_groups
 from ..graph.outputs import feeding_the_output, record_output_nodes, traceable_input
-from ..norms import BATCH_NORMS
 from .base import ExportFormat, check_outputs, float64_outputs, register_format
 
 FORMAT = "channels"
 
 
-def _channels_alive(module: nn.Module) -> torch.Tensor | None:
-    """Per output channel, whether ``module`` can output non-zero there; ``None`` when unknown."""
+def _channels_alive(module: nn.Module) -> torch.Tensor:
+    """Per output channel, whether a :func:`~ptsparse.graph.coupling.channelwise` module with parameters (a
+    Conv/Linear, a BatchNorm with running statistics) can output non-zero there."""
     with torch.no_grad():
         if isinstance(module, PRODUCER_TYPES):
             alive = module.weight.flatten(1).ne(0).any(1)
             if module.bias is not None:
                 alive |= module.bias.ne(0)
             return alive
-        if isinstance(module, BATCH_NORMS) and module.track_running_stats and module.running_mean is not None:
-            # Eval-mode output for a zero input: the BatchNorm's shift.
-            shift = -module.running_mean / torch.sqrt(module.running_var + module.eps)
-            if module.weight is not None:
-                shift = shift * module.weight + module.bias
-            return shift.ne(0)
-    return None
+        # Eval-mode output for a zero input: the BatchNorm's shift.
+        shift = -module.running_mean / torch.sqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            shift = shift * module.weight + module.bias
+        return shift.ne(0)
 
 
 def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
@@ -135,13 +133,12 @@ def remove_channels(model: nn.Module, example: torch.Tensor,
             if not graph.is_out_channel_pruning_fn(item.dep.handler):
                 continue
             module = item.dep.target.module
-            if isinstance(module, nn.Module) and not list(module.parameters(recurse=False)):
-                continue  # parameter-free operations (activations, adds) pass zeros through
-            alive = _channels_alive(module) if isinstance(module, nn.Module) else None
-            if alive is None:
+            if not channelwise(module):
                 dead[:] = False
                 break
-            dead[torch.tensor(item.root_idxs)] &= ~alive[torch.tensor(item.idxs)]
+            if not list(module.parameters(recurse=False)):
+                continue  # parameter-free operations (activations, adds) pass zeros through
+            dead[torch.tensor(item.root_idxs)] &= ~_channels_alive(module)[torch.tensor(item.idxs)]
         zeroed = torch.zeros(channels.size, dtype=torch.bool)
         for name, mapping in channels.members.items():
             weight = graph.model.get_submodule(name).weight

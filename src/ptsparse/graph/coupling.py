@@ -26,6 +26,7 @@ from torch import nn
 from .._extras import require
 from ..attention import AttentionHeads
 from ..errors import ExportError
+from ..norms import BATCH_NORMS
 
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -46,12 +47,15 @@ class ChannelGroup:
             group channels that can only go together, one channel per convolution group at the same offset
             within it (torch-pruning removes a grouped convolution's channels at the same offsets in every
             group); empty when every channel can go alone.
+        removable: every module that outputs the group's channels is :func:`channelwise`, so the channel export
+            can remove a channel zeroed in the members (not a residual stream through a LayerNorm).
     """
 
     size: int
     members: dict[str, tuple[int, ...]]
     width: int = 1
     ties: tuple[tuple[int, ...], ...] = ()
+    removable: bool = True
 
     def rows(self, name: str) -> torch.Tensor:
         """Output rows of member ``name`` per group channel, a ``(size, width)`` index tensor."""
@@ -73,14 +77,15 @@ class ChannelGroup:
         if not self.ties:
             return self
         return ChannelGroup(len(self.ties), {name: tuple(rows[c] for tied in self.ties for c in tied)
-                                             for name, rows in self.members.items()}, len(self.ties[0]))
+                                             for name, rows in self.members.items()}, len(self.ties[0]),
+                            removable=self.removable)
 
 
-def head_group(attention: AttentionHeads, layers: Sequence[str]) -> ChannelGroup:
+def head_group(attention: AttentionHeads, layers: Sequence[str], removable: bool = True) -> ChannelGroup:
     """The heads of ``attention`` as a group of channels of its projections ``layers``."""
     return ChannelGroup(attention.num_heads,
                         {name: tuple(row for head in attention.projections[name] for row in head) for name in layers},
-                        attention.rows_per_head(layers[0]))
+                        attention.rows_per_head(layers[0]), removable=removable)
 
 
 def head_groups(groups: Sequence[ChannelGroup], heads: Mapping[str, AttentionHeads]) -> list[ChannelGroup]:
@@ -101,12 +106,12 @@ def head_groups(groups: Sequence[ChannelGroup], heads: Mapping[str, AttentionHea
         if not projections:
             result.append(group)
         elif len(projections) == len(group.members) and len(owners) == 1:
-            result.append(head_group(heads[projections[0]], projections))
+            result.append(head_group(heads[projections[0]], projections, group.removable))
         else:
             others = {n: m for n, m in group.members.items() if n not in heads}
             if others:
-                result.append(ChannelGroup(group.size, others))
-            result += [head_group(heads[name], [name]) for name in projections]
+                result.append(ChannelGroup(group.size, others, removable=group.removable))
+            result += [head_group(heads[name], [name], group.removable) for name in projections]
     return result
 
 
@@ -405,6 +410,20 @@ def _ties(graph, group, names: Mapping[nn.Module, str]) -> tuple[tuple[int, ...]
     return ties
 
 
+def channelwise(module: object) -> bool:
+    """Whether a channel that ``module`` outputs is zero, and can be removed, when its own parameters say so: a
+    Conv/Linear (its row and bias), a BatchNorm with running statistics (its shift), an operation without
+    parameters (zeros pass through). Not a normalisation over channels (LayerNorm, GroupNorm, RMSNorm), whose
+    outputs a zero channel still changes, nor what torch-pruning tracks as a bare parameter."""
+    if not isinstance(module, nn.Module):
+        return False
+    if not list(module.parameters(recurse=False)):
+        return True
+    if isinstance(module, BATCH_NORMS):
+        return module.track_running_stats and module.running_mean is not None
+    return isinstance(module, PRODUCER_TYPES)
+
+
 def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
     """Yields ``(torch-pruning group, ChannelGroup)`` for every group rooted at a Conv/Linear output.
 
@@ -422,9 +441,13 @@ def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
     for group in graph.get_all_groups(root_module_types=PRODUCER_TYPES, ignored_layers=ignored):
         size = len(group.items[0][1])
         members: dict[str, tuple[int, ...]] = {}
+        removable = True
         for item in group.items:
             module = item.dep.target.module
-            if not isinstance(module, PRODUCER_TYPES) or not graph.is_out_channel_pruning_fn(item.dep.handler):
+            if not graph.is_out_channel_pruning_fn(item.dep.handler):
+                continue
+            removable &= channelwise(module)
+            if not isinstance(module, PRODUCER_TYPES):
                 continue
             rows = module.weight.shape[0]
             if any(int(index) >= rows for index in item.idxs):
@@ -436,7 +459,7 @@ def iter_groups(graph, model: nn.Module, ignored: Sequence[nn.Module] = ()):
                 mapping[int(root)] = int(index)
             if -1 not in mapping and module in names:
                 members[names[module]] = tuple(mapping)
-        yield group, ChannelGroup(size, members, ties=_ties(graph, group, names))
+        yield group, ChannelGroup(size, members, ties=_ties(graph, group, names), removable=removable)
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor, layers: Sequence[str] | None = None) -> list[ChannelGroup]:
