@@ -231,12 +231,15 @@ def families_section(directory: str | Path = RESULTS) -> str:
              "(`ptsparse export --format channels`), `ptsparse.load` of the file, and the reloaded model's outputs "
              "against the masked model's (largest difference relative to the largest output; in float64 where float32 "
              f"rounding alone exceeds {TOLERANCE:g}). Channels: fraction of "
-             "the pruned layers' output channels zeroed; removed: channels the export took out. Each model in a "
+             "the pruned layers' output channels zeroed; removed: channels the export took out; kept: zeroed "
+             "channels the export could not take out (0: every pruned channel went; layers whose channels it could "
+             "not remove, such as a residual stream that feeds LayerNorms, stay dense). Each model in a "
              f"process of its own (limits: {limits.get('timeout_s', '?')} s, "
-             f"{limits.get('resident_gb', '?')} GB resident), one thread.",
-             "", "| model | input | result | channels | removed | params | MAC reduction | output diff "
+             f"{limits.get('resident_gb', '?')} GB resident), one thread; the rows of 2026-12-05 ran beside two "
+             "benchmark processes, so their times are up to 2-3x those of a quiet CPU.",
+             "", "| model | input | result | channels | removed | kept | params | MAC reduction | output diff "
              "| sparsify s | export s | load s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         times = r.get("times_s", {})
         result = "ok" if r["status"] == "ok" else f"{r['status']} ({r.get('stage', '?')}): {r.get('message', '')}"
@@ -245,7 +248,7 @@ def families_section(directory: str | Path = RESULTS) -> str:
         lines.append(
             f"| {r['model']} | {'x'.join(map(str, r['input'][1:])) if 'input' in r else '-'} | {result} | "
             + (f"{r['channel_fraction']:.3f}" if "channel_fraction" in r else "-") + " | "
-            + f"{r.get('channels_removed', '-')} | {params} | "
+            + f"{r.get('channels_removed', '-')} | {r.get('zeroed_channels_kept', '-')} | {params} | "
             + (f"{r['mac_reduction']:.1%}" if "mac_reduction" in r else "-") + " | "
             + (f"{r['max_relative_difference']:.1e}" if "max_relative_difference" in r else "-") + " | "
             + " | ".join(str(times.get(k, "-")) for k in ("sparsify", "export", "load"))
