@@ -279,6 +279,9 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
         if offload is None:  # traced before any work: a criterion that requires the coupling may be refused
             units = coupled_units(student, targets, calibration.inputs[:2].to(device), heads,
                                   criterion.requires_coupling)
+        else:
+            log.warning("offload: channels are pruned layer by layer, without the channels coupled to them in other "
+                        "layers (tracing the coupling needs the whole model on the device)")
         if units is not None and not is_causal_lm(model):  # (the channel export refuses language models)
             # zeroed rows that the channel export cannot remove would cost accuracy and save nothing
             kept = [t.name for t in targets if not units.removable(t.name) and t.name not in protected]
@@ -287,9 +290,6 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
                             "does not follow their outputs, or they feed a normalisation over channels such as "
                             "LayerNorm): %s%s", len(kept), ", ".join(kept[:4]), ", ..." if len(kept) > 4 else "")
                 protected = protected | set(kept)
-        else:
-            log.warning("offload: channels are pruned layer by layer, without the channels coupled to them in other "
-                        "layers (tracing the coupling needs the whole model on the device)")
         pattern = Channel(heads=heads, multiple=config.settings_of(Channel).multiple, units=units)
 
     # accuracy for classifiers, perplexity for causal language models
