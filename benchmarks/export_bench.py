@@ -43,14 +43,14 @@ import torch
 from torch import nn
 
 import ptsparse
+from ptsparse._extras import require
 from ptsparse.checkpoint import write_json
 from ptsparse.data import FashionMNIST, sample_calibration
 from ptsparse.evaluate import accuracy
 from ptsparse.export import dense_checkpoint_bytes, export_model
 from ptsparse.export.channels import remove_channels
-from ptsparse.export.latency import measure_onnx_latency
 from ptsparse.export.onnx import export_onnx
-from ptsparse.graph.cost import count_params, measure_latency
+from ptsparse.graph.cost import count_params, latency_stats, synchronize
 from ptsparse.models import load_reference, resolve_model
 
 HERE = Path(__file__).resolve().parent
@@ -88,7 +88,14 @@ def _cpu_name() -> str:
 
 
 def _machine(threads: int) -> dict:
-    return {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__}
+    # timing "alternating": dense and pruned timed in turns (time_alternately); rows without it: one, then the other
+    return {"cpu": _cpu_name(), "threads": threads, "torch": torch.__version__, "timing": "alternating"}
+
+
+def _timing(row: dict) -> str:
+    """How a row's dense and pruned models were timed, for the tables' paragraphs."""
+    return ("dense and pruned taking turns run by run" if row.get("timing") == "alternating"
+            else "the dense model's runs, then the pruned model's")
 
 
 def size_run(sparsity: float, calib, out: Path) -> dict:
@@ -139,24 +146,57 @@ def channel_sparsity_for(target: float, calib, example, picks: dict, tolerance: 
     return round(high, 4)
 
 
+def time_alternately(runs: dict[str, Callable[[], object]], batch: int, warmup: int, repeats: int) -> dict[str, dict]:
+    """:func:`~ptsparse.graph.cost.latency_stats` of each run: ``warmup`` untimed calls of each, then ``repeats``
+    timed rounds in which every run takes its turn, so a change in the machine's speed while they are measured
+    (load, clock, the allocator's state) reaches them all alike."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: latency_stats(values, batch) for name, values in times.items()}
+
+
+@torch.inference_mode()
 def time_both(dense: nn.Module, smaller: nn.Module, example: torch.Tensor, input_shape: tuple[int, ...],
               batch_sizes, device: str, warmup: int, repeats: int, threads: int) -> tuple[dict, dict]:
-    """Latency of the dense and the channel-removed model at each batch: in PyTorch on ``device``, then exported
-    to ONNX and run by onnxruntime on the CPU with ``threads``; ``{"dense"|"pruned": {batch: stats}}`` each."""
-    latency = {"dense": {}, "pruned": {}}
-    for batch in batch_sizes:  # interleaved, so a burst of load on the machine hits both models alike
-        latency["dense"][str(batch)] = measure_latency(dense, input_shape, batch, device, warmup, repeats)
-        latency["pruned"][str(batch)] = measure_latency(smaller, input_shape, batch, device, warmup, repeats)
-    dense, smaller = dense.cpu(), smaller.cpu()
-    onnx_latency = {"dense": {}, "pruned": {}}
+    """Latency of the dense and the channel-removed model at each batch (:func:`time_alternately`): in PyTorch on
+    ``device``, then exported to ONNX and run by onnxruntime on the CPU with ``threads``;
+    ``{"dense"|"pruned": {batch: stats}}`` each."""
+    ort = require("onnxruntime", "timing ONNX models")
+    models = {"dense": dense.to(device).eval(), "pruned": smaller.to(device).eval()}
+    latency, onnx_latency = {"dense": {}, "pruned": {}}, {"dense": {}, "pruned": {}}
+    for batch in batch_sizes:
+        x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+        def forward(model: nn.Module) -> Callable[[], None]:
+            return lambda: (model(x), synchronize(device))
+
+        for name, stats in time_alternately({n: forward(m) for n, m in models.items()}, batch, warmup,
+                                            repeats).items():
+            latency[name][str(batch)] = stats
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     with tempfile.TemporaryDirectory() as directory:
-        paths = {"dense": Path(directory) / "dense.onnx", "pruned": Path(directory) / "pruned.onnx"}
-        export_onnx(dense, example.cpu(), paths["dense"])
-        export_onnx(smaller, example.cpu(), paths["pruned"])
+        sessions = {}
+        for name, model in models.items():
+            path = Path(directory) / f"{name}.onnx"
+            export_onnx(model.cpu(), example.cpu(), path)
+            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for batch in batch_sizes:
-            for name, path in paths.items():
-                onnx_latency[name][str(batch)] = measure_onnx_latency(path, input_shape, batch, warmup, repeats,
-                                                                      threads)
+            x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
+
+            def session_run(session) -> Callable[[], object]:
+                return lambda: session.run(None, {session.get_inputs()[0].name: x})
+
+            for name, stats in time_alternately({n: session_run(s) for n, s in sessions.items()}, batch, warmup,
+                                                repeats).items():
+                onnx_latency[name][str(batch)] = stats
     return latency, onnx_latency
 
 
@@ -337,7 +377,7 @@ def export_section(directory: str | Path = RESULTS) -> str:
                   "pruned 8 at a time, so every kept width is a multiple of 8 (`--channel-multiple 8`). MACs of Conv "
                   "and Linear layers, counted after removal; the weight sparsity is over the counted layers. Accuracy "
                   "on the 10,000 test images; the removed model's accuracy equals the masked model's. Latency: median of "
-                  f"{first['repeats']} runs after {first['warmup']} warm-up runs, {first['cpu']}, "
+                  f"{first['repeats']} runs after {first['warmup']} warm-up runs ({_timing(first)}), {first['cpu']}, "
                   f"{first['threads']} threads, torch {first['torch']}.",
                   "The onnxruntime columns time the same two models exported to ONNX (`--format onnx`), run by "
                   "onnxruntime's CPU provider with the same threads, batch 64.",
@@ -392,11 +432,12 @@ def _zoo_table(rows: list[dict]) -> list[str]:
              "allocation's bisection runs sparsify about 8 times); the knapsack-latency table is measured on the "
              f"timing device at batch {big} and this input size (`--knapsack-latency-batch {big}`), the target then "
              f"being the fraction of the latency removed; the allocation times its plan end to end and corrects the "
-             "budget (`knapsack_latency_rounds`, 3 by default; rows without timed plans predate it); its last column "
+             "budget (`knapsack_latency_rounds`, 3 by default); its last column "
              f"is the latency removed as measured at batch {big} in PyTorch (in brackets the table's estimate and "
              "the allocation's own timing of the plan it kept) and whether the removed model meets "
              f"the budget within {BUDGET_TOLERANCE:.0%} (latency at most {1 + BUDGET_TOLERANCE:g} x the budget). "
-             f"Latency: median of {first['repeats']} runs after {first['warmup']} warm-up runs, {where}, torch "
+             f"Latency: median of {first['repeats']} runs after {first['warmup']} warm-up runs ({_timing(first)}), "
+             f"{where}, torch "
              f"{first['torch']}; onnxruntime: the same models exported to ONNX, CPU provider, the same threads.",
              "", f"| model | allocation | target | MAC reduction | params | b{small} ms (dense / pruned) | "
              f"b{big} ms (dense / pruned) | speedup b{small} | speedup b{big} | onnxruntime b{big} ms "
