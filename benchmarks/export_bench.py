@@ -432,7 +432,7 @@ def _zoo_table(rows: list[dict]) -> list[str]:
              "allocation's bisection runs sparsify about 8 times); the knapsack-latency table is measured on the "
              f"timing device at batch {big} and this input size (`--knapsack-latency-batch {big}`), the target then "
              f"being the fraction of the latency removed; the allocation times its plan end to end and corrects the "
-             "budget (`knapsack_latency_rounds`, 3 by default); its last column "
+             "budget (`knapsack_latency_rounds`: at most 5 timed plans by default, 3 in rows that list 3); its last column "
              f"is the latency removed as measured at batch {big} in PyTorch (in brackets the table's estimate and "
              "the allocation's own timing of the plan it kept) and whether the removed model meets "
              f"the budget within {BUDGET_TOLERANCE:.0%} (latency at most {1 + BUDGET_TOLERANCE:g} x the budget). "

@@ -368,3 +368,14 @@ def test_solver_steps_move_a_unit_by_whole_steps_from_its_full_width(reference):
     assert costs.cost(kept) <= 0.4 * costs.dense_cost
     assert all((size - k) % step == 0 and k >= step for size, k, step in zip(costs.sizes, kept, steps))
     assert kept != costs.sizes
+
+
+def test_corrected_capacity_interpolates_between_the_plans_either_side_of_the_budget():
+    from ptsparse.allocation.knapsack import _corrected_capacity
+
+    # measured = 100 + table: the first plan in proportion, then on the line through the last two
+    assert _corrected_capacity([(200.0, 300.0)], 150.0) == pytest.approx(100.0)
+    assert _corrected_capacity([(200.0, 300.0), (100.0, 200.0)], 150.0) == pytest.approx(50.0)
+    # once plans lie on both sides, the closest of each side (40 -> 120, 70 -> 175), not the last two (both above)
+    points = [(100.0, 210.0), (40.0, 120.0), (70.0, 175.0), (80.0, 185.0)]
+    assert _corrected_capacity(points, 160.0) == pytest.approx(70.0 - 15.0 * 30.0 / 55.0)

@@ -388,10 +388,17 @@ def _bilinear(xs: torch.Tensor, ys: torch.Tensor, table: torch.Tensor, x: torch.
 
 def _corrected_capacity(points: Sequence[tuple[float, float]], budget: float) -> float:
     """The table cost whose measured latency should be ``budget``, from (table cost, measured) points of plans:
-    on the line through the last two (measured = a + b * table), or in proportion to the last one."""
-    table, measured = points[-1]
-    if len(points) > 1:
-        slope = (measured - points[-2][1]) / (table - points[-2][0]) if table != points[-2][0] else 0.0
+    on the line (measured = a + b * table) through the closest plans on either side of the budget once there are
+    some, else through the last two, or in proportion to the only one."""
+    above = [point for point in points if point[1] > budget]
+    below = [point for point in points if point[1] <= budget]
+    if above and below:
+        pair = [max(below, key=lambda point: point[1]), min(above, key=lambda point: point[1])]
+    else:
+        pair = list(points[-2:])
+    (table, measured), (other_table, other_measured) = pair[-1], pair[0]
+    if len(pair) > 1 and table != other_table:
+        slope = (measured - other_measured) / (table - other_table)
         if slope > 0:
             return table + (budget - measured) / slope
     return table * budget / measured
@@ -572,7 +579,7 @@ class Knapsack(Allocation):
         latency_batch: int | None = option(None, "batch of the latency table's timings (knapsack_cost latency): "
                                            "the batch the pruned model will run at; default: the run's --batch-size",
                                            kind=int, minimum=1)
-        latency_rounds: int = option(3, "knapsack_cost latency: times the planned model end to end (channels "
+        latency_rounds: int = option(5, "knapsack_cost latency: times the planned model end to end (channels "
                                      "removed) and re-solves with the budget corrected by the measured miss, at most "
                                      "this many times, until the latency removed is within 2% of the target; 0: "
                                      "trust the per-layer table", kind=int, minimum=0)
@@ -583,7 +590,7 @@ class Knapsack(Allocation):
     offloadable = False  # traces the whole model on the device
     exact = True  # ratios are whole channel counts that meet the cost budget; no weight-count rounding
 
-    def __init__(self, cost: str = "macs", latency_batch: int | None = None, latency_rounds: int = 3) -> None:
+    def __init__(self, cost: str = "macs", latency_batch: int | None = None, latency_rounds: int = 5) -> None:
         settings = self.Settings(cost=cost, latency_batch=latency_batch, latency_rounds=latency_rounds)
         self.cost, self.latency_batch, self.latency_rounds = settings.cost, settings.latency_batch, \
             settings.latency_rounds
@@ -648,8 +655,9 @@ class Knapsack(Allocation):
         layers' effects on each other's caches, so the latency a plan removes can differ from the table's estimate
         by a tenth of the model's. Each round times the model with the planned widths (channels removed) against
         the dense one, stops when the latency removed is within 2% of the target, else moves the table's
-        capacity to where the timings point (in proportion to the first; then on the line through the last two
-        plans' table costs and timings) and solves again. The plan kept is the round closest to the budget among
+        capacity to where the timings point (:func:`_corrected_capacity`: in proportion to the first; then on the
+        line through two plans' table costs and timings, the closest on either side of the budget once the plans
+        bracket it) and solves again. The plan kept is the round closest to the budget among
         those within 5% of it (the fastest when none is). Rank 0 times; every rank gets its times.
         """
         shape = tuple(example.shape[1:])
