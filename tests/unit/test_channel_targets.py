@@ -4,6 +4,7 @@ every channel criterion and allocation, and the report says what a channel run r
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -133,3 +134,13 @@ def test_unstructured_runs_report_no_channels_removed(tiny_cnn, calib_images):
     result = ptsparse.sparsify(tiny_cnn, calib_images, method="magnitude", sparsity=0.5, progress=False)
     assert result.report["removed"] is None
     assert "removed: " not in format_table(result.report)
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_a_run_without_offload_neither_warns_of_offload_nor_leaves_layers_dense(reference, caplog, monkeypatch, traced):
+    model, x = reference
+    if not traced:  # as where torch-pruning cannot trace the model (magnitude then prunes layer by layer)
+        monkeypatch.setattr(sys.modules["ptsparse.sparsify"], "coupled_units", lambda *args: None)
+    with caplog.at_level("WARNING", logger="ptsparse"):
+        run(model, x, "magnitude", "uniform")
+    assert not any("offload" in message or "stay dense" in message for message in caplog.messages)
