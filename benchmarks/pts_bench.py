@@ -421,6 +421,10 @@ def channel_iee_section(reports: list[dict]) -> str:
     if not budgets:
         return ""
     achieved = {cell_key(r): mac_reduction(r) for r in reports if r["run"] in MAC_RUNS}
+    fewest: dict[tuple, dict[int, int]] = {}  # the knapsack's narrowest unit, per seed
+    for r in reports:
+        if r["run"] == "taylor-knapsack_kd":
+            fewest.setdefault(cell_key(r)[:4], {})[r["seed"]] = min(r["allocation_search"]["kept"].values())
     text = ("\n## Channels under a MAC budget: channel IEE against Taylor knapsack masks\n\n"
             "Taylor channel masks chosen by the knapsack allocation (coupled residual channels share a mask) at the "
             "given fraction of the dense MACs removed, then the `magnitude_kd` distillation budget (1,600 steps) with "
@@ -429,22 +433,25 @@ def channel_iee_section(reports: list[dict]) -> str:
             "starting MACs). MAC reduction counts every Conv and Linear layer after removal of the zeroed channels. "
             "Cells: mean ± standard deviation over seeds (each seed its own calibration sample and training order); "
             "`iee-channel - taylor-knapsack_kd`: the paired difference, `**` beyond two standard deviations. These "
-            "runs ran two at a time on one thread each, beside other work, so their wall times are high and only "
+            "runs ran two at a time on one thread each, beside other work, and some were paused while timing "
+            "benchmarks ran alone, so the wall time shown is each cell's fastest seed, still high and only "
             "comparable within a row.\n\n"
             "| model | MACs removed (target) | taylor-knapsack_kd | iee-channel | iee-channel - taylor-knapsack_kd | "
-            "wall time (s, mean): taylor-knapsack_kd / iee-channel |\n|---|---|---|---|---|---|\n")
+            "narrowest unit of the knapsack (channels, by seed) | wall time (s, fastest seed): taylor-knapsack_kd / "
+            "iee-channel |\n|---|---|---|---|---|---|---|\n")
     verdicts = []
     for model, calib_size, steps, target in budgets:
         regime = (model, calib_size, steps, target)
         static, iee = cells.get((*regime, "taylor-knapsack_kd"), {}), cells.get((*regime, "iee-channel"), {})
         difference = paired(iee, static)
         reached = [achieved[(*regime, run)] for run in MAC_RUNS if (*regime, run) in achieved]
-        times = " / ".join(f"{mean_std(wall[(*regime, run)])[0]:.0f}" if (*regime, run) in wall else "-"
+        times = " / ".join(f"{min(wall[(*regime, run)]):.0f}" if (*regime, run) in wall else "-"
                            for run in ("taylor-knapsack_kd", "iee-channel"))
         title = MODEL_TITLES.get(model, model) + ("" if (calib_size, steps) == (DEFAULT_CALIB_SIZE, None)
                                                    else f" ({calib_size} images, {steps or 'preset'} steps)")
         text += (f"| {title} | {min(reached):.3f} ({target:g}) | {format_cell(static) if static else '-'} | "
-                 f"{format_cell(iee) if iee else '-'} | {difference if difference else '-'} | {times} |\n")
+                 f"{format_cell(iee) if iee else '-'} | {difference if difference else '-'} | "
+                 f"{', '.join(f'{k}' for _, k in sorted(fewest.get(regime, {}).items())) or '-'} | {times} |\n")
         if difference is not None and difference.seeds > 1:
             winner = ("`iee-channel`" if difference.mean > 0 else "`taylor-knapsack_kd`") if difference.significant \
                 else "neither (within noise)"
