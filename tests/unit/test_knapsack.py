@@ -260,6 +260,16 @@ def test_latency_table_interpolates_exactly(reference, monkeypatch):
         assert costs.cost(kept) == pytest.approx(macs.cost(kept) / 1e6, rel=1e-9)
 
 
+def allocation_inputs(model: nn.Module) -> tuple[list[LayerBudget], dict[str, torch.Tensor], AllocationContext]:
+    """What the knapsack's ``allocate`` takes for the reference model: budgets (the classifier capped at 0), random
+    scores, and the context of a run at batch 16."""
+    targets = find_targets(model)
+    budgets = [LayerBudget(t.name, tuple(t.shape), 0.0 if t.name == "fc" else 1.0, t.shape.numel() // t.shape[0])
+               for t in targets]
+    scores = {t.name: torch.rand(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(targets)}
+    return budgets, scores, AllocationContext(model, targets, as_calibration(reference_inputs(8)), batch_size=16)
+
+
 def test_latency_table_is_timed_at_the_latency_batch_else_the_run_batch(reference, monkeypatch):
     model, _ = reference
     batches = []
@@ -269,11 +279,7 @@ def test_latency_table_is_timed_at_the_latency_batch_else_the_run_batch(referenc
         return {"median_ms": count_macs(module, torch.zeros(1, *shape))["macs"] / 1e6}
 
     monkeypatch.setattr(knapsack, "measure_latency", fake_time)
-    targets = find_targets(model)
-    budgets = [LayerBudget(t.name, tuple(t.shape), 0.0 if t.name == "fc" else 1.0, t.shape.numel() // t.shape[0])
-               for t in targets]
-    scores = {t.name: torch.rand(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(targets)}
-    context = AllocationContext(model, targets, as_calibration(reference_inputs(8)), batch_size=16)
+    budgets, scores, context = allocation_inputs(model)
     for latency_batch, expected in ((None, 16), (4, 4)):
         batches.clear()
         allocation = Knapsack("latency", latency_batch)
@@ -325,11 +331,7 @@ def test_latency_plan_is_timed_end_to_end_and_corrected_to_its_budget(reference,
         return {"median_ms": (macs + 0.3 * dense_macs * whole) / 1e6}
 
     monkeypatch.setattr(knapsack, "measure_latency", fake_time)
-    targets = find_targets(model)
-    budgets = [LayerBudget(t.name, tuple(t.shape), 0.0 if t.name == "fc" else 1.0, t.shape.numel() // t.shape[0])
-               for t in targets]
-    scores = {t.name: torch.rand(t.shape, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(targets)}
-    context = AllocationContext(model, targets, as_calibration(reference_inputs(8)), batch_size=16)
+    budgets, scores, context = allocation_inputs(model)
     allocation = Knapsack("latency", latency_rounds=rounds)
     ratios = allocation.allocate(budgets, 0.5, scores, context)
     report = allocation.summary()
