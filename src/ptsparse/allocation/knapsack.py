@@ -581,7 +581,7 @@ class Knapsack(Allocation):
                                            kind=int, minimum=1)
         latency_rounds: int = option(5, "knapsack_cost latency: times the planned model end to end (channels "
                                      "removed) and re-solves with the budget corrected by the measured miss, at most "
-                                     "this many times, until the latency removed is within 2% of the target; 0: "
+                                     "this many times, until the latency removed is within 0.02 of the target; 0: "
                                      "trust the per-layer table", kind=int, minimum=0)
 
     patterns = ("channel",)
