@@ -161,13 +161,17 @@ def test_timm_vit_channel_pattern_prunes_whole_heads_and_exports_a_smaller_model
     from ptsparse.graph.cost import count_params
 
     model, calib = timm_vit
-    result = ptsparse.sparsify(model, calib, method=method, pattern="channel", allocation="uniform", sparsity=0.3,
+    # the residual stream feeds LayerNorms, so its layers stay dense (the export could not remove its channels);
+    # 0.2 of the weights then falls on the heads and the MLPs' hidden channels: one head of 3 in each block
+    result = ptsparse.sparsify(model, calib, method=method, pattern="channel", allocation="uniform", sparsity=0.2,
                                batch_size=8, progress=False)
     heads = pruned_heads(result.model)
     assert set(heads) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
-    assert all(len(h) == 1 for h in heads.values())  # 0.3 of 3 heads rounds to one
+    assert all(len(h) == 1 for h in heads.values())
     assert_whole_rows_elsewhere(result.model)
-    assert_target_met(result, 0.3)  # Taylor's residual-stream units too: their counts are planned per unit
+    assert_target_met(result, 0.2)
+    for stream in ("patch_embed.proj", "blocks.0.attn.proj", "blocks.0.mlp.fc2", "blocks.1.mlp.fc2"):
+        assert bool(result.model.get_submodule(stream).weight.ne(0).all()), stream
 
     x = calib.inputs[:4]
     smaller, report = remove_channels(result.model, x)
@@ -190,7 +194,7 @@ def test_pruned_heads_lose_their_projection_biases_so_channel_removal_drops_them
         for block in model.blocks:
             block.attn.qkv.bias.normal_(generator=torch.Generator().manual_seed(0))
     result = ptsparse.sparsify(model, calib, method="magnitude", pattern="channel", allocation="uniform",
-                               sparsity=0.3, batch_size=8, progress=False)
+                               sparsity=0.2, batch_size=8, progress=False)
     for name, heads in pruned_heads(result.model).items():
         attention = next(a for a in find_attention(result.model) if name in a.projections)
         rows = attention.rows(name)[sorted(heads)].flatten()
