@@ -54,7 +54,7 @@ def hf_pruned(root) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model, architecture = resolve_model(f"hf:{root}")
     ids = torch.randint(20, (16, 8), generator=torch.Generator().manual_seed(1))
-    return ptsparse.sparsify(model, ids, method="taylor", sparsity=0.5, progress=False).model, ids[:4]
+    return ptsparse.sparsify(model, ids, method="taylor", sparsity=0.4, progress=False).model, ids[:4]  # 2 heads: one stays
 
 
 @pytest.mark.parametrize("name", FORMATS.names())
