@@ -189,7 +189,8 @@ class SparsityConfig:
         if multiple > 1 and kind != "channel":
             raise IncompatibleOptionsError(f"channel_multiple {multiple} applies to pattern 'channel', "
                                            f"not {self.pattern!r}")
-        single = [f"{axis} {getattr(self, axis)!r}" for axis in ("allocation", "dynamics") if picked[axis].chooses_units]
+        single = [f"{axis} {getattr(self, axis)!r}" for axis in ("allocation", "dynamics")
+                  if picked[axis].chooses_units]
         if multiple > 1 and single:
             raise IncompatibleOptionsError(f"channel_multiple {multiple} needs channels chosen N at a time; "
                                            f"{' and '.join(single)} choose single channels")

@@ -231,7 +231,8 @@ def test_vision_transformer_round_trips_with_its_multihead_attention_whole(tmp_p
     model = vit()
     nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head: every output would be 0
     calib = torch.randn(16, 3, 32, 32)
-    # the MLPs' hidden channels are what can go (0.115 of the weights, each MLP keeping one): the stream feeds LayerNorms
+    # the MLPs' hidden channels are what can go (0.115 of the weights, each MLP keeping one): the residual stream
+    # feeds LayerNorms
     with pytest.raises(ConfigError, match="sparsity 0.3 is infeasible: the layer caps allow at most 0.114754"):
         ptsparse.sparsify(model, calib, method="taylor", pattern="channel", sparsity=0.3, progress=False)
     result = ptsparse.sparsify(model, calib, method="taylor", pattern="channel", sparsity=0.1, progress=False)
