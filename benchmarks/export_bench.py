@@ -43,12 +43,12 @@ import torch
 from torch import nn
 
 import ptsparse
-from ptsparse._extras import require
 from ptsparse.checkpoint import write_json
 from ptsparse.data import FashionMNIST, sample_calibration
 from ptsparse.evaluate import accuracy
 from ptsparse.export import dense_checkpoint_bytes, export_model
 from ptsparse.export.channels import remove_channels
+from ptsparse.export.latency import onnx_runner
 from ptsparse.export.onnx import export_onnx
 from ptsparse.graph.cost import count_params, latency_stats, synchronize
 from ptsparse.models import load_reference, resolve_model
@@ -168,7 +168,6 @@ def time_both(dense: nn.Module, smaller: nn.Module, example: torch.Tensor, input
     """Latency of the dense and the channel-removed model at each batch (:func:`time_alternately`): in PyTorch on
     ``device``, then exported to ONNX and run by onnxruntime on the CPU with ``threads``;
     ``{"dense"|"pruned": {batch: stats}}`` each."""
-    ort = require("onnxruntime", "timing ONNX models")
     models = {"dense": dense.to(device).eval(), "pruned": smaller.to(device).eval()}
     latency, onnx_latency = {"dense": {}, "pruned": {}}, {"dense": {}, "pruned": {}}
     for batch in batch_sizes:
@@ -180,22 +179,13 @@ def time_both(dense: nn.Module, smaller: nn.Module, example: torch.Tensor, input
         for name, stats in time_alternately({n: forward(m) for n, m in models.items()}, batch, warmup,
                                             repeats).items():
             latency[name][str(batch)] = stats
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
     with tempfile.TemporaryDirectory() as directory:
-        sessions = {}
+        paths = {name: Path(directory) / f"{name}.onnx" for name in models}
         for name, model in models.items():
-            path = Path(directory) / f"{name}.onnx"
-            export_onnx(model.cpu(), example.cpu(), path)
-            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            export_onnx(model.cpu(), example.cpu(), paths[name])
         for batch in batch_sizes:
-            x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
-
-            def session_run(session) -> Callable[[], object]:
-                return lambda: session.run(None, {session.get_inputs()[0].name: x})
-
-            for name, stats in time_alternately({n: session_run(s) for n, s in sessions.items()}, batch, warmup,
-                                                repeats).items():
+            runs = {name: onnx_runner(path, input_shape, batch, threads) for name, path in paths.items()}
+            for name, stats in time_alternately(runs, batch, warmup, repeats).items():
                 onnx_latency[name][str(batch)] = stats
     return latency, onnx_latency
 

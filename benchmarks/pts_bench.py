@@ -411,13 +411,17 @@ def iee_section(reports: list[dict]) -> str:
 MODEL_TITLES = {"reference": "ResNet-20", "reference_mobilenet": "compact MobileNet"}
 
 
+def regime_order(regime: tuple) -> tuple:
+    """Sort key of a (model, calibration size, steps, sparsity) regime: the default model first."""
+    model, calib_size, steps, sparsity = regime
+    return model != DEFAULT_MODEL, model, calib_size, steps or 0, sparsity
+
+
 def channel_iee_section(reports: list[dict]) -> str:
     """Channel IEE against Taylor knapsack masks with the same distillation, per reference model and MAC budget:
     each one's mean ± standard deviation over seeds and their paired difference, and which wins."""
     cells = accuracy_by_seed(reports)
-    wall = wall_times(reports)
-    budgets = sorted({key[:4] for key in cells if key[4] in MAC_RUNS},
-                     key=lambda r: (r[0] != DEFAULT_MODEL, r[0], r[1], r[2] or 0, r[3]))
+    budgets = sorted({key[:4] for key in cells if key[4] in MAC_RUNS}, key=regime_order)
     if not budgets:
         return ""
     achieved = {cell_key(r): mac_reduction(r) for r in reports if r["run"] in MAC_RUNS}
@@ -432,26 +436,22 @@ def channel_iee_section(reports: list[dict]) -> str:
             "(`iee-channel`: Taylor gate scores from the distillation loss, prune and grow as knapsacks under the "
             "starting MACs). MAC reduction counts every Conv and Linear layer after removal of the zeroed channels. "
             "Cells: mean ± standard deviation over seeds (each seed its own calibration sample and training order); "
-            "`iee-channel - taylor-knapsack_kd`: the paired difference, `**` beyond two standard deviations. These "
-            "runs ran two at a time on one thread each, beside other work, and some were paused while timing "
-            "benchmarks ran alone, so the wall time shown is each cell's fastest seed, still high and only "
-            "comparable within a row.\n\n"
+            "`iee-channel - taylor-knapsack_kd`: the paired difference, `**` beyond two standard deviations. No wall "
+            "times: these runs ran two at a time on one thread each, beside other work (some paused while timing "
+            "benchmarks ran alone).\n\n"
             "| model | MACs removed (target) | taylor-knapsack_kd | iee-channel | iee-channel - taylor-knapsack_kd | "
-            "narrowest unit of the knapsack (channels, by seed) | wall time (s, fastest seed): taylor-knapsack_kd / "
-            "iee-channel |\n|---|---|---|---|---|---|---|\n")
+            "narrowest unit of the knapsack (channels, by seed) |\n|---|---|---|---|---|---|\n")
     verdicts = []
     for model, calib_size, steps, target in budgets:
         regime = (model, calib_size, steps, target)
         static, iee = cells.get((*regime, "taylor-knapsack_kd"), {}), cells.get((*regime, "iee-channel"), {})
         difference = paired(iee, static)
         reached = [achieved[(*regime, run)] for run in MAC_RUNS if (*regime, run) in achieved]
-        times = " / ".join(f"{min(wall[(*regime, run)]):.0f}" if (*regime, run) in wall else "-"
-                           for run in ("taylor-knapsack_kd", "iee-channel"))
         title = MODEL_TITLES.get(model, model) + ("" if (calib_size, steps) == (DEFAULT_CALIB_SIZE, None)
                                                    else f" ({calib_size} images, {steps or 'preset'} steps)")
         text += (f"| {title} | {min(reached):.3f} ({target:g}) | {format_cell(static) if static else '-'} | "
                  f"{format_cell(iee) if iee else '-'} | {difference if difference else '-'} | "
-                 f"{', '.join(f'{k}' for _, k in sorted(fewest.get(regime, {}).items())) or '-'} | {times} |\n")
+                 f"{', '.join(str(k) for _, k in sorted(fewest.get(regime, {}).items())) or '-'} |\n")
         if difference is not None and difference.seeds > 1:
             winner = ("`iee-channel`" if difference.mean > 0 else "`taylor-knapsack_kd`") if difference.significant \
                 else "neither (within noise)"
@@ -466,8 +466,7 @@ def regimes_section(reports: list[dict]) -> str:
     difference from ``magnitude_kd`` (ERK masks + the same distillation), marked where it exceeds two standard
     deviations."""
     cells = {key: values for key, values in accuracy_by_seed(reports).items() if key[4] not in MAC_RUNS}
-    regimes = sorted({key[:4] for key, values in cells.items() if len(values) > 1},
-                     key=lambda r: (r[0] != DEFAULT_MODEL, r[0], r[1], r[2] or 0, r[3]))
+    regimes = sorted({key[:4] for key, values in cells.items() if len(values) > 1}, key=regime_order)
     if not regimes:
         return ""
     text = ("\n## Regimes: several seeds\n\n"

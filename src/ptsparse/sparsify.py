@@ -211,9 +211,10 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
         ratios = allocation.allocate(budgets, config.sparsity, scores, context)
         counts = {b.name: round(ratios[b.name] * b.numel) for b in budgets}
         return counts, ratios, sum(counts.values()) / total
-    wanted = target_count(units if units is not None else budgets, config.sparsity)  # a unit keeps one step
+    planned = units if units is not None else budgets
+    wanted = target_count(planned, config.sparsity)  # under the channel pattern a unit keeps one step
     ratios = allocation.allocate(budgets, config.sparsity, scores, context)
-    counts = exact_counts(units if units is not None else budgets, ratios, wanted)
+    counts = exact_counts(planned, ratios, wanted)
     return counts, ratios, config.sparsity
 
 

@@ -428,7 +428,7 @@ def solve_knapsack(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacit
     """
     high = [int(k) for k in high]
     steps = [1] * len(high) if steps is None else [int(step) for step in steps]
-    low = [hi - (hi - int(lo)) // step * step for lo, hi, step in zip(low, high, steps)]
+    low = [_whole_steps(int(lo), hi, step) for lo, hi, step in zip(low, high, steps)]
     minimum = costs.cost(low)
     if minimum > capacity:
         raise ConfigError(f"cost budget {capacity:.6g} is infeasible: the minimum reachable cost is {minimum:.6g}")
@@ -437,7 +437,7 @@ def solve_knapsack(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacit
     def worth(kept: Sequence[int]) -> float:
         return sum(float(v[k]) for v, k in zip(values, kept))
 
-    kept = [hi - (hi - min(max(int(k), lo), hi)) // step * step
+    kept = [_whole_steps(min(max(int(k), lo), hi), hi, step)
             for k, lo, hi, step in zip(start if start is not None else high, low, high, steps)]
     best: list[int] | None = None
     for _ in range(3):  # linearise at the start, then twice around the solution
@@ -455,6 +455,11 @@ def solve_knapsack(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacit
         best = _fill(values, costs, capacity, high, steps,
                      _drop_until_feasible(values, costs, capacity, low, steps, high))
     return best
+
+
+def _whole_steps(count: int, high: int, step: int) -> int:
+    """The fewest channels at or above ``count`` that ``high`` less a whole number of ``step`` leaves."""
+    return high - (high - count) // step * step
 
 
 def _solve_linearised(values: Sequence[torch.Tensor], costs: KnapsackCosts, capacity: float, low: list[int],
@@ -624,7 +629,7 @@ class Knapsack(Allocation):
         try:
             kept = solve(capacity)
         except ConfigError as error:
-            fewest = [size - (size - lo) // step * step for size, lo, step in zip(costs.sizes, low, steps)]
+            fewest = [_whole_steps(lo, size, step) for size, lo, step in zip(costs.sizes, low, steps)]
             most = 1 - costs.cost(fewest) / costs.dense_cost
             raise ConfigError(f"knapsack sparsity {sparsity} ({self.cost}): {error}; at most {most:.4f} of the "
                               f"{self.cost} can be removed") from None

@@ -9,6 +9,7 @@ faster or slower than the baseline only when the difference is larger than that 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,17 +37,24 @@ def profile(model: nn.Module, input_shape: tuple[int, ...], batch_sizes: tuple[i
     }
 
 
-def measure_onnx_latency(path, input_shape: tuple[int, ...], batch_size: int, warmup: int = 10,
-                         repeats: int = 50, threads: int | None = None) -> dict[str, float]:
-    """Like :func:`measure_latency`, for an ONNX file run by onnxruntime on CPU."""
+def onnx_runner(path, input_shape: tuple[int, ...], batch_size: int,
+                threads: int | None = None) -> Callable[[], object]:
+    """One forward pass of an ONNX file under onnxruntime's CPU provider on a fixed random batch, ready to time
+    (the session and its input are built here, not in the call)."""
     ort = require("onnxruntime", "timing ONNX models")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
-    return time_runs(lambda: session.run(None, {name: x}), batch_size, warmup, repeats)
+    feed = {session.get_inputs()[0].name:
+            torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()}
+    return lambda: session.run(None, feed)
+
+
+def measure_onnx_latency(path, input_shape: tuple[int, ...], batch_size: int, warmup: int = 10,
+                         repeats: int = 50, threads: int | None = None) -> dict[str, float]:
+    """Like :func:`measure_latency`, for an ONNX file run by onnxruntime on CPU."""
+    return time_runs(onnx_runner(path, input_shape, batch_size, threads), batch_size, warmup, repeats)
 
 
 def onnx_params(path) -> int:
