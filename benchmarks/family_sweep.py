@@ -235,8 +235,8 @@ def families_section(directory: str | Path = RESULTS) -> str:
              "channels the export could not take out (0: every pruned channel went; layers whose channels it could "
              "not remove, such as a residual stream that feeds LayerNorms, stay dense). Each model in a "
              f"process of its own (limits: {limits.get('timeout_s', '?')} s, "
-             f"{limits.get('resident_gb', '?')} GB resident), one thread; the rows of 2026-12-05 ran beside two "
-             "benchmark processes, so their times are up to 2-3x those of a quiet CPU.",
+             f"{limits.get('resident_gb', '?')} GB resident), one thread, the whole sweep alone on the "
+             "machine.",
              "", "| model | input | result | channels | removed | kept | params | MAC reduction | output diff "
              "| sparsify s | export s | load s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
