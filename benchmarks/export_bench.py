@@ -73,6 +73,7 @@ ALLOCATIONS = ("uniform", "uniform-x8", "knapsack", "knapsack-x8", "knapsack-lat
 ZOO_REDUCTIONS = (0.5,)
 ZOO_WARMUP, ZOO_REPEATS = 3, 15
 ZOO_CALIB_SIZE = 16
+BY_KIND_RUNS = 3  # forward passes per model split by layer kind (time_by_kind), at the largest batch
 # The latency allocation meets its budget when the measured latency is at most this much above it.
 BUDGET_TOLERANCE = 0.05
 
@@ -190,6 +191,67 @@ def time_both(dense: nn.Module, smaller: nn.Module, example: torch.Tensor, input
     return latency, onnx_latency
 
 
+# Kinds of layer whose time and MACs the zoo rows split (``time_by_kind``), in table order: "grouped conv" holds
+# the depthwise ones; "between" is the forward time outside every module (additions, freeing memory, Python).
+KINDS = ("pointwise conv", "spatial conv", "grouped conv", "linear", "normalisation", "activation and pooling",
+         "between")
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The :data:`KINDS` entry of a leaf module, ``None`` for a container or a module timed in another's."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups > 1:
+            return "grouped conv"
+        return "pointwise conv" if module.kernel_size == (1, 1) else "spatial conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        return "normalisation"
+    if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid,
+                           nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Flatten)):
+        return "activation and pooling"
+    return None
+
+
+@torch.inference_mode()
+def time_by_kind(model: nn.Module, x: torch.Tensor, device: str, runs: int = 3) -> dict[str, dict[str, float]]:
+    """Where one forward pass of ``x`` spends its time: milliseconds (mean of ``runs`` after one warm-up) and
+    MACs per sample of each :data:`KINDS` entry, timed by hooks around every leaf module (the device synchronised
+    at each); "between" is the pass's wall time less the modules'."""
+    seconds = dict.fromkeys(KINDS, 0.0)
+    macs = dict.fromkeys(KINDS, 0)
+    started: dict[nn.Module, float] = {}
+    counting = [False]
+
+    def before(module: nn.Module, inputs) -> None:
+        synchronize(device)
+        started[module] = time.perf_counter()
+
+    def after(module: nn.Module, inputs, output) -> None:
+        synchronize(device)
+        kind = layer_kind(module)
+        if counting[0]:
+            seconds[kind] += time.perf_counter() - started[module]
+        elif kind in ("pointwise conv", "spatial conv", "grouped conv", "linear"):
+            macs[kind] += output.numel() // output.shape[0] * module.weight[0].numel()
+
+    hooks = [hook for module in model.modules() if layer_kind(module)
+             for hook in (module.register_forward_pre_hook(before), module.register_forward_hook(after))]
+    try:
+        model(x)  # counts the MACs and warms up
+        counting[0] = True
+        start = time.perf_counter()
+        for _ in range(runs):
+            model(x)
+        synchronize(device)
+        total = time.perf_counter() - start
+    finally:
+        for hook in hooks:
+            hook.remove()
+    seconds["between"] = total - sum(seconds.values())
+    return {kind: {"ms": 1000 * seconds[kind] / runs, "macs": macs[kind]} for kind in KINDS}
+
+
 def allocation_picks(allocation: str) -> tuple[str, dict]:
     """An allocation name (:data:`ALLOCATIONS`): its kind (``uniform``, ``knapsack``, ``knapsack-latency``) and
     its ``sparsify`` options but the latency batch."""
@@ -294,6 +356,10 @@ def zoo_run(spec: str, target: float, allocation: str, out: Path, *, image_size:
     latency, onnx_latency = time_both(dense, smaller, example, input_shape, batch_sizes, device, warmup, repeats,
                                       threads)
     speedup = {b: latency["dense"][b]["median_ms"] / latency["pruned"][b]["median_ms"] for b in latency["dense"]}
+    x = torch.randn(table_batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    by_kind = {"batch": table_batch, "runs": BY_KIND_RUNS,
+               **{name: time_by_kind(model.to(device), x, device, BY_KIND_RUNS)
+                  for name, model in (("dense", dense), ("pruned", smaller))}}
     row = {
         "part": "zoo", "model": spec, "weights": f"random (seed {seed})", "image_size": image_size,
         "allocation": allocation, "target_reduction": target, "criterion": "taylor",
@@ -307,7 +373,7 @@ def zoo_run(spec: str, target: float, allocation: str, out: Path, *, image_size:
         "onnxruntime_latency": onnx_latency,
         "onnxruntime_speedup": {b: onnx_latency["dense"][b]["median_ms"] / onnx_latency["pruned"][b]["median_ms"]
                                 for b in onnx_latency["dense"]},
-        "onnxruntime_provider": "CPUExecutionProvider",
+        "onnxruntime_provider": "CPUExecutionProvider", "time_by_kind": by_kind,
         "warmup": warmup, "repeats": repeats, **_machine(threads),
     }
     if torch.device(device).type == "cuda":
@@ -366,9 +432,9 @@ def export_section(directory: str | Path = RESULTS) -> str:
                   "at batch 64 (`--knapsack-cost latency`), the target then being the latency removed; `-x8`: channels "
                   "pruned 8 at a time, so every kept width is a multiple of 8 (`--channel-multiple 8`). MACs of Conv "
                   "and Linear layers, counted after removal; the weight sparsity is over the counted layers. Accuracy "
-                  "on the 10,000 test images; the removed model's accuracy equals the masked model's. Latency: median of "
-                  f"{first['repeats']} runs after {first['warmup']} warm-up runs ({_timing(first)}), {first['cpu']}, "
-                  f"{first['threads']} threads, torch {first['torch']}.",
+                  "on the 10,000 test images; the removed model's accuracy equals the masked model's. Latency: median "
+                  f"of {first['repeats']} runs after {first['warmup']} warm-up runs ({_timing(first)}), "
+                  f"{first['cpu']}, {first['threads']} threads, torch {first['torch']}.",
                   "The onnxruntime columns time the same two models exported to ONNX (`--format onnx`), run by "
                   "onnxruntime's CPU provider with the same threads, batch 64.",
                   "", "| allocation | target | weight sparsity | MAC reduction | params | accuracy (dense -> pruned) "
@@ -453,6 +519,34 @@ def _zoo_table(rows: list[dict]) -> list[str]:
             f"{_ms(d[small])} / {_ms(p[small])} | {_ms(d[big])} / {_ms(p[big])} | {r['speedup'][small]:.2f}x | "
             f"{r['speedup'][big]:.2f}x | {_ms(od[big])} / {_ms(op[big])} | "
             f"{r['onnxruntime_speedup'][small]:.2f}x | {r['onnxruntime_speedup'][big]:.2f}x | {budget_cell} |")
+    return lines + _by_kind_table([r for r in rows if "time_by_kind" in r])
+
+
+def _by_kind_table(rows: list[dict]) -> list[str]:
+    """Where each zoo row's forward pass spends its time, dense and pruned, by layer kind (:func:`time_by_kind`)."""
+    if not rows:
+        return []
+    kinds = [k for k in KINDS if any(r["time_by_kind"][m][k]["ms"] > 0 for r in rows for m in ("dense", "pruned"))]
+    first = rows[0]["time_by_kind"]
+    lines = ["", f"Where the time goes (`time_by_kind`): the same models at batch {first['batch']} in PyTorch, mean of "
+             f"{first['runs']} passes, each leaf module timed by hooks (which slow the pass a little); per kind of "
+             "layer, milliseconds dense -> pruned, then the fraction of its time and of its MACs that pruning "
+             "removed. \"between\" is the pass's time outside every module (the residual additions, freeing "
+             "memory, Python). These passes ran after the table above, so their totals differ from its medians.",
+             "", "| model | allocation | " + " | ".join(kinds) + " | total |", "|---|---|" + "---|" * (len(kinds) + 1)]
+    for r in rows:
+        dense, pruned = r["time_by_kind"]["dense"], r["time_by_kind"]["pruned"]
+
+        def cell(before_ms: float, after_ms: float, before_macs: int = 0, after_macs: int = 0) -> str:
+            if before_ms <= 0:
+                return "-"
+            text = f"{before_ms:.0f} -> {after_ms:.0f} ms (time -{1 - after_ms / before_ms:.0%}"
+            return text + (f", MACs -{1 - after_macs / before_macs:.0%})" if before_macs else ")")
+
+        cells = [cell(dense[k]["ms"], pruned[k]["ms"], dense[k]["macs"], pruned[k]["macs"]) for k in kinds]
+        totals = [sum(side[k][field] for k in KINDS) for field in ("ms", "macs") for side in (dense, pruned)]
+        total = cell(*totals)
+        lines.append(f"| {_zoo_name(r['model'])} | {r['allocation']} | " + " | ".join(cells) + f" | {total} |")
     return lines
 
 
