@@ -38,6 +38,7 @@ from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
 from .errors import CalibrationError, ConfigError, IncompatibleOptionsError
 from .evaluate import measure, metric_of, protocol
+from .graph.calls import layers_called_through
 from .graph.cost import speedup_warnings
 from .graph.outputs import feeding_the_output, record_output_nodes, traceable_input
 from .masking import bake, masks_of
@@ -146,7 +147,7 @@ def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
     model.eval()
     sample = traceable_input(calibration.inputs[:2].to(device))
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), layers_called_through(model):
             result = model(sample)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -49,6 +49,7 @@ from .. import distributed
 from .._extras import MissingExtraError
 from ..attention import AttentionHeads, find_attention, heads_by_layer
 from ..errors import ConfigError, ExportError
+from ..graph.calls import layers_called_through
 from ..graph.cost import CONV_TYPES, measure_latency, output_positions
 from ..graph.coupling import (
     PRODUCER_TYPES,
@@ -78,7 +79,7 @@ class _Layer:
     in_features: int  # input channels of a convolution, input features of a Linear
     groups: int
     positions: int  # output positions per sample (over all calls): MACs = weights * positions
-    input_shape: tuple[int, ...]  # one sample's input (for timing)
+    input_shape: tuple[int, ...]  # one sample's input (for timing); a Linear's: (positions, in_features)
     calls: int = 1
     out_unit: int | None = None
     out_per_channel: int = 1  # output rows per channel of its unit (a head's rows)
@@ -287,27 +288,27 @@ def _out_channels(module: nn.Module) -> int:
 
 @torch.no_grad()
 def _trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, _Layer]:
-    """Every Conv/Linear layer the model runs on one sample, in execution order (counted as ``count_macs``)."""
+    """Every Conv/Linear layer the model runs on one sample (a Linear applied through ``F.linear`` too), in
+    execution order (counted as ``count_macs``)."""
     layers: dict[str, _Layer] = {}
     names = {module: name for name, module in model.named_modules()}
 
     def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         positions = output_positions(module, output)
         if isinstance(module, CONV_TYPES):
-            in_features, groups = module.in_channels, module.groups
-        else:
-            in_features, groups = module.in_features, 1
+            in_features, groups, shape = module.in_channels, module.groups, tuple(inputs[0].shape[1:])
+        else:  # every leading position in one: Swin folds its windows into the batch dimension
+            in_features, groups, shape = module.in_features, 1, (positions, module.in_features)
         name = names[module]
         if name in layers:  # a module called more than once
             layers[name].calls += 1
             layers[name].positions += positions
             return
-        layers[name] = _Layer(name, module, _out_channels(module), in_features, groups, positions,
-                              tuple(inputs[0].shape[1:]))
+        layers[name] = _Layer(name, module, _out_channels(module), in_features, groups, positions, shape)
 
     hooks = [m.register_forward_hook(on_output) for m in model.modules() if isinstance(m, PRODUCER_TYPES)]
     try:
-        with eval_mode(model):
+        with eval_mode(model), layers_called_through(model):
             model(example[:1])
     finally:
         for hook in hooks:

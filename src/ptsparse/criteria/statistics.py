@@ -37,6 +37,7 @@ from .. import distributed
 from ..data import Calibration
 from ..data.calibration import StopForward
 from ..errors import ConfigError
+from ..graph.calls import layers_called_through
 from ..targets import Target
 from ..offload import Offload, whole_model
 from .block_inputs import BlockInputs, find_chains, inputs_for
@@ -235,10 +236,11 @@ def gather_statistics_all(model: nn.Module, targets: Sequence[Target], calibrati
     runner = model if block_inputs is None else block_inputs.module
     handles.append(runner.register_forward_pre_hook(on_batch))
     try:
-        if block_inputs is None:
-            calibration.feed(model, batch_size, device, batch_statistics=True, shard=True)
-        else:
-            block_inputs.feed()
+        with layers_called_through(model):  # Swin's attention applies its q/k/v through F.linear
+            if block_inputs is None:
+                calibration.feed(model, batch_size, device, batch_statistics=True, shard=True)
+            else:
+                block_inputs.feed()
     finally:
         for handle in handles:
             handle.remove()

@@ -1,7 +1,8 @@
 """The cost model: parameters, MACs and wall-clock latency on the current device, and where zeros buy no speed.
 
 MACs are counted with forward hooks on Conv and Linear layers (multiply-accumulates per sample, the
-layers that dominate a CNN's cost; norms, activations and pooling are not counted). ``macs`` is what dense
+layers that dominate a CNN's cost; norms, activations, pooling and the products of attention scores are not
+counted), Linear layers that their parent applies through ``F.linear`` included (:mod:`.calls`). ``macs`` is what dense
 kernels compute, ``nonzero_macs`` what a kernel that skipped every zero weight would compute: the gap
 between them is the speed that unstructured zeros promise and dense kernels do not deliver.
 
@@ -23,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .calls import layers_called_through
+
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # 2:4 kernels lose to dense ones on Linear layers with fewer inputs or outputs than this.
 SMALL_FEATURES = 1024
@@ -36,18 +39,20 @@ def count_params(model: nn.Module) -> int:
 
 
 def output_positions(module: nn.Module, output: torch.Tensor) -> int:
-    """Positions of one sample's output at which a Conv/Linear layer applies its weights: MACs = weights * this.
+    """Positions of ``output``, from a pass of one sample, at which a Conv/Linear layer applies its weights:
+    MACs = weights * this.
 
-    A convolution: its output positions per channel. A Linear layer: every leading position of its input.
+    A convolution: its output positions per channel. A Linear layer: every leading position of its input, all of
+    them: an attention that folds its windows into the leading dimension (Swin's) applies it once per window.
     """
-    if isinstance(module, CONV_TYPES):
-        return output[0, 0].numel()
-    return output[0].numel() // module.out_features if output.dim() > 1 else 1
+    channels = module.out_channels if isinstance(module, CONV_TYPES) else module.out_features
+    return output.numel() // channels
 
 
 @torch.no_grad()
 def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates per sample of the model's Conv and Linear layers.
+    """Multiply-accumulates per sample of the model's Conv and Linear layers (a Linear layer applied through
+    ``F.linear`` by its parent, as in torchvision's Swin attention, too: :mod:`ptsparse.graph.calls`).
 
     Args:
         model: the model (run once in eval mode; not modified).
@@ -67,7 +72,8 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     was_training = model.training
     model.eval()
     try:
-        model(example[:1])
+        with layers_called_through(model):
+            model(example[:1])
     finally:
         for hook in hooks:
             hook.remove()

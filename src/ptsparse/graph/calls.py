@@ -1,0 +1,83 @@
+"""Linear layers that a model applies outside their own forward, seen as calls of the layer.
+
+torchvision's Swin attention (``ShiftedWindowAttention`` and its V2) holds its q/k/v and output projections as
+``nn.Linear`` children but applies them as ``F.linear(x, self.qkv.weight, self.qkv.bias)``: the children's forward
+never runs, so forward hooks on them (input statistics for Wanda and SparseGPT, the MAC count, the knapsack's cost
+model) see nothing, and such a layer would be scored on no data and left out of the MACs. Inside
+:func:`layers_called_through`, such a call runs the layer itself, so its hooks see its input and output; a bias
+other than the layer's own (Swin V2 applies a copy with the keys' part zeroed) is added on top of the layer's
+output as the difference of the two. A layer's weight is recognised by identity: the parameter, or, when a
+parametrization (a mask) computes it, the tensor its parametrization last returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
+
+
+@contextmanager
+def layers_called_through(model: nn.Module) -> Iterator[None]:
+    """Within the block, a ``F.linear`` call that applies the weight of one of ``model``'s ``nn.Linear`` layers
+    outside that layer's forward runs as a call of the layer (see the module docstring). The model is not
+    modified; its hooks are removed on exit."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    owners: dict[int, nn.Linear] = {id(layer.weight): layer for layer in layers
+                                    if not parametrize.is_parametrized(layer, "weight")}
+    computed: dict[nn.Linear, torch.Tensor] = {}  # the last weight each parametrization returned, kept alive
+    running: set[nn.Linear] = set()
+
+    def on_weight(layer: nn.Linear):
+        def record(parametrization: nn.Module, inputs, weight: torch.Tensor) -> None:
+            previous = computed.get(layer)
+            if previous is not None:
+                owners.pop(id(previous), None)
+            computed[layer], owners[id(weight)] = weight, layer
+        return record
+
+    def enter(layer: nn.Module, inputs) -> None:
+        running.add(layer)
+
+    def leave(layer: nn.Module, inputs, output) -> None:
+        running.discard(layer)
+
+    hooks = []
+    for layer in layers:
+        hooks += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave, always_call=True)]
+        if parametrize.is_parametrized(layer, "weight"):
+            hooks.append(layer.parametrizations.weight.register_forward_hook(on_weight(layer)))
+
+    class ThroughLayers(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.linear:
+                x, weight, bias = _linear_arguments(*args, **kwargs)
+                layer = owners.get(id(weight))
+                if layer is not None and layer not in running:
+                    output = layer(x)  # this mode is off inside its handler: the layer's own F.linear runs as is
+                    if bias is not layer.bias:
+                        output = output + _or_zero(bias) - _or_zero(layer.bias)
+                    return output
+            return func(*args, **kwargs)
+
+    try:
+        with ThroughLayers():
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _linear_arguments(input: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return input, weight, bias
+
+
+def _or_zero(bias: torch.Tensor | None) -> torch.Tensor | float:
+    return 0.0 if bias is None else bias
