@@ -530,9 +530,9 @@ def _by_kind_table(rows: list[dict]) -> list[str]:
     first = rows[0]["time_by_kind"]
     lines = ["", f"Where the time goes (`time_by_kind`): the same models at batch {first['batch']} in PyTorch, mean of "
              f"{first['runs']} passes, each leaf module timed by hooks (which slow the pass a little); per kind of "
-             "layer, milliseconds dense -> pruned, then the fraction of its time and of its MACs that pruning "
-             "removed. \"between\" is the pass's time outside every module (the residual additions, freeing "
-             "memory, Python). These passes ran after the table above, so their totals differ from its medians.",
+             "layer, milliseconds dense -> pruned, then how its time and its MACs changed. \"between\" is the "
+             "pass's time outside every module (the residual additions, freeing memory, Python). These passes ran "
+             "after the table above, so their totals differ from its medians.",
              "", "| model | allocation | " + " | ".join(kinds) + " | total |", "|---|---|" + "---|" * (len(kinds) + 1)]
     for r in rows:
         dense, pruned = r["time_by_kind"]["dense"], r["time_by_kind"]["pruned"]
@@ -540,8 +540,8 @@ def _by_kind_table(rows: list[dict]) -> list[str]:
         def cell(before_ms: float, after_ms: float, before_macs: int = 0, after_macs: int = 0) -> str:
             if before_ms <= 0:
                 return "-"
-            text = f"{before_ms:.0f} -> {after_ms:.0f} ms (time -{1 - after_ms / before_ms:.0%}"
-            return text + (f", MACs -{1 - after_macs / before_macs:.0%})" if before_macs else ")")
+            text = f"{before_ms:.0f} -> {after_ms:.0f} ms (time {after_ms / before_ms - 1:+.0%}"
+            return text + (f", MACs {after_macs / before_macs - 1:+.0%})" if before_macs else ")")
 
         cells = [cell(dense[k]["ms"], pruned[k]["ms"], dense[k]["macs"], pruned[k]["macs"]) for k in kinds]
         totals = [sum(side[k][field] for k in KINDS) for field in ("ms", "macs") for side in (dense, pruned)]
