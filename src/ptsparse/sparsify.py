@@ -126,14 +126,16 @@ def check_data_parallel(config: SparsityConfig, calibration: Calibration) -> Non
 
 
 def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
-          device: torch.device) -> tuple[list[Target], set[str]]:
+          device: torch.device) -> tuple[list[Target], set[str], set[str]]:
     """Runs two calibration samples through the model.
 
     Returns:
-        The targets in execution order (those never called last, in module order), and the names of
-        the output layers: the targets whose output is the model's output, or feeds it through activations,
-        pooling, flatten or reshape only (:mod:`ptsparse.graph.outputs`; SqueezeNet's classifier conv is
-        followed by ReLU and pooling).
+        The targets in execution order (those never called last, in module order); the names of the output
+        layers: the targets whose output is the model's output, or feeds it through activations, pooling,
+        flatten or reshape only (:mod:`ptsparse.graph.outputs`; SqueezeNet's classifier conv is followed by ReLU
+        and pooling); and the names of the targets that never ran, neither called nor applied through
+        ``F.linear`` (:mod:`ptsparse.graph.calls`): an unused branch, or a layer whose parent computes with its
+        weight itself, as ``nn.MultiheadAttention`` does with ``out_proj``.
 
     Raises:
         CalibrationError: the inputs do not fit the model (wrong shape, dtype or channels).
@@ -162,7 +164,7 @@ def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
     order = {name: position for position, name in enumerate(outputs)}
     ordered = sorted(targets, key=lambda t: order.get(t.name, len(order)))
     direct = {name for name, out in outputs.items() if out is result}  # no graph: integer inputs, frozen model
-    return ordered, direct | feeding_the_output(result, produced)
+    return ordered, direct | feeding_the_output(result, produced), {t.name for t in targets if t.name not in order}
 
 
 def layer_budgets(targets: list[Target], config: SparsityConfig, pattern: Pattern,
@@ -271,7 +273,7 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     # with offload the student stays in CPU memory and every pass moves one block at a time to the device
     offload = Offload.of(student, targets, device) if config.offload else None
     with whole_model(offload):
-        targets, output_layers = probe(student, targets, calibration, device)
+        targets, output_layers, never_ran = probe(student, targets, calibration, device)
     criterion = CRITERIA.get(config.criterion).from_config(config)
     pattern = parse_pattern(config.pattern, config.settings_of(NM).fallback)
     protected, units = set(), None
@@ -293,6 +295,13 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
                             "LayerNorm): %s%s", len(kept), ", ".join(kept[:4]), ", ..." if len(kept) > 4 else "")
                 protected = protected | set(kept)
         pattern = Channel(heads=heads, multiple=config.settings_of(Channel).multiple, units=units)
+    unobserved = sorted(never_ran) if criterion.statistics else []
+    if unobserved:  # their input statistics would be empty: every weight would score 0 and ties would choose
+        log.warning("%d layers stay dense: criterion %r scores a layer on its inputs, and these never ran as layers "
+                    "(an unused branch, or weights their parent applies itself, as nn.MultiheadAttention does with "
+                    "out_proj): %s%s", len(unobserved), config.criterion, ", ".join(unobserved[:4]),
+                    ", ..." if len(unobserved) > 4 else "")
+        protected = protected | set(unobserved)
 
     # accuracy for classifiers, perplexity for causal language models
     metric = metric_of(eval_data) if eval_data is not None else "perplexity" if is_causal_lm(model) else "accuracy"

@@ -99,3 +99,20 @@ def test_swin_attention_is_pruned_on_its_inputs(method: str) -> None:
         assert zero.float().mean() == 0.5, name
         # scored on no inputs, Wanda's ties cut whole input columns and SparseGPT whole rows
         assert not zero.all(0).any() and not zero.all(1).any(), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_layer_that_never_runs_stays_dense_under_a_criterion_of_its_inputs(method: str, caplog) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32,
+                                                 mlp_dim=64, num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight)  # zero-initialised
+    calib = torch.randn(16, 3, 16, 16)
+    with caplog.at_level("WARNING", logger="ptsparse"):
+        result = ptsparse.sparsify(model, calib, method=method, sparsity=0.5, progress=False)
+    # nn.MultiheadAttention computes with out_proj's weight itself: its inputs are never seen
+    out_proj = result.model.encoder.layers[0].self_attention.out_proj.weight
+    assert out_proj.count_nonzero() == out_proj.numel()
+    assert "stay dense" in caplog.text and "self_attention.out_proj" in caplog.text
+    assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)  # met on the other layers
