@@ -2,9 +2,10 @@
 
 MACs are counted with forward hooks on Conv and Linear layers (multiply-accumulates per sample, the
 layers that dominate a CNN's cost; norms, activations, pooling and the products of attention scores are not
-counted), Linear layers that their parent applies through ``F.linear`` included (:mod:`.calls`). ``macs`` is what dense
-kernels compute, ``nonzero_macs`` what a kernel that skipped every zero weight would compute: the gap
-between them is the speed that unstructured zeros promise and dense kernels do not deliver.
+counted), Linear layers that their parent applies through ``F.linear`` included (:mod:`.calls`), not the
+projections that ``nn.MultiheadAttention`` computes itself. ``macs`` is what dense kernels compute,
+``nonzero_macs`` what a kernel that skipped every zero weight would compute: the gap between them is the speed
+that unstructured zeros promise and dense kernels do not deliver.
 
 Latency is the median over ``repeats`` timed runs after ``warmup`` untimed ones, with
 ``torch.inference_mode``; on CUDA each run is synchronised. Throughput is ``batch / median``. The spread of
