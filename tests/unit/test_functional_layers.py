@@ -116,3 +116,16 @@ def test_a_layer_that_never_runs_stays_dense_under_a_criterion_of_its_inputs(met
     assert out_proj.count_nonzero() == out_proj.numel()
     assert "stay dense" in caplog.text and "self_attention.out_proj" in caplog.text
     assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)  # met on the other layers
+
+
+def test_multihead_attention_macs_count_its_projections() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                                 mlp_dim=64, num_classes=10).eval()
+    tokens = 2 * 2 + 1  # the patches and the class token
+    layer = tokens * (4 * 32 * 32 + 2 * 32 * 64)  # q, k, v and out; the MLP
+    expected = 4 * 32 * 3 * 8 * 8 + 2 * layer + 32 * 10
+    example = torch.randn(2, 3, 16, 16)
+    assert count_macs(model, example)["macs"] == expected
+    targets = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert ChannelCosts.trace(model, targets, example).dense_cost == expected

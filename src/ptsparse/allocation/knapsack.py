@@ -49,7 +49,7 @@ from .. import distributed
 from .._extras import MissingExtraError
 from ..attention import AttentionHeads, find_attention, heads_by_layer
 from ..errors import ConfigError, ExportError
-from ..graph.calls import layers_called_through
+from ..graph.calls import attention_projections, layers_called_through
 from ..graph.cost import CONV_TYPES, measure_latency, output_positions
 from ..graph.coupling import (
     PRODUCER_TYPES,
@@ -288,25 +288,44 @@ def _out_channels(module: nn.Module) -> int:
 
 @torch.no_grad()
 def _trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, _Layer]:
-    """Every Conv/Linear layer the model runs on one sample (a Linear applied through ``F.linear`` too), in
-    execution order (counted as ``count_macs``)."""
+    """Every Conv/Linear layer the model runs on one sample (a Linear applied through ``F.linear`` too) and the
+    projections of every ``nn.MultiheadAttention`` (its q/k/v as layers ``<attention>.in_proj.q`` ..., stand-ins
+    on the meta device), in execution order (counted as ``count_macs``)."""
     layers: dict[str, _Layer] = {}
     names = {module: name for name, module in model.named_modules()}
 
-    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        positions = output_positions(module, output)
-        if isinstance(module, CONV_TYPES):
-            in_features, groups, shape = module.in_channels, module.groups, tuple(inputs[0].shape[1:])
-        else:  # every leading position in one: Swin folds its windows into the batch dimension
-            in_features, groups, shape = module.in_features, 1, (positions, module.in_features)
-        name = names[module]
+    def record(name: str, module: nn.Module, positions: int, shape: tuple[int, ...]) -> None:
         if name in layers:  # a module called more than once
             layers[name].calls += 1
             layers[name].positions += positions
             return
+        if isinstance(module, CONV_TYPES):
+            in_features, groups = module.in_channels, module.groups
+        else:
+            in_features, groups = module.in_features, 1
         layers[name] = _Layer(name, module, _out_channels(module), in_features, groups, positions, shape)
 
-    hooks = [m.register_forward_hook(on_output) for m in model.modules() if isinstance(m, PRODUCER_TYPES)]
+    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        positions = output_positions(module, output)
+        # a Linear's positions in one: Swin folds its windows into the batch dimension
+        shape = tuple(inputs[0].shape[1:]) if isinstance(module, CONV_TYPES) else (positions, module.in_features)
+        record(names[module], module, positions, shape)
+
+    def on_attention(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        for projection in attention_projections(module, args, kwargs):
+            rows, inputs = projection.weight.shape
+            shape = (projection.positions, inputs)
+            if projection.out_proj is not None:
+                record(names[projection.out_proj], projection.out_proj, projection.positions, shape)
+            else:
+                stand_in = nn.Linear(inputs, rows, projection.bias, device="meta")
+                record(f"{names[module]}.in_proj.{projection.part}", stand_in, projection.positions, shape)
+
+    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    seen_there = {id(m.out_proj) for m in attentions}
+    hooks = [m.register_forward_hook(on_output) for m in model.modules()
+             if isinstance(m, PRODUCER_TYPES) and id(m) not in seen_there]
+    hooks += [m.register_forward_hook(on_attention, with_kwargs=True) for m in attentions]
     try:
         with eval_mode(model), layers_called_through(model):
             model(example[:1])

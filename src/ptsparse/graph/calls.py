@@ -1,4 +1,5 @@
-"""Linear layers that a model applies outside their own forward, seen as calls of the layer.
+"""Linear layers that a model applies outside their own forward, seen as calls of the layer; and the projections
+that ``nn.MultiheadAttention`` computes with its own weights.
 
 torchvision's Swin attention (``ShiftedWindowAttention`` and its V2) holds its q/k/v and output projections as
 ``nn.Linear`` children but applies them as ``F.linear(x, self.qkv.weight, self.qkv.bias)``: the children's forward
@@ -8,12 +9,19 @@ model) see nothing, and such a layer would be scored on no data and left out of 
 other than the layer's own (Swin V2 applies a copy with the keys' part zeroed) is added on top of the layer's
 output as the difference of the two. A layer's weight is recognised by identity: the parameter, or, when a
 parametrization (a mask) computes it, the tensor its parametrization last returned.
+
+``nn.MultiheadAttention`` cannot be seen this way: its forward runs a native kernel, or a functional
+implementation that computes with ``in_proj_weight`` (no layer of its own) and ``out_proj.weight`` inside one
+dispatched call. :func:`attention_projections` names those four products (q, k, v, out) from the attention's
+inputs, for the MAC count and the knapsack's cost model; their layers' inputs stay unseen (``sparsify`` leaves
+``out_proj`` dense under criteria that score inputs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,3 +89,34 @@ def _linear_arguments(input: torch.Tensor, weight: torch.Tensor,
 
 def _or_zero(bias: torch.Tensor | None) -> torch.Tensor | float:
     return 0.0 if bias is None else bias
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One product of an ``nn.MultiheadAttention`` with a weight matrix: ``weight`` (its rows of ``in_proj_weight``,
+    or ``out_proj.weight``; ``out_proj`` is that layer) applied at ``positions`` positions of the pass."""
+
+    part: str  # "q", "k", "v" or "out"
+    weight: torch.Tensor
+    positions: int
+    bias: bool
+    out_proj: nn.Linear | None = None
+
+
+def attention_projections(attention: nn.MultiheadAttention, args: Sequence,
+                          kwargs: Mapping) -> list[Projection]:
+    """The q, k, v and output projections that one call of ``attention`` (positional ``args`` and ``kwargs`` of
+    its forward: query, key, value) computes, with the positions of each, counted over the whole call."""
+    names = ("query", "key", "value")
+    query, key, value = (args[i] if len(args) > i else kwargs[name] for i, name in enumerate(names))
+    width = attention.embed_dim
+    if attention.in_proj_weight is not None:
+        q, k, v = attention.in_proj_weight.chunk(3)
+    else:
+        q, k, v = attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight
+    bias = attention.in_proj_bias is not None
+    out = attention.out_proj
+    return [Projection("q", q, query.numel() // width, bias),
+            Projection("k", k, key.numel() // attention.kdim, bias),
+            Projection("v", v, value.numel() // attention.vdim, bias),
+            Projection("out", out.weight, query.numel() // width, out.bias is not None, out)]

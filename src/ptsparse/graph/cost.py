@@ -2,8 +2,8 @@
 
 MACs are counted with forward hooks on Conv and Linear layers (multiply-accumulates per sample, the
 layers that dominate a CNN's cost; norms, activations, pooling and the products of attention scores are not
-counted), Linear layers that their parent applies through ``F.linear`` included (:mod:`.calls`), not the
-projections that ``nn.MultiheadAttention`` computes itself. ``macs`` is what dense kernels compute,
+counted), Linear layers that their parent applies through ``F.linear`` included, and the q/k/v and output
+projections of ``nn.MultiheadAttention`` (:mod:`.calls`). ``macs`` is what dense kernels compute,
 ``nonzero_macs`` what a kernel that skipped every zero weight would compute: the gap between them is the speed
 that unstructured zeros promise and dense kernels do not deliver.
 
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .calls import layers_called_through
+from .calls import attention_projections, layers_called_through
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # 2:4 kernels lose to dense ones on Linear layers with fewer inputs or outputs than this.
@@ -53,7 +53,8 @@ def output_positions(module: nn.Module, output: torch.Tensor) -> int:
 @torch.no_grad()
 def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per sample of the model's Conv and Linear layers (a Linear layer applied through
-    ``F.linear`` by its parent, as in torchvision's Swin attention, too: :mod:`ptsparse.graph.calls`).
+    ``F.linear`` by its parent, as in torchvision's Swin attention, too) and ``nn.MultiheadAttention``'s
+    projections (:mod:`ptsparse.graph.calls`).
 
     Args:
         model: the model (run once in eval mode; not modified).
@@ -64,12 +65,22 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """
     totals = {"macs": 0, "nonzero_macs": 0}
 
-    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        positions = output_positions(module, output)
-        totals["macs"] += positions * module.weight.numel()
-        totals["nonzero_macs"] += positions * int(module.weight.count_nonzero())
+    def add(weight: torch.Tensor, positions: int) -> None:
+        totals["macs"] += positions * weight.numel()
+        totals["nonzero_macs"] += positions * int(weight.count_nonzero())
 
-    hooks = [m.register_forward_hook(on_output) for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
+    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        add(module.weight, output_positions(module, output))
+
+    def on_attention(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        for projection in attention_projections(module, args, kwargs):
+            add(projection.weight, projection.positions)
+
+    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    counted_there = {id(m.out_proj) for m in attentions}
+    hooks = [m.register_forward_hook(on_output) for m in model.modules()
+             if isinstance(m, (*CONV_TYPES, nn.Linear)) and id(m) not in counted_there]
+    hooks += [m.register_forward_hook(on_attention, with_kwargs=True) for m in attentions]
     was_training = model.training
     model.eval()
     try:
