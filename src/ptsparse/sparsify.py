@@ -133,9 +133,9 @@ def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
         The targets in execution order (those never called last, in module order); the names of the output
         layers: the targets whose output is the model's output, or feeds it through activations, pooling,
         flatten or reshape only (:mod:`ptsparse.graph.outputs`; SqueezeNet's classifier conv is followed by ReLU
-        and pooling); and the names of the targets that never ran, neither called nor applied through
-        ``F.linear`` (:mod:`ptsparse.graph.calls`): an unused branch, or a layer whose parent computes with its
-        weight itself, as ``nn.MultiheadAttention`` does with ``out_proj``.
+        and pooling); and the names of the targets that never ran, neither called nor applied by their parent
+        in a way :mod:`ptsparse.graph.calls` follows (``F.linear``, ``nn.MultiheadAttention``'s ``out_proj``):
+        an unused branch, or a parent that computes with a layer's weight some other way.
 
     Raises:
         CalibrationError: the inputs do not fit the model (wrong shape, dtype or channels).
@@ -298,8 +298,8 @@ def sparsify(model: nn.Module, calib: Any, config: SparsityConfig | dict | str |
     unobserved = sorted(never_ran) if criterion.statistics else []
     if unobserved:  # their input statistics would be empty: every weight would score 0 and ties would choose
         log.warning("%d layers stay dense: criterion %r scores a layer on its inputs, and these never ran as layers "
-                    "(an unused branch, or weights their parent applies itself, as nn.MultiheadAttention does with "
-                    "out_proj): %s%s", len(unobserved), config.criterion, ", ".join(unobserved[:4]),
+                    "(an unused branch, or weights their parent applies in a way ptsparse does not follow): %s%s",
+                    len(unobserved), config.criterion, ", ".join(unobserved[:4]),
                     ", ..." if len(unobserved) > 4 else "")
         protected = protected | set(unobserved)
 

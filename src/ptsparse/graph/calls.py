@@ -12,13 +12,16 @@ parametrization (a mask) computes it, the tensor its parametrization last return
 
 ``nn.MultiheadAttention`` cannot be seen this way: its forward runs a native kernel, or a functional
 implementation that computes with ``in_proj_weight`` (no layer of its own) and ``out_proj.weight`` inside one
-dispatched call. :func:`attention_projections` names those four products (q, k, v, out) from the attention's
-inputs, for the MAC count and the knapsack's cost model; their layers' inputs stay unseen (``sparsify`` leaves
-``out_proj`` dense under criteria that score inputs).
+dispatched call. Inside :func:`layers_called_through`, each of its calls is replayed by a copy that shares its
+tensors and has an identity in place of ``out_proj``, which gives the attention's output before the projection, and
+``out_proj`` is called on it, so its hooks see its input (the replay costs one more attention per call).
+:func:`attention_projections` names the four products (q, k, v, out) from the attention's inputs, for the MAC
+count and the knapsack's cost model.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,8 +36,9 @@ from torch.overrides import TorchFunctionMode
 @contextmanager
 def layers_called_through(model: nn.Module) -> Iterator[None]:
     """Within the block, a ``F.linear`` call that applies the weight of one of ``model``'s ``nn.Linear`` layers
-    outside that layer's forward runs as a call of the layer (see the module docstring). The model is not
-    modified; its hooks are removed on exit."""
+    outside that layer's forward runs as a call of the layer, and the ``out_proj`` of an ``nn.MultiheadAttention``
+    is called on the attention's output before it (see the module docstring). The model is not modified; its
+    hooks are removed on exit."""
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     owners: dict[int, nn.Linear] = {id(layer.weight): layer for layer in layers
                                     if not parametrize.is_parametrized(layer, "weight")}
@@ -55,11 +59,21 @@ def layers_called_through(model: nn.Module) -> Iterator[None]:
     def leave(layer: nn.Module, inputs, output) -> None:
         running.discard(layer)
 
+    replays: dict[nn.Module, nn.Module] = {}
+
+    def through_out_proj(attention: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if attention not in replays:
+            replays[attention] = _with_identity_out_proj(attention)
+        mixed = replays[attention].forward(*args, **kwargs)  # forward: no hooks run
+        attention.out_proj(mixed[0] if isinstance(mixed, tuple) else mixed)
+
     hooks = []
     for layer in layers:
         hooks += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave, always_call=True)]
         if parametrize.is_parametrized(layer, "weight"):
             hooks.append(layer.parametrizations.weight.register_forward_hook(on_weight(layer)))
+    hooks += [m.register_forward_hook(through_out_proj, with_kwargs=True) for m in model.modules()
+              if isinstance(m, nn.MultiheadAttention)]
 
     class ThroughLayers(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -80,6 +94,21 @@ def layers_called_through(model: nn.Module) -> Iterator[None]:
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _with_identity_out_proj(attention: nn.Module) -> nn.Module:
+    """A copy of ``attention`` that shares its tensors but has an identity in place of ``out_proj``: its output is
+    the attention's before the output projection."""
+    shared = {id(tensor): tensor for tensor in (*attention.parameters(), *attention.buffers())}
+    replay = copy.deepcopy(attention, shared)
+    weight = attention.out_proj.weight
+    identity = nn.Linear(attention.embed_dim, attention.embed_dim, attention.out_proj.bias is not None,
+                         device=weight.device, dtype=weight.dtype).requires_grad_(False)
+    identity.weight.copy_(torch.eye(attention.embed_dim))
+    if identity.bias is not None:
+        identity.bias.zero_()
+    replay.out_proj = identity
+    return replay
 
 
 def _linear_arguments(input: torch.Tensor, weight: torch.Tensor,
