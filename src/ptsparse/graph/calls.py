@@ -62,7 +62,8 @@ def layers_called_through(model: nn.Module) -> Iterator[None]:
     replays: dict[nn.Module, nn.Module] = {}
 
     def through_out_proj(attention: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if attention not in replays:
+        replay = replays.get(attention)
+        if replay is None or replay.out_proj.weight.device != attention.out_proj.weight.device:  # (offload moves it)
             replays[attention] = _with_identity_out_proj(attention)
         mixed = replays[attention].forward(*args, **kwargs)  # forward: no hooks run
         attention.out_proj(mixed[0] if isinstance(mixed, tuple) else mixed)
