@@ -15,8 +15,10 @@ accuracy of channel-removed models at a given MAC (FLOPs) reduction.
   random images (no data set: with random weights accuracy means nothing and is not evaluated); uniform,
   knapsack on MACs and knapsack on latency (a table measured on ``--device`` at the largest ``--zoo-batches``
   and the image size: ``knapsack_latency_batch``) at 50% by default. Dense and removed models are timed on
-  ``--device`` in PyTorch and, exported to ONNX, by onnxruntime on CPU, at batch 1 and 32. The latency
-  allocation's measured latency reduction is checked against its budget (within 5%). Not in the default parts
+  ``--device`` in PyTorch and, exported to ONNX, by onnxruntime on CPU, at batch 1 and 32, and their PyTorch
+  forward pass is split by kind of layer (:func:`time_by_kind`: milliseconds and MACs of pointwise, spatial and
+  grouped convolutions, normalisation, ...). The latency allocation's measured latency reduction is checked
+  against its budget (within 5%). Not in the default parts
   (about 25 minutes on 2 cores): ``--parts zoo``.
 
 Each measurement is one JSON file in ``benchmarks/results/export/`` (``--out`` to write elsewhere);
