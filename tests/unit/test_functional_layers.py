@@ -153,3 +153,9 @@ def test_multihead_attention_macs_count_its_projections() -> None:
     assert count_macs(model, example)["macs"] == expected
     targets = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert ChannelCosts.trace(model, targets, example).dense_cost == expected
+
+
+def test_layers_that_tie_one_weight_are_each_counted_once() -> None:
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    assert count_macs(nn.Sequential(first, second), torch.randn(2, 8))["macs"] == 2 * 8 * 8

@@ -40,8 +40,10 @@ def layers_called_through(model: nn.Module) -> Iterator[None]:
     is called on the attention's output before it (see the module docstring). The model is not modified; its
     hooks are removed on exit."""
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    owners: dict[int, nn.Linear] = {id(layer.weight): layer for layer in layers
-                                    if not parametrize.is_parametrized(layer, "weight")}
+    owners: dict[int, list[nn.Linear]] = {}  # layers that tie one weight share it
+    for layer in layers:
+        if not parametrize.is_parametrized(layer, "weight"):
+            owners.setdefault(id(layer.weight), []).append(layer)
     computed: dict[nn.Linear, torch.Tensor] = {}  # the last weight each parametrization returned, kept alive
     running: set[nn.Linear] = set()
 
@@ -50,7 +52,7 @@ def layers_called_through(model: nn.Module) -> Iterator[None]:
             previous = computed.get(layer)
             if previous is not None:
                 owners.pop(id(previous), None)
-            computed[layer], owners[id(weight)] = weight, layer
+            computed[layer], owners[id(weight)] = weight, [layer]
         return record
 
     def enter(layer: nn.Module, inputs) -> None:
@@ -81,8 +83,9 @@ def layers_called_through(model: nn.Module) -> Iterator[None]:
             kwargs = kwargs or {}
             if func is F.linear:
                 x, weight, bias = _linear_arguments(*args, **kwargs)
-                layer = owners.get(id(weight))
-                if layer is not None and layer not in running:
+                tied = owners.get(id(weight), ())
+                if tied and running.isdisjoint(tied):
+                    layer = tied[0]
                     output = layer(x)  # this mode is off inside its handler: the layer's own F.linear runs as is
                     if bias is not layer.bias:
                         output = output + _or_zero(bias) - _or_zero(layer.bias)
