@@ -52,7 +52,7 @@ from ptsparse.export import dense_checkpoint_bytes, export_model
 from ptsparse.export.channels import remove_channels
 from ptsparse.export.latency import onnx_runner
 from ptsparse.export.onnx import export_onnx
-from ptsparse.graph.cost import count_params, latency_stats, synchronize
+from ptsparse.graph.cost import CONV_TYPES, count_params, latency_stats, synchronize, weight_applications
 from ptsparse.models import load_reference, resolve_model
 
 HERE = Path(__file__).resolve().parent
@@ -201,10 +201,10 @@ KINDS = ("pointwise conv", "spatial conv", "grouped conv", "linear", "normalisat
 
 def layer_kind(module: nn.Module) -> str | None:
     """The :data:`KINDS` entry of a leaf module, ``None`` for a container or a module timed in another's."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONV_TYPES):
         if module.groups > 1:
             return "grouped conv"
-        return "pointwise conv" if module.kernel_size == (1, 1) else "spatial conv"
+        return "pointwise conv" if all(size == 1 for size in module.kernel_size) else "spatial conv"
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
@@ -218,12 +218,14 @@ def layer_kind(module: nn.Module) -> str | None:
 @torch.inference_mode()
 def time_by_kind(model: nn.Module, x: torch.Tensor, device: str, runs: int = 3) -> dict[str, dict[str, float]]:
     """Where one forward pass of ``x`` spends its time: milliseconds (mean of ``runs`` after one warm-up) and
-    MACs per sample of each :data:`KINDS` entry, timed by hooks around every leaf module (the device synchronised
-    at each); "between" is the pass's wall time less the modules'."""
-    seconds = dict.fromkeys(KINDS, 0.0)
+    MACs per sample (:func:`~ptsparse.graph.cost.weight_applications`) of each :data:`KINDS` entry, timed by hooks
+    around every leaf module (the device synchronised at each); "between" is the pass's wall time less the
+    modules'."""
     macs = dict.fromkeys(KINDS, 0)
+    for application in weight_applications(model, x):
+        macs[layer_kind(application.layer)] += application.positions * application.weight.numel()
+    seconds = dict.fromkeys(KINDS, 0.0)
     started: dict[nn.Module, float] = {}
-    counting = [False]
 
     def before(module: nn.Module, inputs) -> None:
         synchronize(device)
@@ -231,17 +233,12 @@ def time_by_kind(model: nn.Module, x: torch.Tensor, device: str, runs: int = 3) 
 
     def after(module: nn.Module, inputs, output) -> None:
         synchronize(device)
-        kind = layer_kind(module)
-        if counting[0]:
-            seconds[kind] += time.perf_counter() - started[module]
-        elif kind in ("pointwise conv", "spatial conv", "grouped conv", "linear"):
-            macs[kind] += output.numel() // output.shape[0] * module.weight[0].numel()
+        seconds[layer_kind(module)] += time.perf_counter() - started[module]
 
+    model(x)  # warm-up
     hooks = [hook for module in model.modules() if layer_kind(module)
              for hook in (module.register_forward_pre_hook(before), module.register_forward_hook(after))]
     try:
-        model(x)  # counts the MACs and warms up
-        counting[0] = True
         start = time.perf_counter()
         for _ in range(runs):
             model(x)
@@ -538,18 +535,19 @@ def _by_kind_table(rows: list[dict]) -> list[str]:
              "", "| model | allocation | " + " | ".join(kinds) + " | total |", "|---|---|" + "---|" * (len(kinds) + 1)]
     for r in rows:
         dense, pruned = r["time_by_kind"]["dense"], r["time_by_kind"]["pruned"]
-
-        def cell(before_ms: float, after_ms: float, before_macs: int = 0, after_macs: int = 0) -> str:
-            if before_ms <= 0:
-                return "-"
-            text = f"{before_ms:.0f} -> {after_ms:.0f} ms (time {after_ms / before_ms - 1:+.0%}"
-            return text + (f", MACs {after_macs / before_macs - 1:+.0%})" if before_macs else ")")
-
-        cells = [cell(dense[k]["ms"], pruned[k]["ms"], dense[k]["macs"], pruned[k]["macs"]) for k in kinds]
-        totals = [sum(side[k][field] for k in KINDS) for field in ("ms", "macs") for side in (dense, pruned)]
-        total = cell(*totals)
+        cells = [_change_cell(dense[k]["ms"], pruned[k]["ms"], dense[k]["macs"], pruned[k]["macs"]) for k in kinds]
+        total = _change_cell(*(sum(side[k][field] for k in KINDS) for field in ("ms", "macs")
+                               for side in (dense, pruned)))
         lines.append(f"| {_zoo_name(r['model'])} | {r['allocation']} | " + " | ".join(cells) + f" | {total} |")
     return lines
+
+
+def _change_cell(before_ms: float, after_ms: float, before_macs: int = 0, after_macs: int = 0) -> str:
+    """Milliseconds dense -> pruned and how the time and the MACs changed ("-" for a kind the dense model lacks)."""
+    if before_ms <= 0:
+        return "-"
+    text = f"{before_ms:.0f} -> {after_ms:.0f} ms (time {after_ms / before_ms - 1:+.0%}"
+    return text + (f", MACs {after_macs / before_macs - 1:+.0%})" if before_macs else ")")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,17 +49,8 @@ from .. import distributed
 from .._extras import MissingExtraError
 from ..attention import AttentionHeads, find_attention, heads_by_layer
 from ..errors import ConfigError, ExportError
-from ..graph.calls import attention_projections, layers_called_through
-from ..graph.cost import CONV_TYPES, measure_latency, output_positions
-from ..graph.coupling import (
-    PRODUCER_TYPES,
-    ChannelGroup,
-    build_dependency_graph,
-    eval_mode,
-    head_group,
-    head_groups,
-    iter_groups,
-)
+from ..graph.cost import CONV_TYPES, measure_latency, weight_applications
+from ..graph.coupling import ChannelGroup, build_dependency_graph, head_group, head_groups, iter_groups
 from ..masking import attach_channel_masks, attach_masks, bake
 from ..norms import following_norms
 from ..options import Options, option
@@ -286,52 +277,24 @@ def _out_channels(module: nn.Module) -> int:
     return module.weight.shape[0]
 
 
-@torch.no_grad()
 def _trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, _Layer]:
-    """Every Conv/Linear layer the model runs on one sample (a Linear applied through ``F.linear`` too) and the
-    projections of every ``nn.MultiheadAttention`` (its q/k/v as layers ``<attention>.in_proj.q`` ..., stand-ins
-    on the meta device), in execution order (counted as ``count_macs``)."""
+    """Every Conv/Linear layer the model runs on one sample, in execution order, as ``count_macs`` counts them
+    (:func:`~ptsparse.graph.cost.weight_applications`: a Linear applied through ``F.linear`` too, and an
+    ``nn.MultiheadAttention``'s q/k/v as layers ``<attention>.in_proj.q`` ... on the meta device)."""
     layers: dict[str, _Layer] = {}
-    names = {module: name for name, module in model.named_modules()}
-
-    def record(name: str, module: nn.Module, positions: int, shape: tuple[int, ...]) -> None:
-        if name in layers:  # a module called more than once
-            layers[name].calls += 1
-            layers[name].positions += positions
-            return
+    for application in weight_applications(model, example):
+        layer = layers.get(application.name)
+        if layer is not None:  # a module called more than once
+            layer.calls += 1
+            layer.positions += application.positions
+            continue
+        module = application.layer
         if isinstance(module, CONV_TYPES):
             in_features, groups = module.in_channels, module.groups
         else:
             in_features, groups = module.in_features, 1
-        layers[name] = _Layer(name, module, _out_channels(module), in_features, groups, positions, shape)
-
-    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        positions = output_positions(module, output)
-        # a Linear's positions in one: Swin folds its windows into the batch dimension
-        shape = tuple(inputs[0].shape[1:]) if isinstance(module, CONV_TYPES) else (positions, module.in_features)
-        record(names[module], module, positions, shape)
-
-    def on_attention(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        for projection in attention_projections(module, args, kwargs):
-            rows, inputs = projection.weight.shape
-            shape = (projection.positions, inputs)
-            if projection.out_proj is not None:
-                record(names[projection.out_proj], projection.out_proj, projection.positions, shape)
-            else:
-                stand_in = nn.Linear(inputs, rows, projection.bias, device="meta")
-                record(f"{names[module]}.in_proj.{projection.part}", stand_in, projection.positions, shape)
-
-    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-    seen_there = {id(m.out_proj) for m in attentions}
-    hooks = [m.register_forward_hook(on_output) for m in model.modules()
-             if isinstance(m, PRODUCER_TYPES) and id(m) not in seen_there]
-    hooks += [m.register_forward_hook(on_attention, with_kwargs=True) for m in attentions]
-    try:
-        with eval_mode(model), layers_called_through(model):
-            model(example[:1])
-    finally:
-        for hook in hooks:
-            hook.remove()
+        layers[application.name] = _Layer(application.name, module, _out_channels(module), in_features, groups,
+                                          application.positions, application.input_shape)
     return layers
 
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .calls import attention_projections, layers_called_through
+from .coupling import eval_mode
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # 2:4 kernels lose to dense ones on Linear layers with fewer inputs or outputs than this.
@@ -50,11 +52,62 @@ def output_positions(module: nn.Module, output: torch.Tensor) -> int:
     return output.numel() // channels
 
 
+@dataclass(frozen=True)
+class Application:
+    """One product with a weight matrix in a pass of one sample: ``layer`` (a Conv/Linear layer; for an
+    ``nn.MultiheadAttention``'s q, k or v, which have no layer, a Linear of that shape on the meta device) applied
+    with ``weight`` (the real tensor, masked where a mask is attached) at ``positions`` positions."""
+
+    name: str  # the layer's; an attention's q, k and v: "<attention>.in_proj.q", ...
+    layer: nn.Module
+    weight: torch.Tensor
+    positions: int
+    input_shape: tuple[int, ...]  # one sample's input of a convolution; (positions, in_features) for a Linear
+
+
 @torch.no_grad()
+def weight_applications(model: nn.Module, example: torch.Tensor) -> list[Application]:
+    """Every product with a weight matrix that one sample (``example[:1]``) runs through ``model`` in eval mode, in
+    execution order, once per call: each Conv/Linear call, a Linear that its parent applies through ``F.linear``
+    (:func:`~ptsparse.graph.calls.layers_called_through`) and the four projections of an
+    ``nn.MultiheadAttention`` (:func:`~ptsparse.graph.calls.attention_projections`). The model is not modified."""
+    names = {module: name for name, module in model.named_modules()}
+    found: list[Application] = []
+
+    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        positions = output_positions(module, output)
+        shape = tuple(inputs[0].shape[1:]) if isinstance(module, CONV_TYPES) else (positions, module.in_features)
+        found.append(Application(names[module], module, module.weight, positions, shape))
+
+    def on_attention(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        for projection in attention_projections(module, args, kwargs):
+            rows, inputs = projection.weight.shape
+            if projection.out_proj is not None:
+                layer, name = projection.out_proj, names[projection.out_proj]
+            else:
+                layer = nn.Linear(inputs, rows, projection.bias, device="meta")
+                name = f"{names[module]}.in_proj.{projection.part}"
+            found.append(Application(name, layer, projection.weight, projection.positions,
+                                     (projection.positions, inputs)))
+
+    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    applied_there = {id(m.out_proj) for m in attentions}
+    hooks = [m.register_forward_hook(on_output) for m in model.modules()
+             if isinstance(m, (*CONV_TYPES, nn.Linear)) and id(m) not in applied_there]
+    hooks += [m.register_forward_hook(on_attention, with_kwargs=True) for m in attentions]
+    try:
+        with eval_mode(model), layers_called_through(model):
+            model(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
 def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per sample of the model's Conv and Linear layers (a Linear layer applied through
     ``F.linear`` by its parent, as in torchvision's Swin attention, too) and ``nn.MultiheadAttention``'s
-    projections (:mod:`ptsparse.graph.calls`).
+    projections: :func:`weight_applications`.
 
     Args:
         model: the model (run once in eval mode; not modified).
@@ -63,34 +116,9 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     Returns:
         ``{"macs": dense MACs, "nonzero_macs": MACs with non-zero weights only}`` per sample.
     """
-    totals = {"macs": 0, "nonzero_macs": 0}
-
-    def add(weight: torch.Tensor, positions: int) -> None:
-        totals["macs"] += positions * weight.numel()
-        totals["nonzero_macs"] += positions * int(weight.count_nonzero())
-
-    def on_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        add(module.weight, output_positions(module, output))
-
-    def on_attention(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        for projection in attention_projections(module, args, kwargs):
-            add(projection.weight, projection.positions)
-
-    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-    counted_there = {id(m.out_proj) for m in attentions}
-    hooks = [m.register_forward_hook(on_output) for m in model.modules()
-             if isinstance(m, (*CONV_TYPES, nn.Linear)) and id(m) not in counted_there]
-    hooks += [m.register_forward_hook(on_attention, with_kwargs=True) for m in attentions]
-    was_training = model.training
-    model.eval()
-    try:
-        with layers_called_through(model):
-            model(example[:1])
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return totals
+    applications = weight_applications(model, example)
+    return {"macs": sum(a.positions * a.weight.numel() for a in applications),
+            "nonzero_macs": sum(a.positions * int(a.weight.count_nonzero()) for a in applications)}
 
 
 def synchronize(device: str | torch.device) -> None:
