@@ -18,7 +18,8 @@ accuracy of channel-removed models at a given MAC (FLOPs) reduction.
   ``--device`` in PyTorch and, exported to ONNX, by onnxruntime on CPU, at batch 1 and 32, and their PyTorch
   forward pass is split by kind of layer (:func:`time_by_kind`: milliseconds and MACs of pointwise, spatial and
   grouped convolutions, normalisation, ...). The latency allocation's measured latency reduction is checked
-  against its budget (within 5%). Not in the default parts
+  against its budget (within 5%). ``--compile`` also times both models under ``torch.compile`` at the largest
+  batch. Not in the default parts
   (about 25 minutes on 2 cores): ``--parts zoo``.
 
 Each measurement is one JSON file in ``benchmarks/results/export/`` (``--out`` to write elsewhere);
@@ -193,6 +194,25 @@ def time_both(dense: nn.Module, smaller: nn.Module, example: torch.Tensor, input
     return latency, onnx_latency
 
 
+def time_compiled(dense: nn.Module, smaller: nn.Module, input_shape: tuple[int, ...], batch: int, device: str,
+                  warmup: int, repeats: int) -> tuple[dict, dict[str, float]]:
+    """Latency of the dense and the channel-removed model compiled by ``torch.compile`` (default mode: Inductor,
+    which on the CPU needs a C++ compiler) at ``batch``, as :func:`time_alternately`; and each model's compile time
+    (its first call). Shows whether a speedup measured in eager PyTorch holds once BatchNorm is folded into the
+    convolutions and the elementwise layers are fused."""
+    x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    runs, compile_s = {}, {}
+    with torch.inference_mode():
+        for name, model in (("dense", dense), ("pruned", smaller)):
+            compiled = torch.compile(model.to(device).eval())
+            start = time.perf_counter()
+            compiled(x)
+            synchronize(device)
+            compile_s[name] = time.perf_counter() - start
+            runs[name] = (lambda compiled=compiled: (compiled(x), synchronize(device)))
+        return time_alternately(runs, batch, warmup, repeats), compile_s
+
+
 # Kinds of layer whose time and MACs the zoo rows split (``time_by_kind``), in table order: "grouped conv" holds
 # the depthwise ones; "between" is the forward time outside every module (additions, freeing memory, Python).
 KINDS = ("pointwise conv", "spatial conv", "grouped conv", "linear", "normalisation", "activation and pooling",
@@ -312,7 +332,7 @@ def _zoo_name(spec: str) -> str:
 def zoo_run(spec: str, target: float, allocation: str, out: Path, *, image_size: int = ZOO_IMAGE_SIZE,
             batch_sizes: tuple[int, ...] = ZOO_BATCH_SIZES, calib_size: int = ZOO_CALIB_SIZE,
             warmup: int = ZOO_WARMUP, repeats: int = ZOO_REPEATS, threads: int = 1, device: str = "cpu",
-            seed: int = 0) -> dict:
+            seed: int = 0, compiled: bool = False) -> dict:
     """Latency of a torchvision model (random weights) before and after Taylor channel pruning and removal.
 
     Calibration is ``calib_size`` random images (one batch: one backward pass for the Taylor scores); no BatchNorm
@@ -320,7 +340,8 @@ def zoo_run(spec: str, target: float, allocation: str, out: Path, *, image_size:
     re-calibration for the timed model. ``allocation``: as :func:`channel_run`; ``knapsack-latency`` times its
     table on ``device`` at the largest of ``batch_sizes`` and ``image_size`` (``knapsack_latency_batch``), and
     ``target`` is then the fraction of that latency removed: the row records the measured reduction at that
-    batch against the budget.
+    batch against the budget. ``compiled``: also time both models under ``torch.compile`` at that batch
+    (:func:`time_compiled`).
     """
     input_shape = (3, image_size, image_size)
     generator = torch.Generator().manual_seed(seed)
@@ -375,6 +396,10 @@ def zoo_run(spec: str, target: float, allocation: str, out: Path, *, image_size:
         "onnxruntime_provider": "CPUExecutionProvider", "time_by_kind": by_kind,
         "warmup": warmup, "repeats": repeats, **_machine(threads),
     }
+    if compiled:
+        stats, compile_s = time_compiled(dense, smaller, input_shape, table_batch, device, warmup, repeats)
+        row["compiled"] = {"batch": table_batch, "latency": stats, "compile_s": compile_s,
+                           "speedup": stats["dense"]["median_ms"] / stats["pruned"]["median_ms"]}
     if torch.device(device).type == "cuda":
         row["gpu"] = torch.cuda.get_device_name(torch.device(device))
     if kind == "knapsack-latency":
@@ -494,12 +519,16 @@ def _zoo_table(rows: list[dict]) -> list[str]:
              f"the budget within {BUDGET_TOLERANCE:.0%} (latency at most {1 + BUDGET_TOLERANCE:g} x the budget). "
              f"Latency: median of {first['repeats']} runs after {first['warmup']} warm-up runs ({_timing(first)}), "
              f"{where}, torch "
-             f"{first['torch']}; onnxruntime: the same models exported to ONNX, CPU provider, the same threads.",
+             f"{first['torch']}; torch.compile (`--compile`; \"-\": not run): both models compiled by "
+             "`torch.compile` (Inductor, default mode: BatchNorm folded into the convolutions, elementwise layers "
+             "fused), timed the same way at the largest batch after the compiling call; onnxruntime: the same "
+             "models exported to ONNX, CPU provider, the same threads.",
              "", f"| model | allocation | target | MAC reduction | params | b{small} ms (dense / pruned) | "
-             f"b{big} ms (dense / pruned) | speedup b{small} | speedup b{big} | onnxruntime b{big} ms "
+             f"b{big} ms (dense / pruned) | speedup b{small} | speedup b{big} | torch.compile b{big} ms "
+             f"(dense / pruned), speedup | onnxruntime b{big} ms "
              f"(dense / pruned) | onnxruntime speedup b{small} | onnxruntime speedup b{big} | latency removed "
              f"b{big} (estimates), budget met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, p = r["latency"]["dense"], r["latency"]["pruned"]
         od, op = r["onnxruntime_latency"]["dense"], r["onnxruntime_latency"]["pruned"]
@@ -512,11 +541,14 @@ def _zoo_table(rows: list[dict]) -> list[str]:
         budget_cell = (f"{budget['measured_reduction']:.1%} ({estimate}), "
                        f"{'yes' if budget['within_tolerance'] else 'NO'} ({budget['over_budget']:+.1%})"
                        if budget else "-")
+        compiled = r.get("compiled")
+        compiled_cell = (f"{_ms(compiled['latency']['dense'])} / {_ms(compiled['latency']['pruned'])}, "
+                         f"{compiled['speedup']:.2f}x" if compiled else "-")
         lines.append(
             f"| {model} | {r['allocation']} | {r['target_reduction']:.0%} | {r['mac_reduction']:.1%} | "
             f"{r['params'] / 1e6:.2f}M -> {r['params_after'] / 1e6:.2f}M | "
             f"{_ms(d[small])} / {_ms(p[small])} | {_ms(d[big])} / {_ms(p[big])} | {r['speedup'][small]:.2f}x | "
-            f"{r['speedup'][big]:.2f}x | {_ms(od[big])} / {_ms(op[big])} | "
+            f"{r['speedup'][big]:.2f}x | {compiled_cell} | {_ms(od[big])} / {_ms(op[big])} | "
             f"{r['onnxruntime_speedup'][small]:.2f}x | {r['onnxruntime_speedup'][big]:.2f}x | {budget_cell} |")
     return lines + _by_kind_table([r for r in rows if "time_by_kind" in r])
 
@@ -575,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     zoo.add_argument("--zoo-allocations", nargs="+", default=list(ZOO_ALLOCATIONS), choices=ALLOCATIONS)
     zoo.add_argument("--zoo-calib-size", type=int, default=ZOO_CALIB_SIZE,
                      help="random calibration images (one batch)")
+    zoo.add_argument("--compile", action="store_true",
+                     help="also time both models under torch.compile at the largest batch (needs a C++ compiler "
+                          "on the CPU)")
     zoo.add_argument("--device", default="cpu", help="where PyTorch runs and the latency table is measured "
                                                      "(onnxruntime: always CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON results")
@@ -617,12 +652,13 @@ def _zoo_part(args: argparse.Namespace) -> None:
                 row = zoo_run(spec, target, allocation, args.out, image_size=args.image_size, batch_sizes=batches,
                               calib_size=args.zoo_calib_size, warmup=_given(args.warmup, ZOO_WARMUP),
                               repeats=_given(args.repeats, ZOO_REPEATS), threads=torch.get_num_threads(),
-                              device=args.device, seed=args.seed)
+                              device=args.device, seed=args.seed, compiled=args.compile)
                 budget = row.get("latency_budget")
                 measured = (f", latency removed {budget['measured_reduction']:.3f} (table "
                             f"{budget['table_reduction']:.3f})" if budget else "")
+                compiled = f", torch.compile {row['compiled']['speedup']:.2f}x" if "compiled" in row else ""
                 print(f"zoo {spec} ({allocation}) @ {target:.0%}: MAC reduction {row['mac_reduction']:.3f}, speedup "
-                      f"b{big} {row['speedup'][big]:.2f}x, onnxruntime {row['onnxruntime_speedup'][big]:.2f}x"
+                      f"b{big} {row['speedup'][big]:.2f}x{compiled}, onnxruntime {row['onnxruntime_speedup'][big]:.2f}x"
                       f"{measured} [{time.perf_counter() - start:.0f} s]", file=sys.stderr)
 
 
