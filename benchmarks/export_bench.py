@@ -28,6 +28,8 @@ Each measurement is one JSON file in ``benchmarks/results/export/`` (``--out`` t
     python benchmarks/export_bench.py                      # both parts, full settings (run on a quiet CPU)
     python benchmarks/export_bench.py --parts size
     python benchmarks/export_bench.py --parts zoo          # torchvision ResNet-50 / MobileNetV2 at 224 x 224
+    python benchmarks/export_bench.py --parts zoo --zoo-models torchvision:resnet50 --zoo-allocations knapsack \\
+        --compile --out benchmarks/results/export/zoo-repeats/run1   # a row timed again: the timing-noise table
     python benchmarks/export_bench.py --table              # print the markdown section
 """
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -76,6 +79,7 @@ ALLOCATIONS = ("uniform", "uniform-x8", "knapsack", "knapsack-x8", "knapsack-lat
 ZOO_REDUCTIONS = (0.5,)
 ZOO_WARMUP, ZOO_REPEATS = 3, 15
 ZOO_CALIB_SIZE = 16
+REPEATS_DIR = "zoo-repeats"  # zoo rows timed again: REPEATS_DIR/run1/zoo-*.json, ... (the timing noise table)
 BY_KIND_RUNS = 3  # forward passes per model split by layer kind (time_by_kind), at the largest batch
 # The latency allocation meets its budget when the measured latency is at most this much above it.
 BUDGET_TOLERANCE = 0.05
@@ -197,8 +201,8 @@ def time_both(dense: nn.Module, smaller: nn.Module, example: torch.Tensor, input
 def time_compiled(dense: nn.Module, smaller: nn.Module, input_shape: tuple[int, ...], batch: int, device: str,
                   warmup: int, repeats: int) -> tuple[dict, dict[str, float]]:
     """Latency of the dense and the channel-removed model compiled by ``torch.compile`` (default mode: Inductor,
-    which on the CPU needs a C++ compiler) at ``batch``, as :func:`time_alternately`; and each model's compile time
-    (its first call). Shows whether a speedup measured in eager PyTorch holds once BatchNorm is folded into the
+    which on the CPU needs a C++ compiler) at ``batch``, as :func:`time_alternately`; and each model's first call
+    (``compile_s``: compiling, or less where Inductor's on-disk cache already holds the model's kernels). Shows whether a speedup measured in eager PyTorch holds once BatchNorm is folded into the
     convolutions and the elementwise layers are fused."""
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     runs, compile_s = {}, {}
@@ -478,7 +482,7 @@ def export_section(directory: str | Path = RESULTS) -> str:
                 f"{d['64']['median_ms']:.1f} / {p['64']['median_ms']:.1f} | {r['speedup']['1']:.2f}x | "
                 f"{r['speedup']['64']:.2f}x | {ort_cells} |")
     if zoo:
-        lines += _zoo_table(zoo)
+        lines += _zoo_table(zoo) + _repeats_table(zoo, directory / REPEATS_DIR)
     return "\n".join(lines) + "\n"
 
 
@@ -551,6 +555,31 @@ def _zoo_table(rows: list[dict]) -> list[str]:
             f"{r['speedup'][big]:.2f}x | {compiled_cell} | {_ms(od[big])} / {_ms(op[big])} | "
             f"{r['onnxruntime_speedup'][small]:.2f}x | {r['onnxruntime_speedup'][big]:.2f}x | {budget_cell} |")
     return lines + _by_kind_table([r for r in rows if "time_by_kind" in r])
+
+
+def _repeats_table(rows: list[dict], directory: Path) -> list[str]:
+    """The largest batch's speedups of each zoo row that was run again (``--out REPEATS_DIR/runN``), every run
+    and their mean and standard deviation, so a target is read against the timing noise."""
+    again = [json.loads(p.read_text()) for p in sorted(directory.glob("*/zoo-*.json"))]
+    if not again:
+        return []
+    big = str(max(rows[0]["batch_sizes"]))
+    lines = ["", f"Timing noise: rows of the table above timed again in separate runs of the same command (the same "
+             f"plan, {REPEATS_DIR}/run*/), batch {big}, speedup of each run, then mean ± standard deviation.",
+             "", "| model | allocation | runs | PyTorch | torch.compile | onnxruntime |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        runs = [row] + [r for r in again if (r["model"], r["allocation"], r["target_reduction"], r["image_size"],
+                                              r["device"]) == (row["model"], row["allocation"],
+                                                               row["target_reduction"], row["image_size"],
+                                                               row["device"])]
+        if len(runs) < 2:
+            continue
+        columns = [[r["speedup"][big] for r in runs], [r["compiled"]["speedup"] for r in runs if "compiled" in r],
+                   [r["onnxruntime_speedup"][big] for r in runs]]
+        cells = [", ".join(f"{v:.2f}x" for v in values) + f" ({statistics.mean(values):.2f} ± "
+                 f"{statistics.stdev(values):.2f})" if len(values) > 1 else "-" for values in columns]
+        lines.append(f"| {_zoo_name(row['model'])} | {row['allocation']} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _by_kind_table(rows: list[dict]) -> list[str]:
