@@ -428,7 +428,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     from .sparsify import resolve_device
 
     device = resolve_device(args.device)
-    check_timing(args.batch_sizes, args.warmup, args.repeats)
+    check_timing(args.batch_sizes, args.warmup, args.repeats, args.compile)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -451,17 +451,21 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         pattern = (metadata.get("config") or {}).get("pattern")
         for warning in speedup_warnings(model, device, pattern):
             _warn(f"{spec}: {warning}")
-        rows.append({"model": str(spec), "runtime": "pytorch", "input_shape": list(shape),
-                     **profile(model, shape, tuple(args.batch_sizes), device, args.warmup, args.repeats)})
+        runtime = "torch.compile" if args.compile else "pytorch"
+        rows.append({"model": str(spec), "runtime": runtime, "input_shape": list(shape),
+                     **profile(model, shape, tuple(args.batch_sizes), device, args.warmup, args.repeats,
+                               args.compile)})
         if args.semi_structured and not unavailable_reason(device):
             swapped, kernels = to_semi_structured(model, device)
             for warning in kernels["warnings"]:
                 _warn(f"{spec}: {warning}")
             if kernels["available"] and kernels["swapped"]:
-                rows.append({"model": f"{spec} (2:4 kernels)", "runtime": "pytorch", "input_shape": list(shape),
+                rows.append({"model": f"{spec} (2:4 kernels)", "runtime": runtime, "input_shape": list(shape),
                              "kernels": kernels,
-                             **profile(swapped, shape, tuple(args.batch_sizes), device, args.warmup, args.repeats)})
+                             **profile(swapped, shape, tuple(args.batch_sizes), device, args.warmup, args.repeats,
+                                       args.compile)})
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "compiled": args.compile,
               "warmup": args.warmup, "repeats": args.repeats, "batch_sizes": list(args.batch_sizes), "models": rows}
     for row, speedup in zip(rows, speedups(result)):
         row["speedup"] = speedup  # per batch: ratio to the baseline, and whether it is within the timing spread
@@ -575,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=50, help="timed runs; the median is reported")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="time PyTorch models compiled by torch.compile (BatchNorm folded into convolutions, elementwise "
+                        "layers fused; on the CPU it needs a C++ compiler such as g++); the first warm-up run compiles")
     p.add_argument("--semi-structured", action="store_true",
                    help="also time 2:4 kernels for Linear layers (CUDA only; elsewhere says why not)")
     p.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="N",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -82,6 +83,7 @@ def test_export_to_a_directory_is_an_error(capsys, runs, tmp_path):
     (["--repeats", "0"], "repeats 0"),
     (["--batch-sizes", "0"], "batch size 0"),
     (["missing.onnx"], "'missing.onnx' does not exist"),
+    (["--compile", "--warmup", "0"], "warmup 0 is not allowed with --compile"),
 ])
 def test_bench_latency_rejects_bad_settings(capsys, argv, message):
     code, _, stderr = run_cli(capsys, "bench-latency", *argv)
@@ -93,3 +95,26 @@ def test_bench_latency_says_why_two_four_kernels_are_missing_on_cpu(capsys):
     code, stdout, stderr = run_cli(capsys, "bench-latency", "--semi-structured", "--batch-sizes", 1,
                                    "--warmup", 0, "--repeats", 1)
     assert code == 0 and "CUDA" in stderr and "no speedup" in stderr and "(2:4 kernels)" not in stdout
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU kernels need a C++ compiler")
+def test_bench_latency_times_the_compiled_model(capsys, tmp_path):
+    results = tmp_path / "latency.json"
+    code, stdout, _ = run_cli(capsys, "bench-latency", "reference", "--compile", "--batch-sizes", 2, "--warmup", 1,
+                              "--repeats", 2, "--json", results)
+    assert code == 0 and "PyTorch models compiled by torch.compile" in stdout
+    measured = json.loads(results.read_text())
+    assert measured["compiled"] and [row["runtime"] for row in measured["models"]] == ["torch.compile"]
+    assert measured["models"][0]["latency"]["2"]["median_ms"] > 0
+
+
+def test_a_model_torch_compile_cannot_compile_is_one_line(capsys, monkeypatch):
+    class Uncompilable(torch.nn.Module):
+        def forward(self, x):
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("no working C++ compiler"), None)
+
+    monkeypatch.setattr(torch, "compile", lambda model: Uncompilable())
+    code, _, stderr = run_cli(capsys, "bench-latency", "reference", "--compile", "--batch-sizes", 1, "--warmup", 1,
+                              "--repeats", 1)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "torch.compile could not compile the model" in stderr and "without --compile" in stderr

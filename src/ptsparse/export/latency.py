@@ -16,24 +16,41 @@ import torch
 from torch import nn
 
 from .._extras import require
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportError
 from ..graph.cost import CONV_TYPES, NOISY_IQR, count_macs, count_params, is_noisy, measure_latency, time_runs
 
 
 def profile(model: nn.Module, input_shape: tuple[int, ...], batch_sizes: tuple[int, ...] = (1, 64),
-            device: str | torch.device = "cpu", warmup: int = 10, repeats: int = 50) -> dict[str, Any]:
-    """Parameters, MACs (dense and non-zero), weight sparsity and latency per batch size of one model."""
+            device: str | torch.device = "cpu", warmup: int = 10, repeats: int = 50,
+            compiled: bool = False) -> dict[str, Any]:
+    """Parameters, MACs (dense and non-zero), weight sparsity and latency per batch size of one model.
+
+    Args:
+        compiled: time the model compiled by ``torch.compile`` (default mode: Inductor, which folds BatchNorm into
+            convolutions and fuses elementwise layers, and on the CPU needs a C++ compiler); the first warm-up
+            run of each batch size compiles (:func:`check_timing` asks for one).
+
+    Raises:
+        ExportError: ``torch.compile`` could not compile the model (the first line of its error).
+    """
     example = torch.zeros(1, *input_shape)
     macs = count_macs(model.cpu(), example)
     weights = [m.weight for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
     total = sum(w.numel() for w in weights)
     zeros = sum(int((w == 0).sum()) for w in weights)
+    timed = torch.compile(model) if compiled else model
+    try:
+        latency = {str(b): measure_latency(timed, input_shape, b, device, warmup, repeats) for b in batch_sizes}
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        reason = str(error).strip().splitlines()
+        raise ExportError(f"torch.compile could not compile the model: {reason[0] if reason else type(error).__name__}"
+                          " (on the CPU it needs a C++ compiler such as g++); time it without --compile") from error
     return {
         "params": count_params(model),
         "nonzero_params": sum(int(p.count_nonzero()) for p in model.parameters()),
         "weight_sparsity": zeros / total if total else 0.0,
         **macs,
-        "latency": {str(b): measure_latency(model, input_shape, b, device, warmup, repeats) for b in batch_sizes},
+        "latency": latency,
     }
 
 
@@ -64,17 +81,20 @@ def onnx_params(path) -> int:
     return sum(int(torch.tensor(list(t.dims)).prod()) if t.dims else 1 for t in graph.initializer)
 
 
-def check_timing(batch_sizes, warmup: int, repeats: int) -> None:
+def check_timing(batch_sizes, warmup: int, repeats: int, compiled: bool = False) -> None:
     """Validates timing settings.
 
     Raises:
-        ConfigError: a batch size below 1, a negative warm-up, or fewer than 1 timed repeat.
+        ConfigError: a batch size below 1, a negative warm-up (none with ``compiled``: the first run compiles),
+            or fewer than 1 timed repeat.
     """
     for batch in batch_sizes:
         if batch < 1:
             raise ConfigError(f"batch size {batch} is not allowed; batch sizes must be >= 1")
     if warmup < 0:
         raise ConfigError(f"warmup {warmup} is not allowed; it must be >= 0")
+    if compiled and warmup < 1:
+        raise ConfigError(f"warmup {warmup} is not allowed with --compile; it must be >= 1 (the first run compiles)")
     if repeats < 1:
         raise ConfigError(f"repeats {repeats} is not allowed; it must be >= 1")
 
@@ -132,7 +152,8 @@ def format_latency_table(result: dict[str, Any]) -> str:
     batches = [str(b) for b in result["batch_sizes"]]
     header = ["model", "params", "MACs (M)", "non-zero MACs (M)"]
     header += [f"b{b} ms" for b in batches] + [f"b{batches[-1]} samples/s", f"b{batches[-1]} speedup"]
-    lines = [f"device {result['device']}, torch {result['torch']}, {result['threads']} threads, median "
+    compiled = ", PyTorch models compiled by torch.compile" if result.get("compiled") else ""
+    lines = [f"device {result['device']}, torch {result['torch']}, {result['threads']} threads{compiled}, median "
              f"[interquartile range] of {result['repeats']} runs after {result['warmup']} warm-up runs", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
