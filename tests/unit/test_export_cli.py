@@ -24,7 +24,8 @@ def runs(tmp_path_factory):
     """Output directories of an unstructured and a channel run, as `ptsparse sparsify --out` writes them."""
     root = tmp_path_factory.mktemp("runs")
     calib = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    for name, overrides in {"u90": {"method": "magnitude", "sparsity": 0.9}, "ch30": {"method": "taylor", "sparsity": 0.3}}.items():
+    for name, overrides in {"u90": {"method": "magnitude", "sparsity": 0.9}, "ch30": {"method": "taylor", "sparsity": 0.3},
+                            "ch30x8": {"method": "taylor", "sparsity": 0.3, "channel_multiple": 8}}.items():
         ptsparse.sparsify(load_reference(), calib, progress=False, architecture="reference_resnet20",
                           **overrides).save(root / name)
     return root
@@ -56,6 +57,16 @@ def test_export_channels_then_bench_latency(capsys, runs, tmp_path):
     assert rows[str(runs / "u90")]["nonzero_macs"] < rows[str(runs / "u90")]["macs"]
     assert set(rows["reference"]["latency"]) == {"1", "2"}
     assert "scattered inside dense tensors" in stderr  # the unstructured model gets its no-speedup warning
+
+
+@pytest.mark.parametrize("run, warned", [("ch30", True), ("ch30x8", False)])
+def test_onnx_export_of_channel_widths_off_multiples_of_8_warns(capsys, runs, tmp_path, run, warned):
+    small = tmp_path / "small.safetensors"
+    assert run_cli(capsys, "export", runs / run, "--format", "channels", "--out", small)[0] == 0
+    code, _, stderr = run_cli(capsys, "export", small, "--format", "onnx", "--out", tmp_path / "small.onnx")
+    assert code == 0 and (tmp_path / "small.onnx").is_file()
+    assert ("convolutions keep a width that is not a multiple of 8" in stderr) is warned
+    assert ("--channel-multiple 8" in stderr) is warned
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -22,9 +22,13 @@ from torch import nn
 from .._extras import require
 from ..checkpoint import atomic_path
 from ..errors import ExportError
-from .base import ExportFormat, check_outputs, register_format
+from ..graph.cost import CONV_TYPES
+from .base import ExportFormat, check_outputs, no_speedup_warnings, register_format
 
 DEFAULT_OPSET = 18
+# onnxruntime's CPU convolutions work on blocks of channels; channel-pruned widths off these multiples ran slower
+# than dense on this project's CPU (benchmarks/RESULTS.md, "Exports"), and multiples of it ran faster.
+ORT_CHANNEL_BLOCK = 8
 
 
 @contextlib.contextmanager
@@ -99,9 +103,26 @@ def _write(model: nn.Module, path: str | os.PathLike, metadata: dict, *, example
     return export_onnx(model, example, path)
 
 
+def _warnings(model: nn.Module, metadata: dict[str, Any]) -> list[str]:
+    """The zeros' warnings (:func:`~ptsparse.export.base.no_speedup_warnings`), and for a channel-pruned model,
+    the convolutions whose widths onnxruntime's blocked kernels do not fit."""
+    warnings = no_speedup_warnings(model, metadata)
+    if (metadata.get("config") or {}).get("pattern") == "channel":
+        convs = [m for m in model.modules() if isinstance(m, CONV_TYPES)]
+        odd = [m for m in convs if m.out_channels % ORT_CHANNEL_BLOCK]
+        if odd:
+            warnings.append(
+                f"{len(odd)} of {len(convs)} convolutions keep a width that is not a multiple of {ORT_CHANNEL_BLOCK}; "
+                f"onnxruntime's CPU convolutions work on blocks of channels, and such models ran slower than the dense "
+                f"one under onnxruntime (torchvision MobileNetV2 at half its MACs: 0.89x); prune with "
+                f"`--channel-multiple {ORT_CHANNEL_BLOCK}` to keep every width a multiple of {ORT_CHANNEL_BLOCK}")
+    return warnings
+
+
 def _summary(report: dict[str, Any], path: str | os.PathLike) -> str:
     return f"wrote {path}: {report['bytes']:,} bytes; onnxruntime matches PyTorch within {report['max_relative_difference']:.2g} of the output's scale"
 
 
 register_format("onnx", ExportFormat(description="ONNX with the zeros baked in, checked with onnxruntime",
-                                     write=_write, traced=True, suffix=".onnx", summary=_summary))
+                                     write=_write, traced=True, suffix=".onnx", summary=_summary,
+                                     warnings=_warnings))
