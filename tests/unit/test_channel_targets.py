@@ -114,6 +114,24 @@ def test_exact_counts_round_a_coupled_unit_to_whole_steps_and_the_others_make_up
     assert counts == {"a": 12, "b": 6, "lone": 12}
 
 
+def test_what_the_other_layers_cannot_take_goes_back_to_the_units_that_rounded_down():
+    units = [LayerBudget(f"u{i}", (10, 4), unit=4, coupled=f"u{i}") for i in range(4)]
+    lone = LayerBudget("lone", (8, 3), unit=3)  # the allocation left it dense: it can take none of the remainder
+    # each unit's ideal 13.6 rounds to 3 steps (12): 48 of 54 wanted, 6 short, more than one step of 4
+    counts = exact_counts([*units, lone], {**{u.name: 0.34 for u in units}, "lone": 0.0}, 54)
+    assert counts["lone"] == 0 and 54 - 4 < sum(counts.values()) <= 54
+
+
+def test_grouped_units_under_erk_meet_the_target():
+    """ERK leaves regnet_x_400mf's only lone layer (the stem) dense; its units rounded down and the run stopped
+    at 0.4893 for 0.5, more than five of its largest steps (0.002) short."""
+    torch.manual_seed(0)
+    model, _ = resolve_model("torchvision:regnet_x_400mf,num_classes=10")
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result = run(model, calib, "magnitude", "erk", sparsity=0.5)
+    assert_within_one_step(model, calib, result)
+
+
 def test_channel_report_gives_the_fractions_removed(reference):
     model, x = reference
     result = run(model, x, "taylor", "uniform")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -194,7 +194,9 @@ def exact_counts(layers: Sequence[LayerBudget], ratios: Mapping[str, float], wan
     layers of one module or unit as one block (its ideal the sum of theirs, one step of each per block step)
     rounded to the nearest whole step within the caps and what is wanted. The other layers then share what is
     left, their ideals scaled in proportion, and are rounded as above; the total again falls short by less than
-    one of their channels. Without such other layers the blocks are rounded as above (largest remainder).
+    one of their channels. What they cannot take (their caps, or ideals of zero: ERK can leave every other layer
+    dense) goes to the blocks that rounded down, one step each by largest remainder, so the total falls short by
+    less than one step. Without such other layers the blocks are rounded as above (largest remainder).
     """
     blocks = _blocks(layers)
     ideal = {b.name: sum(min(max(ratios[l.name], 0.0), 1.0) * l.numel for l in b.layers) for b in blocks}
@@ -210,6 +212,8 @@ def exact_counts(layers: Sequence[LayerBudget], ratios: Mapping[str, float], wan
     share = sum(ideal[b.name] for b in rest)
     scale = left / share if share > 0 else 0.0
     counts.update(_placed(rest, {b.name: ideal[b.name] * scale for b in rest}, left))
+    # What the other layers could not take (their caps, or ideals of zero) goes back to the blocks that rounded down
+    _fill(together, ideal, counts, wanted, lambda b: _rounded_up(ideal[b.name], b.unit))
     return _per_layer(blocks, counts)
 
 
@@ -228,20 +232,27 @@ def _placed(blocks: Sequence[_Block], ideal: Mapping[str, float], wanted: int) -
         name = min((n for n in counts if counts[n] > 0), key=lambda n: ideal[n] - counts[n])
         counts[name] -= by_name[name].unit
         placed -= by_name[name].unit
-
-    def fill(limit) -> None:
-        nonlocal placed
-        while placed < wanted:
-            room = [n for n, l in by_name.items()
-                    if counts[n] + l.unit <= min(l.max_prune, limit(n)) and l.unit <= wanted - placed]
-            if not room:
-                return
-            name = max(room, key=lambda n: (ideal[n] - counts[n]) / by_name[n].unit)
-            counts[name] += by_name[name].unit
-            placed += by_name[name].unit
-
-    fill(lambda n: math.ceil(ideal[n] / by_name[n].unit - 1e-9) * by_name[n].unit)  # round up once
+    _fill(blocks, ideal, counts, wanted, lambda b: _rounded_up(ideal[b.name], b.unit))
     # Caps can leave a gap of single weights (an ideal just under its cap rounds up past it): fill it from
     # any allocated layer of single-weight units. Channels never move past their rounding.
-    fill(lambda n: by_name[n].numel if ideal[n] > 0 and by_name[n].unit == 1 else 0)
+    _fill(blocks, ideal, counts, wanted, lambda b: b.numel if ideal[b.name] > 0 and b.unit == 1 else 0)
     return counts
+
+
+def _rounded_up(ideal: float, unit: int) -> int:
+    return math.ceil(ideal / unit - 1e-9) * unit
+
+
+def _fill(blocks: Sequence[_Block], ideal: Mapping[str, float], counts: dict[str, int], wanted: int,
+          limit: Callable[[_Block], int]) -> None:
+    """Adds one unit at a time to the block of ``blocks`` furthest below its ideal (in units) while the total of
+    ``counts`` is short of ``wanted`` by at least that unit, never past a block's cap or ``limit``."""
+    placed = sum(counts.values())
+    while placed < wanted:
+        room = [b for b in blocks
+                if counts[b.name] + b.unit <= min(b.max_prune, limit(b)) and b.unit <= wanted - placed]
+        if not room:
+            return
+        block = max(room, key=lambda b: (ideal[b.name] - counts[b.name]) / b.unit)
+        counts[block.name] += block.unit
+        placed += block.unit
