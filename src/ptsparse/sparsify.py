@@ -12,7 +12,7 @@ import fnmatch
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -198,8 +198,8 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
     Args:
         units: the layers as the channel pattern prunes them (:meth:`~ptsparse.coupled.CoupledUnits.budgets`):
             the ratios are rounded by those units, so the layers of a coupled unit get one count of its steps,
-            planned from their ratios together, and the total stays within a step of the target (default:
-            ``budgets``).
+            planned from their ratios together, and the total stays within a step of the target; the allocation
+            sees their caps (every unit keeps one step) (default: ``budgets``).
     """
     total = sum(t.numel for t in targets)
     if isinstance(pattern, NM):
@@ -216,7 +216,9 @@ def plan_counts(targets: list[Target], config: SparsityConfig, pattern: Pattern,
         return counts, ratios, sum(counts.values()) / total
     planned = units if units is not None else budgets
     wanted = target_count(planned, config.sparsity)  # under the channel pattern a unit keeps one step
-    ratios = allocation.allocate(budgets, config.sparsity, scores, context)
+    # The allocation sees the caps the units leave, so it places what a unit cannot lose on other layers itself
+    capped = [replace(budget, cap=unit.cap) for budget, unit in zip(budgets, planned)]
+    ratios = allocation.allocate(capped, config.sparsity, scores, context)
     counts = exact_counts(planned, ratios, wanted)
     return counts, ratios, config.sparsity
 
