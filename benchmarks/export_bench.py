@@ -567,11 +567,11 @@ def _repeats_table(rows: list[dict], directory: Path) -> list[str]:
     lines = ["", f"Timing noise: rows of the table above timed again in separate runs of the same command (the same "
              f"plan, {REPEATS_DIR}/run*/), batch {big}, speedup of each run, then mean ± standard deviation.",
              "", "| model | allocation | runs | PyTorch | torch.compile | onnxruntime |", "|---|---|---|---|---|---|"]
+    def plan(row: dict) -> tuple:
+        return row["model"], row["allocation"], row["target_reduction"], row["image_size"], row["device"]
+
     for row in rows:
-        runs = [row] + [r for r in again if (r["model"], r["allocation"], r["target_reduction"], r["image_size"],
-                                              r["device"]) == (row["model"], row["allocation"],
-                                                               row["target_reduction"], row["image_size"],
-                                                               row["device"])]
+        runs = [row] + [r for r in again if plan(r) == plan(row)]
         if len(runs) < 2:
             continue
         columns = [[r["speedup"][big] for r in runs], [r["compiled"]["speedup"] for r in runs if "compiled" in r],

@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import DistributedError, PeerFailedError
+from .errors import DistributedError, PeerFailedError, first_line
 
 T = TypeVar("T")
 
@@ -195,16 +195,13 @@ def failures_shared() -> Iterator[None]:
     except BaseException as error:
         if _collective_failure(error):
             raise _peer_failure(store, rank, size, error) from None
-        message = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {_line(error)}"
+        message = ("interrupted" if isinstance(error, KeyboardInterrupt)
+                   else f"{type(error).__name__}: {first_line(error)}")
         try:
             store.set(f"{FAILURE_KEY}/{rank}", message)
         except Exception:  # noqa: BLE001  the store's host ended first: the others say a rank ended unheard
             pass
         raise
-
-
-def _line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _collective_failure(error: BaseException) -> bool:
@@ -231,4 +228,4 @@ def _peer_failure(store: dist.Store, rank: int, size: int, error: BaseException)
         if message is not None:
             return PeerFailedError(f"rank {other} failed: {message}", other)
     return PeerFailedError(f"another rank ended without an error message (killed?); rank {rank} saw: "
-                           f"{_line(error)}")
+                           f"{first_line(error)}")

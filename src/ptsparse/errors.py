@@ -57,3 +57,10 @@ class ModelError(PtsparseError):
 
 class ExportError(PtsparseError):
     """A model cannot be exported in the requested format."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name if it has none): what a one-line error quotes of an
+    exception raised by another library."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -36,7 +36,7 @@ from .config import SparsityConfig, resolve_config, stage_config
 from .coupled import coupled_units
 from .criteria import CRITERIA, prune_model
 from .data import Calibration, as_calibration
-from .errors import CalibrationError, ConfigError, IncompatibleOptionsError
+from .errors import CalibrationError, ConfigError, IncompatibleOptionsError, first_line
 from .evaluate import measure, metric_of, protocol
 from .graph.calls import layers_called_through
 from .graph.cost import speedup_warnings
@@ -152,7 +152,7 @@ def probe(model: nn.Module, targets: list[Target], calibration: Calibration,
         with torch.enable_grad(), layers_called_through(model):
             result = model(sample)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise CalibrationError(
             f"calibration inputs of shape {tuple(calibration.inputs.shape[1:])} (per sample) do not fit the "
             f"model: {reason}"

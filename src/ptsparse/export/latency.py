@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._extras import require
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, first_line
 from ..graph.cost import CONV_TYPES, NOISY_IQR, count_macs, count_params, is_noisy, measure_latency, time_runs
 
 
@@ -42,9 +42,8 @@ def profile(model: nn.Module, input_shape: tuple[int, ...], batch_sizes: tuple[i
     try:
         latency = {str(b): measure_latency(timed, input_shape, b, device, warmup, repeats) for b in batch_sizes}
     except torch._dynamo.exc.BackendCompilerFailed as error:
-        reason = str(error).strip().splitlines()
-        raise ExportError(f"torch.compile could not compile the model: {reason[0] if reason else type(error).__name__}"
-                          " (on the CPU it needs a C++ compiler such as g++); time it without --compile") from error
+        raise ExportError(f"torch.compile could not compile the model: {first_line(error)} (on the CPU it needs a "
+                          "C++ compiler such as g++); time it without --compile") from error
     return {
         "params": count_params(model),
         "nonzero_params": sum(int(p.count_nonzero()) for p in model.parameters()),

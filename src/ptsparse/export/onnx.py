@@ -21,7 +21,7 @@ from torch import nn
 
 from .._extras import require
 from ..checkpoint import atomic_path
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from ..graph.cost import CONV_TYPES
 from .base import ExportFormat, check_outputs, no_speedup_warnings, register_format
 
@@ -85,7 +85,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
                                   output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},),
                                   opset_version=opset, external_data=False)
         except Exception as error:  # the exporter raises many kinds; report it as an export problem
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             raise ExportError(f"ONNX export failed: {reason}") from None
         difference = 0.0
         for inputs, reference in zip((example, other), expected):

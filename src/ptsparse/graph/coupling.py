@@ -25,7 +25,7 @@ from torch import nn
 
 from .._extras import require
 from ..attention import AttentionHeads
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from ..norms import BATCH_NORMS
 
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -347,7 +347,7 @@ def build_dependency_graph(model: nn.Module, example: torch.Tensor):
                 table.requires_grad_(False)
             return tp.DependencyGraph().build_dependency(model, example_inputs=example)
         except Exception as error:  # torch-pruning raises plain exceptions of many kinds while tracing
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             names: dict[object, str] = {module: name for name, module in model.named_modules()}
             names.update({parameter: name for name, parameter in model.named_parameters()})
             node = _failing_node(error)

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .._extras import MissingExtraError, require
-from ..errors import CheckpointError, ModelError
+from ..errors import CheckpointError, ModelError, first_line
 
 PREFIXES = ("torchvision", "timm", "hf")
 SPEC_FORMS = ("torchvision:NAME", "timm:NAME", "hf:DIRECTORY")
@@ -352,7 +352,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise CheckpointError(f"weights {path} cannot be read as safetensors or with torch.load(weights_only=True) "
                               f"(ptsparse never unpickles arbitrary objects): {reason}") from None
     return _state_dict_from(obj, path)
